@@ -1,0 +1,136 @@
+"""Transforms, datasets and a deterministic, resumable batch order.
+
+Augmentation randomness is seeded per *sample* from ``(seed, epoch, index)``, so a run
+resumed mid-epoch draws exactly the crops and flips the uninterrupted run would have,
+whatever the number of loader workers.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import fsspec
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from clipopt_core.images import decode_image
+
+RESIZE_RATIO = 1.125  # METHOD.md: resize to 1.125·S, then crop S
+
+
+def _interpolation(name: str) -> v2.InterpolationMode:
+    return {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}.get(
+        name, v2.InterpolationMode.BICUBIC
+    )
+
+
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> v2.Compose:
+    """PIL RGB → float [3, size, size]: square resize to 1.125·S, random crop S, flip, colour jitter 0.4, normalise."""
+    resized = int(round(size * RESIZE_RATIO))
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize((resized, resized), interpolation=_interpolation(interpolation), antialias=True),
+        v2.RandomCrop(size),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(0.4, 0.4, 0.4),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> v2.Compose:
+    """PIL RGB → float [3, size, size]: shorter side to 1.125·S, centre crop S, normalise."""
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(int(round(size * RESIZE_RATIO)), interpolation=_interpolation(interpolation), antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def load_image(uri: str) -> Image.Image:
+    """Read and decode one image (local path or fsspec URL) to RGB on white."""
+    with fsspec.open(uri, "rb") as handle:
+        return decode_image(handle.read(), name=uri)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation, independent of batch layout and workers."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+class ImageDataset(Dataset):
+    """Images by URI with integer labels; items are ``(image [3,S,S] float, label, index)``.
+
+    An index is either ``int`` (no augmentation seed: used for evaluation) or
+    ``(int, seed)`` from :class:`EpochBatches` (seeded augmentation for training).
+    Decoded images are kept in memory after first use when ``cache_decoded``.
+    """
+
+    def __init__(self, uris: Sequence[str], labels: Sequence[int], transform: Callable, cache_decoded: bool = True) -> None:
+        if len(uris) != len(labels):
+            raise ValueError(f"{len(uris)} uris but {len(labels)} labels")
+        self.uris = list(uris)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.transform = transform
+        self._cache: dict[int, Image.Image] | None = {} if cache_decoded else None
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+    def image(self, index: int) -> Image.Image:
+        if self._cache is None:
+            return load_image(self.uris[index])
+        if index not in self._cache:
+            self._cache[index] = load_image(self.uris[index])
+        return self._cache[index]
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image = self.image(index)
+        if seed is None:
+            return self.transform(image), self.labels[index], index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), self.labels[index], index
+
+
+@dataclass
+class EpochBatches:
+    """Batch sampler: a seeded permutation per epoch, resumable at any step.
+
+    Yields lists of ``(index, augmentation_seed)``. ``start_step`` skips the first batches
+    of ``epoch`` (used when resuming); incomplete last batches are dropped.
+    """
+
+    num_items: int
+    batch_size: int
+    seed: int
+    epoch: int = 0
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_items < self.batch_size:
+            raise ValueError(f"{self.num_items} training items is fewer than one batch of {self.batch_size}; lower batch_size")
+
+    def __len__(self) -> int:
+        return self.num_items // self.batch_size - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        steps = self.num_items // self.batch_size
+        for step in range(self.start_step, steps):
+            chunk = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield [(index, sample_seed(self.seed, self.epoch, index)) for index in chunk]
+
+
+def encode_labels(labels: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Map string labels to contiguous ids (sorted class names) → (ids, class_names)."""
+    names = sorted(set(labels))
+    lookup = {name: number for number, name in enumerate(names)}
+    return [lookup[label] for label in labels], names

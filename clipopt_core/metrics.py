@@ -1,0 +1,311 @@
+"""Retrieval / classification metrics on L2-normalised embeddings (cosine = dot product).
+
+All functions take torch tensors and compute on the tensors' device. Queries are
+processed in chunks of ``chunk_size`` rows, so the largest temporary is a
+``[chunk_size, N]`` similarity block (never ``[N, N]``). The full-ranking metric
+(:func:`image_to_image_map`) needs a sort of that block; its peak memory is about
+``30 * chunk_size * N`` bytes, so lower ``chunk_size`` for very large ``N``.
+
+Ranking and ties
+----------------
+Every ranking is *deterministic*: items are ordered by similarity, descending, and
+items with exactly equal similarity are ordered by ascending index (a stable sort of
+the original order). Top-k selections (Recall@1, kNN, text→image Recall@K) use the
+same rule: among tied candidates at the cut-off, the smallest indices are kept.
+Classification argmaxes (kNN votes, zero-shot) break ties towards the smallest class
+index (smallest label value for kNN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_GROUPS",
+    "image_to_image_map",
+    "image_to_image_recall_at_1",
+    "knn_accuracy",
+    "zero_shot_accuracy",
+    "text_to_image_recall",
+    "group_means",
+    "per_source",
+]
+
+DEFAULT_GROUPS: dict[str, list[str]] = {
+    "i2i": ["i2i_map", "i2i_r1"],
+    "knn": ["knn_top1"],
+    "zs": ["zs_top1"],
+    "t2i": ["t2i_r1", "t2i_r5", "t2i_r10"],
+}
+
+
+def _prep(embeddings: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Validate ``embeddings [N, D]`` (cast to float32) and ``labels [N]`` (int64, same device)."""
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
+    x = embeddings.detach()
+    if x.dtype != torch.float64:
+        x = x.float()
+    if labels is None:
+        return x, None
+    y = torch.as_tensor(labels).detach().to(device=x.device, dtype=torch.long).reshape(-1)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels has {y.shape[0]} entries but embeddings has {x.shape[0]} rows")
+    return x, y
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` per row of ``sims [B, N]`` with ties broken by the smallest column index.
+
+    Returns ``(values [B, k], indices [B, k])`` ordered by (similarity desc, index asc).
+    ``torch.topk`` alone does not specify which tied element wins, so only its k-th value
+    is used; the selection itself is rebuilt deterministically.
+    """
+    kth = sims.topk(k, dim=1).values[:, -1:]
+    gt = sims > kth
+    eq = sims == kth
+    need = k - gt.sum(dim=1, keepdim=True)
+    take = gt | (eq & (eq.cumsum(dim=1) <= need))
+    idx = take.nonzero()[:, 1].view(-1, k)  # row-major: ascending column index per row
+    vals = sims.gather(1, idx)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), idx.gather(1, order)
+
+
+def _per_query_ap(
+    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024
+) -> Tensor:
+    """Average precision of every query: ``[N]`` float64, ``nan`` where the query is skipped."""
+    _check_chunk(chunk_size)
+    x, y = _prep(embeddings, labels)
+    n = x.shape[0]
+    _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    n_rel = counts[inv] - (0 if include_query else 1)
+    ap = torch.full((n,), float("nan"), dtype=torch.float64, device=x.device)
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        rows = torch.arange(s, e, device=x.device)
+        sims = x[s:e] @ x.T
+        if not include_query:
+            sims[rows - s, rows] = float("-inf")  # self goes last and is marked irrelevant
+        order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+        del sims
+        rel = inv[order] == inv[s:e, None]
+        if not include_query:
+            rel &= order != rows[:, None]
+        del order
+        hits = rel.cumsum(dim=1, dtype=torch.int32)  # relevant items seen up to each rank
+        r, c = rel.nonzero(as_tuple=True)  # only relevant positions: memory ~ sum of class sizes
+        prec = hits[r, c].double() / (c + 1).double()
+        ap_sum = torch.zeros(e - s, dtype=torch.float64, device=x.device).index_add_(0, r, prec)
+        nr = n_rel[s:e]
+        ap[s:e] = torch.where(nr > 0, ap_sum / nr.clamp(min=1).double(), ap[s:e])
+    return ap
+
+
+def image_to_image_map(
+    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024
+) -> float:
+    """Mean average precision with every image a query against the whole set.
+
+    Args:
+        embeddings: ``[N, D]`` L2-normalised embeddings.
+        labels: ``[N]`` integer class labels; same label = relevant.
+        include_query: GPR1200 protocol (default): the query stays in the ranking at its own
+            (tie-rule) position and counts as relevant. ``False`` removes it from the ranking.
+        chunk_size: number of queries per ``[chunk_size, N]`` similarity block.
+
+    AP = mean over relevant positions r of precision@r. Queries without any relevant item
+    (singleton classes when ``include_query=False``) are skipped; ``nan`` if none remain.
+    """
+    ap = _per_query_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size)
+    ap = ap[~torch.isnan(ap)]
+    return float(ap.mean()) if ap.numel() else float("nan")
+
+
+def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> float:
+    """Recall@1 (query excluded): share of queries whose nearest other image has the same label.
+
+    ``embeddings [N, D]``, ``labels [N]``. Queries of singleton classes are skipped; ``nan``
+    if none remain. Ties: the smallest index among equally similar images wins.
+    """
+    _check_chunk(chunk_size)
+    x, y = _prep(embeddings, labels)
+    n = x.shape[0]
+    _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    valid = counts[inv] > 1
+    hits = 0
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        rows = torch.arange(s, e, device=x.device)
+        sims = x[s:e] @ x.T
+        sims[rows - s, rows] = float("-inf")
+        _, idx = _stable_topk(sims, 1)
+        hit = (inv[idx[:, 0]] == inv[s:e]) & valid[s:e]
+        hits += int(hit.sum())
+    used = int(valid.sum())
+    return hits / used if used else float("nan")
+
+
+def knn_accuracy(
+    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024
+) -> float:
+    """Leave-one-out weighted k-NN top-1 accuracy.
+
+    ``embeddings [N, D]``, ``labels [N]``. Each query's ``min(k, N-1)`` nearest *other*
+    images (tie rule: smallest index) vote for their class with weight ``exp(sim/temperature)``;
+    the class with the largest summed weight is predicted, ties going to the smallest label.
+    All queries count (a singleton class can never be predicted correctly). ``nan`` if N < 2.
+    """
+    _check_chunk(chunk_size)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    x, y = _prep(embeddings, labels)
+    n = x.shape[0]
+    k_eff = min(k, n - 1)
+    if k_eff < 1:
+        return float("nan")
+    _, inv = torch.unique(y, return_inverse=True)  # class index = rank of the sorted label
+    n_cls = int(inv.max()) + 1
+    correct = 0
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        rows = torch.arange(s, e, device=x.device)
+        sims = x[s:e] @ x.T
+        sims[rows - s, rows] = float("-inf")
+        vals, idx = _stable_topk(sims, k_eff)
+        vals = vals.double()
+        # subtracting the row max rescales all weights of a row equally: argmax unchanged, no overflow
+        w = torch.exp((vals - vals[:, :1]) / temperature)
+        votes = torch.zeros(e - s, n_cls, dtype=torch.float64, device=x.device).scatter_add_(1, inv[idx], w)
+        pred = votes.argmax(dim=1)  # first maximum = smallest class index
+        correct += int((pred == inv[s:e]).sum())
+    return correct / n
+
+
+def zero_shot_accuracy(image_embeddings: Tensor, class_embeddings: Tensor, labels: Tensor) -> float:
+    """Top-1 zero-shot accuracy.
+
+    ``image_embeddings [N, D]``, ``class_embeddings [C, D]`` (normalised, e.g. mean of the
+    normalised prompt embeddings, re-normalised), ``labels [N]`` class indices in ``[0, C)``.
+    Ties go to the smallest class index.
+    """
+    x, y = _prep(image_embeddings, labels)
+    c, _ = _prep(class_embeddings.to(x.device))
+    if c.shape[1] != x.shape[1]:
+        raise ValueError(f"dim mismatch: images {x.shape[1]} vs classes {c.shape[1]}")
+    if x.shape[0] == 0:
+        return float("nan")
+    correct = 0
+    for s in range(0, x.shape[0], 4096):
+        pred = (x[s : s + 4096] @ c.to(x.dtype).T).argmax(dim=1)
+        correct += int((pred == y[s : s + 4096]).sum())
+    return correct / x.shape[0]
+
+
+def text_to_image_recall(
+    text_embeddings: Tensor,
+    image_embeddings: Tensor,
+    text_groups: Tensor,
+    image_groups: Tensor,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[int, float]:
+    """Text→image Recall@K.
+
+    Args:
+        text_embeddings: ``[T, D]``; image_embeddings: ``[M, D]`` (both normalised).
+        text_groups: ``[T]``; image_groups: ``[M]``. A text's relevant images are those with
+            ``image_groups == text_groups[t]`` -- covers several captions per image (captions
+            share the image's id) and several images per caption.
+        ks: cut-offs; a K above M behaves like M.
+
+    hit@K = any relevant image within the top K (tie rule: smallest image index first).
+    Texts without a relevant image are skipped. Returns ``{K: recall}`` (``nan`` if no text counts).
+    """
+    _check_chunk(chunk_size)
+    t, tg = _prep(text_embeddings, text_groups)
+    im, ig = _prep(image_embeddings.to(t.device), image_groups)
+    if im.shape[1] != t.shape[1]:
+        raise ValueError(f"dim mismatch: texts {t.shape[1]} vs images {im.shape[1]}")
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks must be >= 1, got {ks}")
+    m = im.shape[0]
+    valid = torch.isin(tg, ig)
+    used = int(valid.sum())
+    if used == 0 or m == 0:
+        return {k: float("nan") for k in ks}
+    kmax = min(max(ks), m)
+    hits = {k: 0 for k in ks}
+    im = im.to(t.dtype)
+    for s in range(0, t.shape[0], chunk_size):
+        e = min(s + chunk_size, t.shape[0])
+        _, idx = _stable_topk(t[s:e] @ im.T, kmax)
+        rel = ig[idx] == tg[s:e, None]
+        for k in ks:
+            hits[k] += int((rel[:, : min(k, kmax)].any(dim=1) & valid[s:e]).sum())
+    return {k: hits[k] / used for k in ks}
+
+
+def _present(metrics: Mapping[str, float], name: str) -> float | None:
+    v = metrics.get(name)
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def group_means(
+    metrics: Mapping[str, float], groups: Mapping[str, Sequence[str]] = DEFAULT_GROUPS
+) -> dict[str, float]:
+    """Per-group means ``{"<group>_mean": ...}`` plus ``overall_mean``.
+
+    ``overall_mean`` is the plain mean of every listed column that is present (each column
+    once), not the mean of the group means. Missing or NaN metrics are ignored; a group with
+    no usable metric gets ``nan``.
+    """
+    out: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    for g, names in groups.items():
+        vals = []
+        for name in names:
+            v = _present(metrics, name)
+            if v is not None:
+                vals.append(v)
+                seen[name] = v
+        out[f"{g}_mean"] = sum(vals) / len(vals) if vals else float("nan")
+    out["overall_mean"] = sum(seen.values()) / len(seen) if seen else float("nan")
+    return out
+
+
+def per_source(
+    metric_fn: Callable[..., float],
+    embeddings: Tensor,
+    labels: Tensor,
+    sources: Sequence[str],
+    **kw,
+) -> dict[str, float]:
+    """Run an image→image metric separately within each source subset.
+
+    ``embeddings [N, D]``, ``labels [N]``, ``sources`` length N. Returns ``{source: value}``
+    in sorted source order; extra keyword arguments go to ``metric_fn``.
+    """
+    if len(sources) != embeddings.shape[0]:
+        raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
+    out: dict[str, float] = {}
+    labels = torch.as_tensor(labels)
+    for src in sorted(set(sources)):
+        mask = torch.tensor([s == src for s in sources], dtype=torch.bool)
+        out[src] = metric_fn(embeddings[mask.to(embeddings.device)], labels[mask.to(labels.device)], **kw)
+    return out

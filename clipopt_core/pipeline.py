@@ -1,0 +1,130 @@
+"""Stage runners shared by the CLI and the Dagster assets.
+
+Each runner loads a model, builds its datasets, trains through :func:`training.fit`
+(resuming from ``work_dir`` when an earlier attempt was interrupted) and exports a
+checkpoint folder that plain open_clip loads. No orchestration code lives here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+import torch
+
+from clipopt_core.captions import MiningConfig, caption_stats, dedupe_texts, mine_pseudo_captions
+from clipopt_core.data import ImageDataset, encode_labels, train_transform
+from clipopt_core.embed import embed_images, embed_texts
+from clipopt_core.evaluation import validation_map, validation_t2i
+from clipopt_core.models import ClipBundle, ModelSpec, export_checkpoint, load_model
+from clipopt_core.stages import RealignConfig, RealignTask, RetrievalConfig, RetrievalTask, group_captions_by_text
+from clipopt_core.training import FitResult, fit
+
+EventLog = Callable[[dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    checkpoint: Path
+    fit: FitResult
+    summary: dict[str, Any]
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of configs and data versions (names resumable work folders)."""
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def frame_hash(frame: pl.DataFrame) -> str:
+    """Content hash of a frame (row order included)."""
+    return hashlib.sha256(frame.hash_rows(seed=0).to_numpy().tobytes()).hexdigest()[:16]
+
+
+def mine_captions(base: ClipBundle, train: pl.DataFrame, pool: list[str], config: MiningConfig, *,
+                  device: str = "cpu") -> tuple[pl.DataFrame, dict[str, float]]:
+    """Pseudo-captions for the training images from ``pool`` with the unmodified base model."""
+    pool = dedupe_texts(pool)
+    image_embeddings = embed_images(base, train["uri"].to_list(), device=device)
+    text_embeddings = embed_texts(base, pool, device=device)
+    table, threshold = mine_pseudo_captions(train["image_id"].to_list(), image_embeddings, pool, text_embeddings, config)
+    return table, {**caption_stats(table, train.height, threshold), "pool_size": len(pool)}
+
+
+def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: RetrievalConfig, work_dir: Path, *,
+                    cache_dir: Path, stage: str, pseudo_captions: pl.DataFrame | None = None,
+                    device: str = "cpu", log: EventLog = lambda e: None) -> StageOutput:
+    """Stage 1 (``mc_weight`` 0) or MCIP (``mc_weight`` > 0, needs ``pseudo_captions``)."""
+    bundle = load_model(base_spec, cache_dir=cache_dir, device=device)
+    train = splits.filter(pl.col("split") == "train")
+    val = splits.filter(pl.col("split") == "val")
+    label_ids, class_names = encode_labels(train["label"].to_list())
+    dataset = ImageDataset(train["uri"].to_list(), label_ids,
+                           train_transform(bundle.image_size, bundle.mean, bundle.std, bundle.interpolation))
+    caption_embeddings, captions_of = None, None
+    if config.mc_weight:
+        if pseudo_captions is None:
+            raise ValueError("MCIP needs pseudo_captions")
+        caption_embeddings, captions_of = _caption_matrix(bundle, train, pseudo_captions, device)
+    task = RetrievalTask(bundle, dataset, len(class_names), config, validation_map(val, device=device),
+                         caption_embeddings, captions_of)
+    result = fit(task, config.train, work_dir, device=device, log=log)
+    summary = {"stage": stage, "train_images": train.height, "train_classes": len(class_names),
+               "val_images": val.height, "config": asdict(config), "data_hash": frame_hash(splits)}
+    return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
+
+
+def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFrame, config: RealignConfig, work_dir: Path, *,
+                  cache_dir: Path, stage: str, device: str = "cpu", log: EventLog = lambda e: None) -> StageOutput:
+    """Stage 2 on top of a fine-tuned image tower: pairs (``uri``, ``caption``) → realigned text tail.
+
+    Image embeddings of the pairs are computed once here with the frozen tower (eval
+    transform) and reused by every step, so the stage costs text-tower compute only.
+    """
+    bundle = load_model(encoder_spec, cache_dir=cache_dir, device=device)
+    pair_embeddings = embed_images(bundle, pairs["uri"].to_list(), device=device)
+    grouped, texts = group_captions_by_text(pair_embeddings, pairs["caption"].to_list())
+    val = val.filter(pl.col("caption").is_not_null())
+    val_embeddings = embed_images(bundle, val["uri"].to_list(), device=device)
+    task = RealignTask(bundle, grouped, texts, config, validation_t2i(val_embeddings, val["caption"].to_list(), device=device))
+    result = fit(task, config.train, work_dir, device=device, log=log)
+    task.finish()
+    summary = {"stage": stage, "pairs": pairs.height, "distinct_captions": len(texts), "val_images": val.height,
+               "config": asdict(config), "data_hash": frame_hash(pairs)}
+    return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
+
+
+def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
+    """Realignment corpus: caption-source pairs + training images that have a caption (``uri``, ``caption``, ``origin``)."""
+    train = splits.filter((pl.col("split") == "train") & pl.col("caption").is_not_null())
+    return pl.concat([
+        caption_pairs.select("uri", "caption").with_columns(pl.lit("caption_source").alias("origin")),
+        train.select("uri", "caption").with_columns(pl.lit("train_split").alias("origin")),
+    ])
+
+
+def caption_pool(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
+    """Mining pool: caption-source texts + captions of training images (never val/test captions)."""
+    train = splits.filter(pl.col("split") == "train")
+    return dedupe_texts(caption_pairs["caption"].to_list() + [c for c in train["caption"].to_list() if c])
+
+
+def _caption_matrix(bundle: ClipBundle, train: pl.DataFrame, pseudo: pl.DataFrame,
+                    device: str) -> tuple[torch.Tensor, list[list[int]]]:
+    """Frozen text embeddings [P, D] of the distinct pseudo-captions + each train row's caption ids."""
+    texts = sorted(set(pseudo["caption"].to_list()))
+    lookup = {text: number for number, text in enumerate(texts)}
+    owned: dict[str, list[int]] = {}
+    for image_id, caption in pseudo.sort("image_id", "rank").select("image_id", "caption").iter_rows():
+        owned.setdefault(image_id, []).append(lookup[caption])
+    embeddings = embed_texts(bundle, texts, device=device) if texts else torch.empty(0, bundle.embed_dim)
+    return embeddings, [owned.get(image_id, []) for image_id in train["image_id"].to_list()]
+
+
+def _export(bundle: ClipBundle, work_dir: Path, summary: dict[str, Any], result: FitResult) -> Path:
+    sidecar = {**summary, "best_val_score": result.best_score, "best_step": result.best_step, "steps": result.steps,
+               "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2)}
+    return export_checkpoint(bundle, work_dir / "export", sidecar)

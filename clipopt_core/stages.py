@@ -1,0 +1,237 @@
+"""The training stages of METHOD.md as :class:`~clipopt_core.training.TrainTask` s.
+
+* :class:`RetrievalTask` — stage 1 (ArcMargin on the image tower) and, with caption
+  embeddings, MCIP (0.75·ArcMargin + 0.25·MCArcMargin against the frozen text tower).
+* :class:`RealignTask` — stage 2: image tower frozen, InfoNCE between *precomputed* image
+  embeddings and the text tower's last blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clipopt_core import towers
+from clipopt_core.data import EpochBatches, ImageDataset
+from clipopt_core.losses import ArcMarginLoss, MultiCaptionArcMarginLoss, SymmetricInfoNCE
+from clipopt_core.models import ClipBundle
+from clipopt_core.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Stage-1 / MCIP settings (defaults: METHOD.md).
+
+    ``mc_weight`` = 0 gives stage 1; MCIP uses 0.25 (ArcMargin then weighs ``1 - mc_weight``).
+    ``projector``: ``train`` keeps the projector in the joint space and trains it; ``reattach``
+    trains the trunk on pre-projection features and keeps the original projector.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    proxy_lr_multiplier: float = 100.0
+    arc_scale: float = 30.0
+    arc_margin: float = 0.1
+    mc_weight: float = 0.0
+    max_negative_weight: float = 0.1
+    freeze_norm: bool = True
+    projector: Literal["train", "reattach"] = "train"
+    num_workers: int = 0
+
+
+REALIGN_TRAIN_DEFAULTS = TrainConfig(lr=1e-5, lr_floor=0.0, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, epochs=10,
+                                     batch_size=32768, eval_every_steps=100)
+
+
+@dataclass(frozen=True)
+class RealignConfig:
+    """Stage-2 settings (METHOD.md: AdamW 0.9/0.98, eps 1e-6, LR 1e-5, wd 0.2 off norms/biases/scale)."""
+
+    train: TrainConfig = field(default_factory=lambda: REALIGN_TRAIN_DEFAULTS)
+    last_blocks: int = 1
+    max_logit_scale: float = 100.0
+
+
+class RetrievalTask:
+    """Stage 1 / MCIP over a labelled training set.
+
+    Args:
+        bundle: the model (its text tower is frozen here).
+        dataset: training images; items ``(image [3,S,S], label)`` with seeded augmentation.
+        num_classes: number of distinct labels (ArcMargin proxies).
+        validate_fn: returns validation mAP of the current model (higher is better).
+        caption_embeddings: MCIP only, frozen text embeddings [P, D] of all pseudo-captions.
+        captions_of: MCIP only, for each training item the caption rows it owns (0–top_k).
+    """
+
+    def __init__(self, bundle: ClipBundle, dataset: ImageDataset, num_classes: int, config: RetrievalConfig,
+                 validate_fn: Any, caption_embeddings: torch.Tensor | None = None,
+                 captions_of: Sequence[Sequence[int]] | None = None) -> None:
+        if config.mc_weight and (caption_embeddings is None or captions_of is None):
+            raise ValueError("mc_weight > 0 (MCIP) needs caption_embeddings and captions_of")
+        self.bundle, self.dataset, self.config, self._validate_fn = bundle, dataset, config, validate_fn
+        model = bundle.model
+        towers.freeze(model)
+        self._reattach = config.projector == "reattach"
+        self._trainable = self._visual_trainable(model)
+        for parameter in self._trainable:
+            parameter.requires_grad_(True)
+        with torch.no_grad():
+            feature_dim = self._features(torch.zeros(1, 3, bundle.image_size, bundle.image_size)).shape[-1]
+        self.arc = ArcMarginLoss(feature_dim, num_classes, config.arc_scale, config.arc_margin)
+        self.multi_caption = MultiCaptionArcMarginLoss(config.arc_scale, config.arc_margin, config.max_negative_weight)
+        self.modules = nn.ModuleDict({"model": model, "arc": self.arc})
+        self._captions = caption_embeddings
+        self._captions_of = [torch.as_tensor(list(rows), dtype=torch.long) for rows in captions_of] if captions_of else None
+
+    def _visual_trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        params = towers.visual_parameters(model, freeze_norm=self.config.freeze_norm)
+        if not self._reattach:
+            return params
+        head = towers.visual_projection(model)
+        excluded = {id(p) for p in ([head] if isinstance(head, nn.Parameter) else head.parameters())}
+        return [p for p in params if id(p) not in excluded]
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,S,S] → [B,D'] joint-space embeddings, or trunk features when re-attaching the projector."""
+        visual = self.bundle.model.visual
+        if not self._reattach:
+            return self.bundle.model.encode_image(images)
+        if hasattr(visual, "trunk"):
+            return visual.trunk(images)
+        projection, visual.proj = visual.proj, None
+        try:
+            return visual(images)
+        finally:
+            visual.proj = projection
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        return [
+            {"params": self._trainable, "lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": list(self.arc.parameters()), "lr": config.lr * self.config.proxy_lr_multiplier,
+             "weight_decay": config.weight_decay},
+        ]
+
+    def steps_per_epoch(self, config: TrainConfig) -> int:
+        return len(self.dataset) // config.batch_size
+
+    def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[Any]:
+        sampler = EpochBatches(len(self.dataset), config.batch_size, config.seed, epoch, start_step)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate)
+        return loader
+
+    def train_mode(self) -> None:
+        self.bundle.model.eval()
+        towers.train_mode(self.bundle.model.visual, freeze_norm=self.config.freeze_norm)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels, indices = batch
+        device = next(self.bundle.model.parameters()).device
+        features = self._features(images.to(device))
+        arc = self.arc(features, labels.to(device))
+        if not self.config.mc_weight:
+            return arc, {"arc": float(arc.detach())}
+        owned = [self._captions_of[i] for i in indices.tolist()]
+        owner = torch.repeat_interleave(torch.arange(len(owned)), torch.tensor([len(r) for r in owned], dtype=torch.long))
+        rows = torch.cat(owned)
+        multi = self.multi_caption(features, self._captions[rows].to(device), owner.to(device))
+        total = (1 - self.config.mc_weight) * arc + self.config.mc_weight * multi
+        return total, {"arc": float(arc.detach()), "mc": float(multi.detach()), "captioned": float(rows.numel() > 0)}
+
+    def validate(self) -> float:
+        self.bundle.model.eval()
+        return float(self._validate_fn(self.bundle))
+
+
+class RealignTask:
+    """Stage 2 over (cached image embedding, caption) pairs.
+
+    Args:
+        image_embeddings: [P, D] L2-normalised embeddings of the pair images (frozen tower, eval transform).
+        captions: P caption strings, pair i ↔ ``image_embeddings[i]``.
+        validate_fn: returns a text→image score of the current model (higher is better).
+    """
+
+    def __init__(self, bundle: ClipBundle, image_embeddings: torch.Tensor, captions: Sequence[str],
+                 config: RealignConfig, validate_fn: Any) -> None:
+        if len(captions) != len(image_embeddings):
+            raise ValueError(f"{len(captions)} captions but {len(image_embeddings)} image embeddings")
+        self.bundle, self.config, self._validate_fn = bundle, config, validate_fn
+        self.image_embeddings = image_embeddings.float()
+        self.captions = list(captions)
+        model = bundle.model
+        towers.freeze(model)
+        self._tail = towers.text_tail_parameters(model, config.last_blocks)
+        for parameter in self._tail:
+            parameter.requires_grad_(True)
+        self.infonce = SymmetricInfoNCE(float(model.logit_scale.detach().float().mean()), config.max_logit_scale)
+        self.modules = nn.ModuleDict({"model": model, "infonce": self.infonce})
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        names = {id(p): n for n, p in self.bundle.model.named_parameters()}
+        decay = [p for p in self._tail if not towers.no_weight_decay(names[id(p)], p)]
+        no_decay = [p for p in self._tail if towers.no_weight_decay(names[id(p)], p)]
+        return [
+            {"params": decay, "lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": no_decay + [self.infonce.logit_scale], "lr": config.lr, "weight_decay": 0.0},
+        ]
+
+    def steps_per_epoch(self, config: TrainConfig) -> int:
+        return math.ceil(len(self.captions) / self._batch(config)) if len(self.captions) >= 2 else 0
+
+    def _batch(self, config: TrainConfig) -> int:
+        return max(2, min(config.batch_size, len(self.captions)))
+
+    def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[tuple[torch.Tensor, list[str]]]:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.captions), generator=generator)
+        size = self._batch(config)
+        for step in range(start_step, self.steps_per_epoch(config)):
+            chunk = order[step * size:(step + 1) * size]
+            if len(chunk) < 2:  # a 1-pair batch has no negatives: borrow from the start
+                chunk = torch.cat([chunk, order[:1]])
+            yield self.image_embeddings[chunk], [self.captions[i] for i in chunk.tolist()]
+
+    def train_mode(self) -> None:
+        self.bundle.model.eval()  # dropout off: the paper fine-tunes the tail deterministically
+        for parameter in self._tail:
+            parameter.requires_grad_(True)
+
+    def loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict[str, float]]:
+        image_embeddings, captions = batch
+        device = next(self.bundle.model.parameters()).device
+        text = self.bundle.model.encode_text(self.bundle.tokenizer(captions).to(device))
+        loss = self.infonce(image_embeddings.to(device), text)
+        return loss, {"logit_scale": float(self.infonce.effective_scale().detach())}
+
+    def validate(self) -> float:
+        self.bundle.model.eval()
+        return float(self._validate_fn(self.bundle))
+
+    def finish(self) -> None:
+        """Copy the learned (clamped) logit scale back into the model before export."""
+        with torch.no_grad():
+            self.bundle.model.logit_scale.fill_(math.log(float(self.infonce.effective_scale())))
+
+
+def _collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, labels, indices = zip(*items)
+    return torch.stack(images), torch.stack(labels), torch.tensor(indices, dtype=torch.long)
+
+
+def group_captions_by_text(image_embeddings: torch.Tensor, captions: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """One pair per distinct caption: the renormalised mean of its images' embeddings.
+
+    Identical captions in one InfoNCE batch would be false negatives (e.g. the same emoji
+    name drawn by three vendors), so pairs are grouped by text first. [P,D] → [P',D].
+    """
+    groups: dict[str, list[int]] = {}
+    for row, caption in enumerate(captions):
+        groups.setdefault(caption, []).append(row)
+    texts = list(groups)
+    means = torch.stack([image_embeddings[groups[text]].mean(dim=0) for text in texts])
+    return F.normalize(means, dim=-1), texts

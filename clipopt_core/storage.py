@@ -1,0 +1,191 @@
+"""Artifact storage behind one base URL (``file://…`` or ``s3://bucket/prefix``).
+
+Every heavy artifact (checkpoints, embeddings, indexes, reports, pseudo-captions) is
+written through :class:`ArtifactStore`. Writes are *publish-safe*: bytes go to a
+run-unique temporary key first and are moved onto the final key only when complete, so
+a reader never sees a half-written object. Multi-file artifacts (a checkpoint folder)
+are published file by file and then sealed with a ``_COMPLETE.json`` marker listing the
+content hashes; :meth:`ArtifactStore.get_dir` refuses folders without a valid marker.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import polars as pl
+
+COMPLETE_MARKER = "_COMPLETE.json"
+
+
+class StorageError(RuntimeError):
+    """Raised when the artifact store cannot be reached or holds an invalid artifact."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a local file, read in ``chunk_bytes`` pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    """Keys (``"models/stage1/open_clip_model.safetensors"``) resolved under one base URL.
+
+    Args:
+        base_url: ``file:///abs/dir``, a plain local path, or ``s3://bucket/prefix``.
+        storage_options: passed to fsspec (for S3: ``key``, ``secret``,
+            ``client_kwargs={"endpoint_url": …}``). Never logged.
+    """
+
+    def __init__(self, base_url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        options = dict(storage_options or {})
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.base_url, **options)
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"cannot open artifact store {self.base_url!r}: {exc}") from exc
+        self.root = root.rstrip("/")
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.base_url!r})"
+
+    # -- addressing -------------------------------------------------------
+    def path(self, key: str) -> str:
+        """Filesystem path (no protocol) of ``key``."""
+        return f"{self.root}/{key.lstrip('/')}"
+
+    def url(self, key: str) -> str:
+        """Full URL of ``key``, the form shown to users and stored in metadata."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        protocol = "file" if self.is_local else protocols[0]
+        return f"{protocol}://{self.path(key)}"
+
+    # -- single objects ---------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return self._call("check", key, lambda: self.fs.exists(self.path(key)))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._call("read", key, lambda: self.fs.cat_file(self.path(key)))
+
+    def write_bytes(self, key: str, data: bytes) -> str:
+        """Publish ``data`` at ``key`` atomically; returns its SHA-256."""
+        final = self.path(key)
+        temp = f"{final}.tmp-{uuid.uuid4().hex}"
+        def _write() -> None:
+            if self.is_local:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+            self.fs.pipe_file(temp, data)
+            self._publish(temp, final)
+        self._call("write", key, _write)
+        return sha256_bytes(data)
+
+    def put_file(self, local: Path, key: str) -> str:
+        """Upload a local file to ``key`` atomically; returns its SHA-256."""
+        final = self.path(key)
+        temp = f"{final}.tmp-{uuid.uuid4().hex}"
+        def _put() -> None:
+            if self.is_local:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+            self.fs.put_file(str(local), temp)
+            self._publish(temp, final)
+        self._call("upload", key, _put)
+        return sha256_file(local)
+
+    def write_json(self, key: str, payload: Any) -> str:
+        return self.write_bytes(key, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_parquet(self, key: str, frame: pl.DataFrame) -> str:
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer)
+        return self.write_bytes(key, buffer.getvalue())
+
+    def read_parquet(self, key: str) -> pl.DataFrame:
+        return pl.read_parquet(io.BytesIO(self.read_bytes(key)))
+
+    # -- folders ----------------------------------------------------------
+    def put_dir(self, local_dir: Path, key: str) -> dict[str, str]:
+        """Publish every file of ``local_dir`` under ``key/`` and seal it with a marker.
+
+        Returns ``{relative_path: sha256}``. An earlier marker is removed first so a
+        reader never pairs an old marker with half-replaced files.
+        """
+        marker = f"{key}/{COMPLETE_MARKER}"
+        if self.exists(marker):
+            self._call("unseal", marker, lambda: self.fs.rm_file(self.path(marker)))
+        hashes = {
+            file.relative_to(local_dir).as_posix(): self.put_file(file, f"{key}/{file.relative_to(local_dir).as_posix()}")
+            for file in sorted(local_dir.rglob("*"))
+            if file.is_file()
+        }
+        self.write_json(marker, {"files": hashes})
+        return hashes
+
+    def get_dir(self, key: str, local_dir: Path) -> Path:
+        """Download a sealed folder to ``local_dir`` (skipped when already there, same hashes)."""
+        marker = f"{key}/{COMPLETE_MARKER}"
+        if not self.exists(marker):
+            raise StorageError(f"{self.url(key)} is not a complete artifact (no {COMPLETE_MARKER}); re-materialise it")
+        files: dict[str, str] = self.read_json(marker)["files"]
+        local_marker = local_dir / COMPLETE_MARKER
+        if local_marker.exists() and json.loads(local_marker.read_text())["files"] == files:
+            return local_dir
+        staging = local_dir.with_name(f"{local_dir.name}.tmp-{uuid.uuid4().hex}")
+        staging.mkdir(parents=True)
+        for relative, expected in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call("download", f"{key}/{relative}", lambda: self.fs.get_file(self.path(f"{key}/{relative}"), str(target)))
+            if sha256_file(target) != expected:
+                shutil.rmtree(staging)
+                raise StorageError(f"{self.url(key)}/{relative}: content hash differs from its marker; re-materialise it")
+        (staging / COMPLETE_MARKER).write_text(json.dumps({"files": files}))
+        if local_dir.exists():
+            shutil.rmtree(local_dir)
+        os.replace(staging, local_dir)
+        return local_dir
+
+    def list_temp_objects(self, prefix: str = "") -> list[str]:
+        """Leftover ``*.tmp-*`` objects under ``prefix`` (should always be empty)."""
+        base = self.path(prefix) if prefix else self.root
+        if not self.fs.exists(base):
+            return []
+        return [path for path in self.fs.find(base) if ".tmp-" in path.rsplit("/", 1)[-1]]
+
+    # -- internals --------------------------------------------------------
+    def _publish(self, temp: str, final: str) -> None:
+        if self.is_local:
+            os.replace(temp, final)
+        else:
+            self.fs.mv(temp, final)
+            self.fs.invalidate_cache()
+
+    def _call(self, action: str, key: str, operation: Any) -> Any:
+        try:
+            return operation()
+        except FileNotFoundError as exc:
+            raise StorageError(f"{action} {self.url(key)}: not found") from exc
+        except (OSError, TimeoutError) as exc:
+            raise StorageError(
+                f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}. "
+                "Check that the artifact store is reachable and the credentials are right."
+            ) from exc

@@ -1,0 +1,250 @@
+"""The one training loop every stage uses.
+
+A stage supplies a :class:`TrainTask` (what trains, the loss, the batches, validation);
+:func:`fit` supplies the rest: AdamW with parameter groups, per-step cosine decay to a
+floor (no warm-up), mixed precision with gradient clipping *after* unscaling, gradient
+accumulation, periodic validation with best-weights keeping and early stopping, and
+checkpoints every N steps that :func:`fit` resumes from with bit-identical results.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LAST_DIR = "last"
+BEST_FILE = "best.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; defaults are METHOD.md's stage-1 recipe.
+
+    ``lr`` is the tower learning rate; each task scales its other groups from it (proxies 100×).
+    ``eval_every_steps`` and ``checkpoint_every_steps`` count optimizer steps.
+    ``patience`` counts evaluations without improvement. ``precision`` is ``fp32``, ``bf16`` or
+    ``fp16`` (autocast; fp16 uses a gradient scaler); reduced precision is used on CUDA only.
+    """
+
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 1e-6
+    lr_floor: float = 1e-7
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    accumulation_steps: int = 1
+    precision: str = "bf16"
+    seed: int = 0
+    eval_every_steps: int = 50
+    patience: int = 50
+    checkpoint_every_steps: int = 100
+    max_steps: int | None = None
+
+
+class TrainTask(Protocol):
+    """What a stage provides to :func:`fit`."""
+
+    modules: nn.ModuleDict  # everything saved in checkpoints (model, loss proxies, logit scale)
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]: ...
+    def steps_per_epoch(self, config: TrainConfig) -> int: ...
+    def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[Any]: ...
+    def train_mode(self) -> None: ...
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def validate(self) -> float: ...  # higher is better
+
+
+@dataclass
+class FitResult:
+    best_score: float
+    best_step: int
+    steps: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cosine_lr(base: float, floor: float, step: int, total: int) -> float:
+    """Learning rate at optimizer ``step`` of ``total``: cosine from ``base`` down to ``min(floor, base)``."""
+    floor = min(floor, base)
+    progress = min(step / max(total, 1), 1.0)
+    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.device | str = "cpu",
+        log: Callable[[dict[str, float]], None] = lambda event: None) -> FitResult:
+    """Train ``task`` under ``config``, resuming from ``work_dir/last`` when present.
+
+    On return the task's modules hold the best validated weights (or the last ones if
+    validation never ran). ``log`` receives one dict per optimizer step and per validation.
+    """
+    started = time.perf_counter()
+    device = torch.device(device)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    optimizer = torch.optim.AdamW(task.param_groups(config), betas=config.betas, eps=config.eps)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    autocast_dtype = _autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
+    steps_per_epoch = task.steps_per_epoch(config) // config.accumulation_steps
+    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or 10**18)
+    state = _State()
+    if (work_dir / LAST_DIR / "state.json").exists():
+        state = _load_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    while state.step < total_steps and not state.stopped_early:
+        epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
+        task.train_mode()
+        micro: list[Any] = []
+        for batch in task.batches(config, epoch, step_in_epoch * config.accumulation_steps):
+            micro.append(batch)
+            if len(micro) < config.accumulation_steps:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(group["base_lr"], config.lr_floor, state.step, total_steps)
+            stats = _optimizer_step(task, micro, optimizer, scaler, params, config, autocast_dtype)
+            micro = []
+            state.step += 1
+            log({"step": state.step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **stats})
+            end_of_epoch = state.step % steps_per_epoch == 0
+            if state.step % config.eval_every_steps == 0 or end_of_epoch or state.step == total_steps:
+                _validate(task, state, config, work_dir, log)
+                task.train_mode()
+            if state.step % config.checkpoint_every_steps == 0 or end_of_epoch:
+                _save_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler, state)
+            if state.stopped_early or state.step >= total_steps or end_of_epoch:
+                break
+        else:
+            raise RuntimeError(f"the task yielded fewer batches than its {steps_per_epoch} steps per epoch")
+    _save_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler, state)
+    if (work_dir / BEST_FILE).exists():
+        task.modules.load_state_dict(load_file(str(work_dir / BEST_FILE)))
+    return FitResult(state.best_score, state.best_step, state.step, state.stopped_early, state.history,
+                     time.perf_counter() - started)
+
+
+@dataclass
+class _State:
+    step: int = 0
+    best_score: float = -math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    params: list[nn.Parameter], config: TrainConfig, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {}
+    for batch in micro:
+        with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, stats = task.loss(batch)
+        scaler.scale(loss / len(micro)).backward()
+        for key, value in {"loss": float(loss.detach()), **stats}.items():
+            totals[key] = totals.get(key, 0.0) + value / len(micro)
+    scaler.unscale_(optimizer)
+    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    scaler.step(optimizer)
+    scaler.update()
+    return totals
+
+
+def _validate(task: TrainTask, state: _State, config: TrainConfig, work_dir: Path, log: Callable) -> None:
+    with torch.no_grad():
+        score = float(task.validate())
+    improved = score > state.best_score
+    if improved:
+        state.best_score, state.best_step, state.evals_without_improvement = score, state.step, 0
+        _atomic_save({k: v.detach().cpu().contiguous() for k, v in task.modules.state_dict().items()}, work_dir / BEST_FILE)
+    else:
+        state.evals_without_improvement += 1
+        state.stopped_early = state.evals_without_improvement >= config.patience
+    event = {"step": state.step, "val_score": score, "best_score": state.best_score}
+    state.history.append(event)
+    log(event)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    temp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    save_file(tensors, str(temp))
+    os.replace(temp, path)
+
+
+def _save_checkpoint(folder: Path, task: TrainTask, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, state: _State) -> None:
+    """Write model, optimizer, scaler and RNG state to a temp folder, then swap it in."""
+    staging = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in task.modules.state_dict().items()}, str(staging / "modules.safetensors"))
+    opt_state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
+               for index, entries in opt_state["state"].items() for name, value in entries.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in opt_state["param_groups"]]
+    numpy_state = np.random.get_state()
+    meta = {
+        "state": asdict(state), "param_groups": groups, "scaler": scaler.state_dict(),
+        "rng_python": repr(random.getstate()),
+        "rng_numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+    (staging / "state.json").write_text(json.dumps(meta))
+    previous = folder.with_name(f"{folder.name}.old-{uuid.uuid4().hex}")
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(staging, folder)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def _load_checkpoint(folder: Path, task: TrainTask, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> _State:
+    """Restore everything :func:`_save_checkpoint` wrote; returns the loop state."""
+    meta = json.loads((folder / "state.json").read_text())
+    task.modules.load_state_dict(load_file(str(folder / "modules.safetensors")))
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    groups = [{**saved, "params": current["params"]} for saved, current in zip(meta["param_groups"], optimizer.state_dict()["param_groups"])]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        group["base_lr"] = saved["base_lr"]
+    if meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    random.setstate(ast.literal_eval(meta["rng_python"]))
+    kind, keys, *rest = meta["rng_numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    return _State(**meta["state"])
