@@ -49,6 +49,7 @@ _TUX_LABELS = {  # reduced directory (style folders removed) -> class name, wher
 _NOT_PLURAL = frozenset({"christmas", "us", "asl", "binoculars", "clothes", "glasses", "bus", "gas"})
 _JUNK_TITLE = re.compile(
     r"clipart by|collection|theme|icon ?set|submission|sibmission|svg|http|architetto|untitled|\u00c3", re.IGNORECASE)
+_ITALIAN_TITLED = "archite"  # file names of Architetto Francesco Rollandin's drawings, titled in Italian
 _SVG_UNITS_PX = {"": 1.0, "px": 1.0, "pt": 4 / 3, "pc": 16.0, "mm": 96 / 25.4, "cm": 96 / 2.54, "in": 96.0}
 
 
@@ -162,8 +163,13 @@ def _tux_stamps(stamps_root: Path) -> list[tuple[str, Path, str | None]]:
 
 # ---------------------------------------------------------------- openclipart titles
 def _clean_title(raw: str | None) -> str | None:
-    """A usable caption from an openclipart title, or ``None`` for empty, collection-like or garbled titles."""
-    text = " ".join(html.unescape(raw or "").replace("_", " ").split()).strip(" .-")
+    """A usable caption from an openclipart title, or ``None`` for empty, collection-like or garbled titles.
+
+    Serial numbers go, ``_``, word-joining hyphens and camelCase become spaces.
+    """
+    text = re.sub(r"#\d+", " ", html.unescape(raw or ""))
+    text = re.sub(r"(?<=[a-z]{2})(?=[A-Z][a-z])|_+|(?<=[A-Za-z]{2})-(?=[A-Za-z]{2})", " ", text)
+    text = " ".join(text.split()).strip(" .-")
     if sum(ch.isalpha() for ch in text) < 3 or _JUNK_TITLE.search(text):
         return None
     return text
@@ -175,7 +181,7 @@ def _title_family(title: str) -> str:
 
 
 def _select_caption_pairs(items: Sequence[tuple[str, str | None]], max_n: int, seed: int, *, max_repeats: int = 3,
-                          max_per_family: int = 2, max_per_dir: int = 30) -> list[tuple[str, str]]:
+                          max_per_family: int = 1, max_per_dir: int = 50) -> list[tuple[str, str]]:
     """Pick up to ``max_n`` ``(path, caption)`` pairs from ``(path, raw title)`` items, seeded.
 
     Titles shared by more than ``max_repeats`` images name a collection ("gramastar": 1375
@@ -248,7 +254,7 @@ def _store_png(src: Path, dst: Path, max_side: int = MAX_SIDE) -> bool:
             if image.mode not in ("RGB", "RGBA", "L", "LA"):
                 image = image.convert("RGBA")
             image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            image.save(dst, format="PNG")
+            image.save(dst, format="PNG", compress_level=3)
         return True
     except (OSError, ValueError, SyntaxError, struct.error, zlib.error):
         dst.unlink(missing_ok=True)
@@ -299,7 +305,7 @@ def _render_svg(src: Path, dst: Path, side: int | None = None) -> bool:
         if image.getbbox() is None:
             return False
         dst.parent.mkdir(parents=True, exist_ok=True)
-        image.save(dst, format="PNG")
+        image.save(dst, format="PNG", compress_level=3)
         return True
     return False
 
@@ -337,7 +343,7 @@ def _write_openclipart(png_root: Path, caption_root: Path, max_n: int, seed: int
     """Store up to ``max_n`` titled openclipart PNGs (see :func:`_select_caption_pairs`) as ``openclipart/...``."""
     items = []
     for path in sorted(png_root.rglob("*.png")):
-        if path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file() or _ITALIAN_TITLED in path.name:
             continue
         try:
             (width, height), texts = _read_png_info(path)
@@ -347,6 +353,8 @@ def _write_openclipart(png_root: Path, caption_root: Path, max_n: int, seed: int
             items.append((path.relative_to(png_root).as_posix(), texts.get("Title")))
     rows = []
     for rel, caption in _select_caption_pairs(items, max_n, seed):
+        if "flags" in rel.split("/")[:-1] and "flag" not in caption.lower():
+            caption = f"flag of {caption}"  # flag files are titled by the country only
         if _store_png(png_root / rel, caption_root / "openclipart" / rel):
             rows.append({"path": f"openclipart/{rel}", "caption": caption, "source": "openclipart"})
     return rows

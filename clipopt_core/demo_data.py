@@ -227,6 +227,7 @@ def _build(tmp: Path, tools: dict[str, str], max_emoji_classes: int, max_caption
     emoji, vendor_files = _emoji_sources(tools, downloads, scratch, progress)
     chosen = src._select_emoji(emoji, vendor_files, max_emoji_classes, seed)
     rows = src._write_emoji(chosen, vendor_files, data.image_root)
+    shutil.rmtree(scratch, ignore_errors=True)  # unpacked packages go as soon as they are used
     progress(f"emoji: {len(rows)} images written ({len(chosen)} of {len(emoji)} emoji, {len(vendor_files)} styles)")
 
     deb = _fetch(tools, "deb", _DEB_TUXPAINT, downloads, progress)
@@ -235,6 +236,7 @@ def _build(tmp: Path, tools: dict[str, str], max_emoji_classes: int, max_caption
                  lambda name: name.startswith(_TUXPAINT_STAMPS) and name.endswith((".png", ".svg", ".txt")))
     deb.unlink()
     tux_rows, tux_failed = src._write_tuxpaint(scratch / "tuxpaint" / _TUXPAINT_STAMPS, data.image_root)
+    shutil.rmtree(scratch, ignore_errors=True)
     progress(f"Tux Paint: {len(tux_rows)} images written, {tux_failed} stamps skipped (unrenderable SVG)")
 
     digests = [hashlib.sha256((data.image_root / row["path"]).read_bytes()).hexdigest() for row in rows + tux_rows]

@@ -44,7 +44,7 @@ def embed_texts(bundle: ClipBundle, texts: Sequence[str], *, batch_size: int = 2
     model = bundle.model.eval()
     chunks: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
-        tokens = bundle.tokenizer(list(texts[start:start + batch_size])).to(device)
+        tokens = bundle.tokenize(list(texts[start:start + batch_size])).to(device)
         with _autocast(device):
             features = model.encode_text(tokens)
         chunks.append(F.normalize(features.float(), dim=-1).cpu())

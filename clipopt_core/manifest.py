@@ -45,13 +45,18 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     ``captions_only``: an image-caption source (manifest with ``path`` and ``caption``); the
     caption doubles as the label so the same validation applies.
     """
+    root, manifest_name = _split_location(root)
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.isdir(base):
         raise ManifestError(f"image source {root!r} is not a folder (or is unreachable)")
+    if manifest_name is None:
+        manifest_name = next((name for name in MANIFEST_NAMES if fs.exists(f"{base}/{name}")), None)
     if layout == "auto":
-        layout = "manifest" if any(fs.exists(f"{base}/{name}") for name in MANIFEST_NAMES) else "folders"
+        layout = "manifest" if manifest_name else "folders"
     if layout == "manifest":
-        return _read_manifest_file(fs, base, root, captions_only)
+        if manifest_name is None:
+            raise ManifestError(f"no {' or '.join(MANIFEST_NAMES)} in {root!r}")
+        return _read_manifest_file(fs, base, f"{root}/{manifest_name}", captions_only)
     if layout == "folders":
         return _scan_class_folders(fs, base)
     raise ManifestError(f"unknown layout {layout!r}; use 'auto', 'folders' or 'manifest'")
@@ -121,6 +126,23 @@ def split_by_class(manifest: pl.DataFrame, *, val_fraction: float, test_fraction
     return manifest.with_columns(pl.col("label").map_elements(_split, return_dtype=pl.String).alias("split"))
 
 
+def source_fingerprint(rows: pl.DataFrame, root: str) -> str:
+    """Content fingerprint of a source: hash over (path, label, caption, category, file sha256).
+
+    Changes when an image is added, removed, relabelled or its bytes change; unreadable
+    files hash as empty so the fingerprint still moves when they are fixed.
+    """
+    fs, base = fsspec.core.url_to_fs(source_root(root))
+    digest = hashlib.sha256()
+    for row in rows.sort("path").iter_rows(named=True):
+        try:
+            content = hashlib.sha256(fs.cat_file(f"{base}/{row['path']}")).hexdigest()
+        except (OSError, ValueError):
+            content = ""
+        digest.update(repr((row["path"], row["label"], row["caption"], row["category"], content)).encode())
+    return digest.hexdigest()[:24]
+
+
 def class_stats(manifest: pl.DataFrame) -> dict[str, int]:
     """Counts shown to users: images, classes, singleton classes (unusable as retrieval queries)."""
     sizes = manifest.group_by("label").len()
@@ -168,14 +190,27 @@ def _clean(value: object) -> str | None:
     return text or None
 
 
-def _read_manifest_file(fs: fsspec.AbstractFileSystem, base: str, root: str, captions_only: bool) -> pl.DataFrame:
-    name = next(name for name in MANIFEST_NAMES if fs.exists(f"{base}/{name}"))
+def source_root(location: str) -> str:
+    """The folder image paths are relative to: ``location`` itself, or a manifest file's folder."""
+    return _split_location(location)[0]
+
+
+def _split_location(location: str) -> tuple[str, str | None]:
+    location = location.rstrip("/")
+    if location.lower().endswith((".csv", ".parquet")):
+        root, _, name = location.rpartition("/")
+        return root, name
+    return location, None
+
+
+def _read_manifest_file(fs: fsspec.AbstractFileSystem, base: str, location: str, captions_only: bool) -> pl.DataFrame:
+    name = location.rsplit("/", 1)[-1]
     with fs.open(f"{base}/{name}", "rb") as handle:
         frame = pl.read_parquet(handle) if name.endswith(".parquet") else pl.read_csv(handle, infer_schema_length=0)
     required = ("path", "caption") if captions_only else REQUIRED_COLUMNS
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise ManifestError(f"{root}/{name} lacks column(s) {missing}; required {list(required)}, optional {list(OPTIONAL_COLUMNS)}")
+        raise ManifestError(f"{location} lacks column(s) {missing}; required {list(required)}, optional {list(OPTIONAL_COLUMNS)}")
     if captions_only:
         frame = frame.with_columns(pl.col("caption").alias("label"))
     for column in OPTIONAL_COLUMNS:

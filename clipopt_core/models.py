@@ -33,6 +33,7 @@ STARTER = "starter"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "open_clip_config.json"
 SIDECAR_FILE = "clipopt.json"
+RANDOM_INIT_SEED = 0
 
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -77,21 +78,37 @@ class ClipBundle:
     def embed_dim(self) -> int:
         return int(self.model_cfg["embed_dim"])
 
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [T, L'] with trailing all-padding columns cut for Hugging Face text towers.
+
+        HF towers mask padding (attention mask from ``pad_token_id``, mean pooling over the
+        mask), so the cut is exact and ~3.5× faster on short captions; open_clip's own text
+        transformer keeps its fixed context length.
+        """
+        tokens = self.tokenizer(texts)
+        pad_id = getattr(getattr(getattr(self.model, "text", None), "config", None), "pad_token_id", None)
+        if pad_id is None or tokens.numel() == 0:
+            return tokens
+        used = (tokens != pad_id).any(dim=0).nonzero()
+        return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
+
 
 def load_model(spec: ModelSpec, *, cache_dir: Path, device: str | torch.device = "cpu") -> ClipBundle:
     """Load ``spec`` onto ``device`` in eval mode, failing fast with a clear error offline."""
     name, pretrained = _resolve(spec, cache_dir)
     model_cfg = _model_cfg(name)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name,
-            pretrained=pretrained,
-            force_image_size=spec.image_size,
-            pretrained_text=False,
-            pretrained_image=False,
-            weights_only=True,
-            device=device,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)  # a random-init model is the same model at every load
+            model, _, _ = open_clip.create_model_and_transforms(
+                name,
+                pretrained=pretrained,
+                force_image_size=spec.image_size,
+                pretrained_text=False,
+                pretrained_image=False,
+                weights_only=True,
+                device=device,
+            )
     except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/UnpicklingError
         raise ModelUnavailableError(f"cannot load model {spec}: {type(exc).__name__}: {exc}") from exc
     preprocess_cfg = model.visual.preprocess_cfg

@@ -121,7 +121,9 @@ class RetrievalTask:
 
     def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[Any]:
         sampler = EpochBatches(len(self.dataset), config.batch_size, config.seed, epoch, start_step)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate)
+        # own generator: creating the loader must not draw from the global RNG (resumed runs would diverge)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate,
+                            generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
         return loader
 
     def train_mode(self) -> None:
@@ -204,7 +206,7 @@ class RealignTask:
     def loss(self, batch: tuple[torch.Tensor, list[str]]) -> tuple[torch.Tensor, dict[str, float]]:
         image_embeddings, captions = batch
         device = next(self.bundle.model.parameters()).device
-        text = self.bundle.model.encode_text(self.bundle.tokenizer(captions).to(device))
+        text = self.bundle.model.encode_text(self.bundle.tokenize(captions).to(device))
         loss = self.infonce(image_embeddings.to(device), text)
         return loss, {"logit_scale": float(self.infonce.effective_scale().detach())}
 

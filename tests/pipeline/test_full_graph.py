@@ -1,0 +1,56 @@
+"""Materialise every asset (and run every check) in-process on tiny data with the tiny model."""
+import json
+
+import dagster as dg
+import polars as pl
+
+from clipopt_core.report import VARIANTS
+from clipopt_core.storage import ArtifactStore
+from clipopt_dagster.definitions import defs
+from tests.pipeline.conftest import tiny_resources, tiny_run_config
+
+
+def test_full_graph_materialises_with_reports(tmp_path, shapes_source, caption_source, all_assets):
+    result = dg.materialize(all_assets, resources=tiny_resources(tmp_path, shapes_source, caption_source),
+                            run_config=tiny_run_config())
+    assert result.success
+    materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+    expected = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert materialised == expected
+
+    store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
+    report = store.read_parquet("reports/evaluation.parquet")
+    assert report["variant"].to_list() == list(VARIANTS)
+    for column in ("i2i_map", "knn_top1", "zs_top1", "t2i_r1", "t2i_r5", "t2i_r10", "delta_i2i_map"):
+        assert report[column].is_not_null().all(), column
+    assert report.filter(pl.col("variant") == "baseline")["delta_i2i_map"][0] == 0.0
+    assert store.read_bytes("reports/teaser.png")[:4] == b"\x89PNG"
+    assert store.read_bytes("reports/gallery.png")[:4] == b"\x89PNG"
+    assert store.list_temp_objects() == []
+
+    report_meta = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    assert "| mcip_realign |" in report_meta["report"].value
+    assert report_meta["teaser"].value.startswith("![I2I vs T2I](data:image/png;base64,")
+
+    checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+    assert set(checks) == {"manifest_valid", "alignment_preserved", "retrieval_improved", "index_recall"}
+    assert checks["manifest_valid"] and checks["index_recall"] and checks["alignment_preserved"]
+
+    info = json.loads(store.read_bytes("serving/index.json"))
+    embeddings = store.read_parquet("serving/embeddings.parquet")
+    assert info["count"] == embeddings.height == store.read_parquet("data/manifest.parquet").height
+    sidecar = json.loads((tmp_path / "cache" / "checkpoints" / "realigned_mcip" / "clipopt.json").read_text())
+    assert sidecar["stage"] == "realigned_mcip" and sidecar["base_model"]["name"].startswith("local-dir:")
+
+
+def test_failed_blocking_check_keeps_the_index_unpublished(tmp_path, shapes_source, caption_source, all_assets):
+    """Serving the baseline cannot beat the baseline: retrieval_improved fails and blocks embeddings + index."""
+    config = tiny_run_config(evaluation_report={"config": {"templates": "short", "serve_variant": "baseline"}})
+    result = dg.materialize(all_assets, resources=tiny_resources(tmp_path, shapes_source, caption_source),
+                            run_config=config, raise_on_error=False)
+    assert not result.success
+    materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+    assert "evaluation_report" in materialised
+    assert not {"gallery_embeddings", "faiss_index"} & materialised
+    store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
+    assert not store.exists("serving/index.faiss")
