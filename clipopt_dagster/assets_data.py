@@ -9,7 +9,8 @@ from clipopt_core import manifest as mf
 from clipopt_core.models import load_model
 from clipopt_core.pipeline import caption_pool, frame_hash, mine_captions
 from clipopt_core.captions import similarity_histogram
-from clipopt_dagster._helpers import GPU_POOL, Keys, base_spec, md_table
+from clipopt_core.layout import Keys, base_spec
+from clipopt_dagster._helpers import GPU_POOL, md_table
 from clipopt_dagster.configs import BaseModelConfig, MiningSettings, SplitConfig
 from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource, DataSourceResource
 

@@ -13,19 +13,11 @@ from clipopt_core.embed import embed_images
 from clipopt_core.evaluation import evaluate_model
 from clipopt_core.models import load_model
 from clipopt_core.report import gallery_image, report_frame, teaser_plot, to_markdown
-from clipopt_dagster._helpers import GPU_POOL, Keys, base_spec, md_table, png_markdown, stage_spec
+from clipopt_core.layout import VARIANT_MODELS, Keys, variant_spec
+from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_training import mcip_encoder, realigned_2sft, realigned_mcip, retrieval_encoder
 from clipopt_dagster.configs import EvalSettings, IndexSettings
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource
-
-VARIANT_ASSETS = {"stage1": "retrieval_encoder", "2sft": "realigned_2sft", "mcip": "mcip_encoder",
-                  "mcip_realign": "realigned_mcip"}
-
-
-def variant_spec(artifacts, variant: str, compute: ComputeResource):
-    base = base_spec(artifacts)
-    return base if variant == "baseline" else stage_spec(artifacts, VARIANT_ASSETS[variant], compute.cache, base.image_size)
-
 
 @dg.asset(group_name="evaluation", deps=[retrieval_encoder, realigned_2sft, mcip_encoder, realigned_mcip],
           code_version="1", pool=GPU_POOL, kinds={"pytorch", "duckdb"})
@@ -36,9 +28,9 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     artifacts = store.store()
     test = artifacts.read_parquet(Keys.splits).filter(pl.col("split") == "test")
     metrics, embeddings, per_source = {}, {}, {}
-    for variant in ("baseline", *VARIANT_ASSETS):
+    for variant in ("baseline", *VARIANT_MODELS):
         started = time.perf_counter()
-        bundle = load_model(variant_spec(artifacts, variant, compute), cache_dir=compute.cache, device=compute.device)
+        bundle = load_model(variant_spec(artifacts, variant, compute.cache), cache_dir=compute.cache, device=compute.device)
         result = evaluate_model(bundle, test, config.core(), device=compute.device)
         metrics[variant], embeddings[variant], per_source[variant] = result.metrics, result.image_embeddings, result.per_source
         context.log.info(f"{variant}: {result.metrics} ({time.perf_counter() - started:.1f}s)")
@@ -75,7 +67,7 @@ def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResour
     artifacts = store.store()
     variant = artifacts.read_json(Keys.report_json)["serve_variant"]
     manifest = artifacts.read_parquet(Keys.manifest)
-    bundle = load_model(variant_spec(artifacts, variant, compute), cache_dir=compute.cache, device=compute.device)
+    bundle = load_model(variant_spec(artifacts, variant, compute.cache), cache_dir=compute.cache, device=compute.device)
     vectors = embed_images(bundle, manifest["uri"].to_list(), device=compute.device)
     frame = manifest.select("image_id", "uri", "label", "caption", "source").with_columns(
         pl.Series("embedding", vectors.numpy(), dtype=pl.Array(pl.Float32, vectors.shape[1])))

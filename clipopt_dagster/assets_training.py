@@ -5,7 +5,8 @@ import polars as pl
 
 from clipopt_core.models import ModelSpec
 from clipopt_core.pipeline import StageOutput, config_hash, realign_pairs, train_realign, train_retrieval
-from clipopt_dagster._helpers import GPU_POOL, TRAINING_RETRY, Keys, base_spec, md_table, stage_spec, step_logger
+from clipopt_core.layout import Keys, base_spec, stage_spec
+from clipopt_dagster._helpers import GPU_POOL, TRAINING_RETRY, md_table, step_logger
 from clipopt_dagster.assets_data import base_model, caption_corpus, image_splits, pseudo_captions
 from clipopt_dagster.configs import McipSettings, RealignSettings, RetrievalSettings
 from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from clipopt_dagster._helpers import Keys
+from clipopt_core.layout import Keys
 from clipopt_dagster.assets_data import image_manifest
 from clipopt_dagster.assets_serving import evaluation_report, faiss_index
 from clipopt_dagster.resources import ArtifactStoreResource

@@ -1,0 +1,119 @@
+"""``clipopt`` command line: the same core code as the Dagster assets, without Dagster.
+
+Commands:
+  clipopt train --stage {retrieval,mcip,realign} --config run.json   train one stage
+  clipopt search --store URL (--image PATH | --text "…") [-k 10]     query the served index
+  clipopt report [--store URL]                                        print the latest evaluation report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def default_store_url() -> str:
+    cache = os.environ.get("CLIPOPT_CACHE", str(Path.home() / ".cache" / "clipopt"))
+    return os.environ.get("CLIPOPT_ARTIFACTS", f"file://{cache}/artifacts")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clipopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train one stage from a JSON config (see README)")
+    train.add_argument("--stage", choices=("retrieval", "mcip", "realign"), required=True)
+    train.add_argument("--config", type=Path, required=True)
+    search = commands.add_parser("search", help="query the served faiss index")
+    search.add_argument("--store", default=default_store_url())
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", help="path or URL of a query image")
+    query.add_argument("--text", help="a text query")
+    search.add_argument("-k", type=int, default=10)
+    report = commands.add_parser("report", help="print the latest evaluation report")
+    report.add_argument("--store", default=default_store_url())
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            print(json.dumps(run_train(args.stage, json.loads(args.config.read_text())), indent=2))
+        elif args.command == "search":
+            for hit in run_search(args.store, image=args.image, text=args.text, k=args.k):
+                print(json.dumps(hit))
+        else:
+            print(run_report(args.store))
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"clipopt {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Train ``stage`` as ``config`` says; returns the checkpoint folder and the fit summary.
+
+    Config keys: ``model`` ({name, pretrained, image_size}), ``splits`` (parquet with uri,
+    label, caption, split, image_id), ``work_dir``, ``cache_dir``, ``train`` (TrainConfig
+    fields), stage fields (RetrievalConfig / RealignConfig), and for MCIP
+    ``pseudo_captions`` (parquet), for realign ``pairs`` (parquet with uri, caption).
+    """
+    import polars as pl
+    from tqdm import tqdm
+
+    from clipopt_core import pipeline
+    from clipopt_core.models import ModelSpec
+    from clipopt_core.stages import RealignConfig, RetrievalConfig
+    from clipopt_core.training import TrainConfig
+
+    spec = ModelSpec(**config["model"])
+    splits = pl.read_parquet(config["splits"])
+    work_dir, cache_dir = Path(config["work_dir"]), Path(config.get("cache_dir", Path.home() / ".cache" / "clipopt"))
+    train_config = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in config.get("train", {}).items()})
+    options = config.get("stage_options", {})
+    bar = tqdm(desc=f"{stage}", unit="step")
+
+    def _log(event: dict[str, float]) -> None:
+        if "val_score" in event:
+            bar.set_postfix(val=f"{event['val_score']:.4f}")
+        else:
+            bar.update(1)
+            bar.set_postfix(loss=f"{event['loss']:.4f}")
+
+    if stage == "realign":
+        output = pipeline.train_realign(spec, pl.read_parquet(config["pairs"]), splits.filter(pl.col("split") == "val"),
+                                        RealignConfig(train=train_config, **options), work_dir, cache_dir=cache_dir,
+                                        stage=stage, log=_log)
+    else:
+        captions = pl.read_parquet(config["pseudo_captions"]) if stage == "mcip" else None
+        options = {"mc_weight": 0.25, **options} if stage == "mcip" else options
+        output = pipeline.train_retrieval(spec, splits, RetrievalConfig(train=train_config, **options), work_dir,
+                                          cache_dir=cache_dir, stage=stage, pseudo_captions=captions, log=_log)
+    bar.close()
+    return {"checkpoint": str(output.checkpoint), "best_val_score": output.fit.best_score,
+            "best_step": output.fit.best_step, "steps": output.fit.steps, "seconds": round(output.fit.seconds, 1)}
+
+
+def run_search(store_url: str, *, image: str | None = None, text: str | None = None, k: int = 10) -> list[dict[str, Any]]:
+    """Top-``k`` gallery images for an image or text query, using the served variant's model and index."""
+    from clipopt_core.serving import SearchService
+    from clipopt_core.storage import ArtifactStore
+
+    service = SearchService.from_store(ArtifactStore(store_url))
+    return service.search_image(image, k) if image else service.search_text(text or "", k)
+
+
+def run_report(store_url: str) -> str:
+    from clipopt_core.storage import ArtifactStore
+
+    store = ArtifactStore(store_url)
+    if not store.exists("reports/evaluation.md"):
+        raise FileNotFoundError(f"no evaluation report in {store_url}; materialise evaluation_report first")
+    return (f"Evaluation report: {store.url('reports/evaluation.md')}\n"
+            f"Teaser plot:       {store.url('reports/teaser.png')}\n"
+            f"Gallery:           {store.url('reports/gallery.png')}\n\n" + store.read_bytes("reports/evaluation.md").decode())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

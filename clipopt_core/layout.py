@@ -1,0 +1,55 @@
+"""Where each artifact lives in the artifact store (shared by the CLI and the Dagster assets)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipopt_core.models import ModelSpec, checkpoint_spec
+from clipopt_core.storage import ArtifactStore
+
+VARIANT_MODELS = {"stage1": "retrieval_encoder", "2sft": "realigned_2sft", "mcip": "mcip_encoder",
+                  "mcip_realign": "realigned_mcip"}
+
+
+class Keys:
+    """Store keys of every artifact."""
+
+    listing = "data/raw_images.parquet"
+    manifest = "data/manifest.parquet"
+    rejected = "data/rejected.parquet"
+    splits = "data/splits.parquet"
+    caption_pairs = "data/caption_pairs.parquet"
+    caption_pool = "data/caption_pool.parquet"
+    base_model = "models/base/spec.json"
+    pseudo_captions = "captions/pseudo_captions.parquet"
+    report = "reports/evaluation.parquet"
+    report_json = "reports/evaluation.json"
+    report_md = "reports/evaluation.md"
+    teaser = "reports/teaser.png"
+    gallery = "reports/gallery.png"
+    embeddings = "serving/embeddings.parquet"
+    index = "serving/index.faiss"
+    index_info = "serving/index.json"
+
+    @staticmethod
+    def model(name: str) -> str:
+        return f"models/{name}"
+
+
+def base_spec(store: ArtifactStore) -> ModelSpec:
+    """The base model recorded by the ``base_model`` step."""
+    return ModelSpec(**store.read_json(Keys.base_model)["spec"])
+
+
+def stage_spec(store: ArtifactStore, name: str, cache: Path, image_size: int | None) -> ModelSpec:
+    """Download the checkpoint folder of stage ``name`` (skipped when cached, same hashes) and return its spec."""
+    return checkpoint_spec(store.get_dir(Keys.model(name), cache / "checkpoints" / name), image_size)
+
+
+def variant_spec(store: ArtifactStore, variant: str, cache: Path) -> ModelSpec:
+    """Spec of a report variant: ``baseline`` or one of :data:`VARIANT_MODELS`."""
+    base = base_spec(store)
+    if variant == "baseline":
+        return base
+    if variant not in VARIANT_MODELS:
+        raise ValueError(f"unknown variant {variant!r}; one of baseline, {', '.join(VARIANT_MODELS)}")
+    return stage_spec(store, VARIANT_MODELS[variant], cache, base.image_size)

@@ -1,0 +1,60 @@
+"""Search the served index: one embedding per image answers image and text queries."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from clipopt_core import index as index_lib
+from clipopt_core.data import eval_transform, load_image
+from clipopt_core.embed import embed_texts
+from clipopt_core.layout import Keys, variant_spec
+from clipopt_core.models import ClipBundle, load_model
+from clipopt_core.storage import ArtifactStore
+
+
+@dataclass
+class SearchService:
+    bundle: ClipBundle
+    index: Any
+    metadata: pl.DataFrame  # row i ↔ faiss id i: image_id, uri, label, caption, source
+    variant: str
+
+    @classmethod
+    def from_store(cls, store: ArtifactStore, cache_dir: Path | None = None) -> "SearchService":
+        """Load the served variant's model, the index (validated against its info) and the id table."""
+        cache = cache_dir or Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
+        for key in (Keys.report_json, Keys.index, Keys.index_info, Keys.embeddings):
+            if not store.exists(key):
+                raise FileNotFoundError(f"{store.url(key)} is missing; materialise faiss_index first")
+        variant = store.read_json(Keys.report_json)["serve_variant"]
+        info = store.read_json(Keys.index_info)
+        index = index_lib.deserialize_index(store.read_bytes(Keys.index), expected_dim=info["dim"],
+                                            expected_count=info["count"])
+        metadata = store.read_parquet(Keys.embeddings).drop("embedding")
+        if metadata.height != index.ntotal:
+            raise ValueError(f"index holds {index.ntotal} vectors but the id table {metadata.height} rows; rebuild faiss_index")
+        bundle = load_model(variant_spec(store, variant, cache), cache_dir=cache)
+        return cls(bundle, index, metadata, variant)
+
+    def search_vector(self, query: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """query float32 [D] normalised → up to k hits {rank, score, image_id, uri, label, caption, source}."""
+        scores, ids = index_lib.search(self.index, query.reshape(1, -1).astype(np.float32), k)
+        return [{"rank": rank, "score": float(score), **self.metadata.row(int(row), named=True)}
+                for rank, (score, row) in enumerate(zip(scores[0], ids[0])) if row >= 0]
+
+    def search_text(self, text: str, k: int = 10) -> list[dict[str, Any]]:
+        return self.search_vector(embed_texts(self.bundle, [text])[0].numpy(), k)
+
+    def search_image(self, uri: str, k: int = 10) -> list[dict[str, Any]]:
+        import torch
+        import torch.nn.functional as F
+
+        transform = eval_transform(self.bundle.image_size, self.bundle.mean, self.bundle.std, self.bundle.interpolation)
+        with torch.inference_mode():
+            vector = F.normalize(self.bundle.model.encode_image(transform(load_image(uri)).unsqueeze(0)).float(), dim=-1)
+        return self.search_vector(vector[0].numpy(), k)
