@@ -1,7 +1,6 @@
 """Evaluation report over every variant, then embeddings and a faiss index for the served variant."""
 
 import time
-import uuid
 
 import dagster as dg
 import numpy as np
@@ -35,7 +34,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
         metrics[variant], embeddings[variant], per_source[variant] = result.metrics, result.image_embeddings, result.per_source
         context.log.info(f"{variant}: {result.metrics} ({time.perf_counter() - started:.1f}s)")
     frame = report_frame(metrics)
-    run_id = context.run_id or uuid.uuid4().hex
+    run_id = context.run.run_id
     artifacts.write_parquet(Keys.report, frame)
     artifacts.write_json(Keys.report_json, {"run_id": run_id, "metrics": metrics, "per_source_i2i_map": per_source,
                                             "serve_variant": config.serve_variant,

@@ -1,0 +1,99 @@
+"""The `clipopt` CLI against a store filled by a real materialisation of the whole graph."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+
+from clipopt_core import cli
+from clipopt_core.models import ModelSpec, load_model
+from clipopt_core.storage import ArtifactStore
+from clipopt_dagster.definitions import ASSET_CHECKS, ASSETS
+from tests.pipeline.conftest import tiny_resources, tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def filled_store(tmp_path_factory, shapes_source, caption_source):
+    tmp = tmp_path_factory.mktemp("cli")
+    result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=tiny_resources(tmp, shapes_source, caption_source),
+                            run_config=tiny_run_config())
+    assert result.success
+    return tmp, f"file://{tmp / 'artifacts'}"
+
+
+def test_report_prints_every_variant(filled_store, capsys, monkeypatch):
+    _, url = filled_store
+    assert cli.main(["report", "--store", url]) == 0
+    out = capsys.readouterr().out
+    assert "reports/evaluation.md" in out and "reports/teaser.png" in out
+    for variant in ("baseline", "stage1", "2sft", "mcip", "mcip_realign"):
+        assert f"| {variant} |" in out
+
+
+def test_search_by_image_finds_itself_first(filled_store, monkeypatch):
+    tmp, url = filled_store
+    monkeypatch.setenv("CLIPOPT_CACHE", str(tmp / "cache"))
+    manifest = ArtifactStore(url).read_parquet("data/manifest.parquet")
+    query = manifest.row(5, named=True)
+    hits = cli.run_search(url, image=query["uri"], k=3)
+    assert len(hits) == 3 and hits[0]["image_id"] == query["image_id"]
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4) and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+
+def test_search_by_text_returns_ranked_hits_with_metadata(filled_store, monkeypatch):
+    tmp, url = filled_store
+    monkeypatch.setenv("CLIPOPT_CACHE", str(tmp / "cache"))
+    hits = cli.run_search(url, text="a red circle", k=4)
+    assert [hit["rank"] for hit in hits] == [0, 1, 2, 3]
+    assert {"image_id", "uri", "label", "caption", "source", "score"} <= set(hits[0])
+
+
+def test_search_without_index_names_the_missing_artifact(tmp_path, capsys):
+    assert cli.main(["search", "--store", f"file://{tmp_path}", "--text", "x"]) == 2
+    assert "materialise faiss_index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["retrieval", "mcip", "realign"])
+def test_train_command_runs_each_stage_and_exports_a_loadable_checkpoint(filled_store, tmp_path, stage):
+    tmp, url = filled_store
+    store = ArtifactStore(url)
+    splits = tmp_path / "splits.parquet"
+    store.read_parquet("data/splits.parquet").write_parquet(splits)
+    config = {"model": {"name": "clipopt-tiny"}, "splits": str(splits), "work_dir": str(tmp_path / "run"),
+              "cache_dir": str(tmp / "cache"),
+              "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32", "eval_every_steps": 2}}
+    if stage == "mcip":
+        config["pseudo_captions"] = str(tmp_path / "pseudo.parquet")
+        store.read_parquet("captions/pseudo_captions.parquet").write_parquet(config["pseudo_captions"])
+    if stage == "realign":
+        config["pairs"] = str(tmp_path / "pairs.parquet")
+        store.read_parquet("data/caption_pairs.parquet").write_parquet(config["pairs"])
+        config["stage_options"] = {"last_blocks": 1}
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    completed = subprocess.run([sys.executable, "-m", "clipopt_core.cli", "train", "--stage", stage, "--config",
+                                str(tmp_path / "run.json")], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads(completed.stdout)
+    assert summary["steps"] >= 1
+    checkpoint = Path(summary["checkpoint"])
+    sidecar = json.loads((checkpoint / "clipopt.json").read_text())
+    assert sidecar["stage"] == stage
+    trained = load_model(ModelSpec(f"local-dir:{checkpoint}"), cache_dir=tmp / "cache").model
+    base = load_model(ModelSpec("clipopt-tiny"), cache_dir=tmp / "cache").model
+    changed = {name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
+    assert changed and (all(n.startswith("visual.") for n in changed) if stage != "realign"
+                        else not any(n.startswith("visual.") for n in changed))
+
+
+def test_train_command_reports_unknown_model_with_close_matches(filled_store, tmp_path, capsys):
+    _, url = filled_store
+    splits = tmp_path / "splits.parquet"
+    ArtifactStore(url).read_parquet("data/splits.parquet").write_parquet(splits)
+    (tmp_path / "run.json").write_text(json.dumps({"model": {"name": "ViT-B-23"}, "splits": str(splits),
+                                                   "work_dir": str(tmp_path / "run")}))
+    assert cli.main(["train", "--stage", "retrieval", "--config", str(tmp_path / "run.json")]) == 2
+    error = capsys.readouterr().err
+    assert "unknown model name 'ViT-B-23'" in error and "ViT-B-32" in error
