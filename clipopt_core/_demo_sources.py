@@ -28,7 +28,8 @@ OPENMOJI_SIDE = 72
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SKIP_EMOJI_CATEGORIES = frozenset({"Component"})  # skin-tone swatches, hair components
 _SKIP_EMOJI_SUBCATEGORIES = frozenset({"country-flag", "subdivision-flag"})  # near-identical across vendors
-_TUX_STYLE_DIRS = frozenset({"cartoon", "toys", "plastic", "filled", "outlined", "lowercase", "uppercase", "coins", "00_symbols"})
+_TUX_STYLE_DIRS = frozenset({"cartoon", "toys", "plastic", "filled", "outlined", "lowercase", "uppercase", "coins",
+                             "00_symbols"})  # style/format folders, merged into their parent class
 _TUX_CATEGORIES = {"naturalforces": "natural forces"}
 _TUX_LABELS = {  # reduced directory (style folders removed) -> class name, where the generic rule reads badly
     "animals/mammals/aquatic": "sea mammal", "clothes": "clothing", "hobbies/music/brass": "musical instrument",
@@ -318,7 +319,8 @@ def _write_emoji(chosen: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str
             src, rel = files.get(emoji.key), f"emoji/{source}/{emoji.key.lower()}.png"
             if src is None:
                 continue
-            stored = _render_svg(src, image_root / rel, OPENMOJI_SIDE) if src.suffix == ".svg" else _store_png(src, image_root / rel)
+            dst = image_root / rel
+            stored = _render_svg(src, dst, OPENMOJI_SIDE) if src.suffix == ".svg" else _store_png(src, dst)
             if stored:
                 rows.append({"path": rel, "label": emoji.label, "caption": emoji.label,
                              "category": emoji.subcategory, "source": source})

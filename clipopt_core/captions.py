@@ -52,6 +52,7 @@ def top_k_chunked(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
     for start in range(0, text_embeddings.shape[0], chunk_size):
         sims = image_embeddings @ text_embeddings[start:start + chunk_size].T  # [N, chunk]
         scores, ids = sims.topk(min(k, sims.shape[1]), dim=1)
+        del sims  # else the next chunk's product is allocated while this one is alive: 2x the bound
         merged_scores = torch.cat([best_scores, scores], dim=1)
         merged_ids = torch.cat([best_ids, ids + start], dim=1)
         best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)

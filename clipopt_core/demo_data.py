@@ -180,6 +180,8 @@ def _extract_deb(dpkg_deb: str, deb: Path, dest: Path, keep: Callable[[str], boo
                     if member.isfile() and keep(member.name.removeprefix("./")):
                         tar.extract(member, dest, filter="data")
                         count += 1
+            while proc.stdout.read(1 << 20):  # drain the end-of-archive padding so dpkg-deb exits cleanly
+                pass
         except (tarfile.TarError, OSError, EOFError) as exc:
             failure = exc
         finally:

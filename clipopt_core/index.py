@@ -54,7 +54,7 @@ class IndexSpec:
     kind: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
     memory_budget_bytes: int = 8 * 2**30
     nlist: int | None = None
-    nprobe: int | None = None
+    nprobe: int | None = None  # IVF nprobe; for HNSW a fixed efSearch
     pq_m: int | None = None
     hnsw_m: int = 32
     target_recall: float = 0.95
@@ -118,10 +118,12 @@ def _drop_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
 
 
 def _overlap(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean fraction of each exact neighbour row ``[Q, k]`` found in the approximate row."""
+    """Fraction of the exact neighbours ``[Q, k]`` found in the approximate rows (1.0 if none exist)."""
     valid = exact >= 0
+    if not valid.any():
+        return 1.0
     hit = ((approx[:, :, None] == exact[:, None, :]) & (approx[:, :, None] >= 0)).any(axis=1) & valid
-    return float(hit.sum() / max(1, valid.sum()))
+    return float(hit.sum() / valid.sum())
 
 
 def _recall(index: faiss.Index, vectors: np.ndarray, qids: np.ndarray, exact: np.ndarray, k: int) -> float:
@@ -135,8 +137,11 @@ def recall_at_k_vs_exact(
     """Recall@k of ``index`` against exact inner-product search over ``vectors [N, D]``.
 
     ``sample`` query rows are drawn (seeded) from ``vectors``; each query's own id is excluded
-    from both neighbour lists. Returns the mean fraction of the exact top-k that is retrieved.
+    from both neighbour lists. Returns the fraction of the exact top-k that is retrieved
+    (1.0 when there is nothing to retrieve, e.g. a single vector or ``k=0``).
     """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
     _ensure_threads()
     vectors = _as_f32(vectors, index.d)
     rng = np.random.default_rng(seed)
@@ -181,6 +186,8 @@ def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec(), *, seed: int
     n, dim = vectors.shape
     if n == 0:
         raise ValueError("cannot build an index over zero vectors")
+    if not 0 < spec.target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {spec.target_recall}")
     kind = choose_index_kind(n, dim, spec)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -194,6 +201,8 @@ def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec(), *, seed: int
         nlist = spec.nlist or _auto_nlist(n)
         if not 1 <= nlist <= n:
             raise ValueError(f"nlist must be in [1, N={n}], got {nlist}")
+        if spec.nprobe is not None and not 1 <= spec.nprobe <= nlist:
+            raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {spec.nprobe}")
         if kind == "ivf_flat":
             factory, train_size = f"IVF{nlist},Flat", min(n, 256 * nlist)
         else:
@@ -208,6 +217,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec(), *, seed: int
         ivf.cp.spherical = True  # centroids on the sphere: right for inner product on unit vectors
         if kind == "ivf_pq":
             ivf.pq.cp.seed = seed
+            ivf.do_polysemous_training = False  # factory default; costly and unused by IVF-PQ search
         perm = rng.permutation(n)
         index.train(vectors[np.sort(perm[:train_size])])
         index.add(vectors)
@@ -231,7 +241,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec(), *, seed: int
         raise ValueError(f"unknown index kind {kind!r}")
 
     if kind != "flat":
-        fixed = spec.nprobe if kind != "hnsw" else None
+        fixed = spec.nprobe
         qids = np.sort(rng.choice(qids_pool, size=min(_TUNE_QUERIES, len(qids_pool)), replace=False))
         exact = _exact_neighbours(vectors, qids, _TUNE_K)
 

@@ -3,8 +3,9 @@
 All functions take torch tensors and compute on the tensors' device. Queries are
 processed in chunks of ``chunk_size`` rows, so the largest temporary is a
 ``[chunk_size, N]`` similarity block (never ``[N, N]``). The full-ranking metric
-(:func:`image_to_image_map`) needs a sort of that block; its peak memory is about
-``30 * chunk_size * N`` bytes, so lower ``chunk_size`` for very large ``N``.
+(:func:`image_to_image_map`) needs a full sort of that block; its peak memory is about
+``16-24 * chunk_size * N`` bytes (1.6-2.4 GB at N=100k, chunk 1024), so lower ``chunk_size``
+for very large ``N``. The top-k metrics need about a third of that.
 
 Ranking and ties
 ----------------
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,15 +69,20 @@ def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` per row of ``sims [B, N]`` with ties broken by the smallest column index.
 
     Returns ``(values [B, k], indices [B, k])`` ordered by (similarity desc, index asc).
-    ``torch.topk`` alone does not specify which tied element wins, so only its k-th value
-    is used; the selection itself is rebuilt deterministically.
+    ``torch.topk`` does not specify which of several tied elements it keeps, so rows where a
+    tie straddles the k-th place are re-selected deterministically; all rows are then put in
+    canonical order.
     """
-    kth = sims.topk(k, dim=1).values[:, -1:]
-    gt = sims > kth
+    vals, idx = sims.topk(k, dim=1)
+    kth = vals[:, -1:]
     eq = sims == kth
-    need = k - gt.sum(dim=1, keepdim=True)
-    take = gt | (eq & (eq.cumsum(dim=1) <= need))
-    idx = take.nonzero()[:, 1].view(-1, k)  # row-major: ascending column index per row
+    straddle = (eq.sum(dim=1) != (vals == kth).sum(dim=1)).nonzero()[:, 0]
+    if straddle.numel():
+        sub, eq_sub = sims[straddle], eq[straddle]
+        need = k - (sub > kth[straddle]).sum(dim=1, keepdim=True)
+        take = (sub > kth[straddle]) | (eq_sub & (eq_sub.cumsum(dim=1) <= need))
+        idx[straddle] = take.nonzero()[:, 1].view(-1, k)  # row-major: ascending column per row
+    idx = idx.sort(dim=1).values  # ascending index, then a stable sort by value
     vals = sims.gather(1, idx)
     order = torch.sort(vals, dim=1, descending=True, stable=True).indices
     return vals.gather(1, order), idx.gather(1, order)
@@ -149,8 +156,8 @@ def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size
         rows = torch.arange(s, e, device=x.device)
         sims = x[s:e] @ x.T
         sims[rows - s, rows] = float("-inf")
-        _, idx = _stable_topk(sims, 1)
-        hit = (inv[idx[:, 0]] == inv[s:e]) & valid[s:e]
+        nearest = sims.argmax(dim=1)  # torch.argmax returns the first (smallest-index) maximum
+        hit = (inv[nearest] == inv[s:e]) & valid[s:e]
         hits += int(hit.sum())
     used = int(valid.sum())
     return hits / used if used else float("nan")
@@ -305,7 +312,8 @@ def per_source(
         raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
     out: dict[str, float] = {}
     labels = torch.as_tensor(labels)
-    for src in sorted(set(sources)):
-        mask = torch.tensor([s == src for s in sources], dtype=torch.bool)
+    src_arr = np.asarray(list(sources), dtype=object)
+    for src in sorted(set(src_arr.tolist())):
+        mask = torch.from_numpy(src_arr == src)
         out[src] = metric_fn(embeddings[mask.to(embeddings.device)], labels[mask.to(labels.device)], **kw)
     return out

@@ -130,8 +130,8 @@ def export_checkpoint(bundle: ClipBundle, folder: Path, sidecar: dict[str, Any])
     """Write ``bundle.model`` as a ``local-dir:`` folder plain open_clip loads.
 
     Contents: ``open_clip_config.json`` (model + preprocess config), ``open_clip_model.safetensors``
-    (full state dict, contiguous CPU tensors) and ``clipopt.json`` (base model, stage,
-    hyper-parameters, data hash, metrics). Written to a temp folder, then renamed.
+    (full state dict, contiguous CPU tensors), the tokenizer files for Hugging Face text towers
+    and ``clipopt.json`` (base model, stage, hyper-parameters, data hash, metrics). Written to a temp folder, then renamed.
     For built-in names the safetensors file also loads with
     ``open_clip.create_model_and_transforms(name, pretrained=file)``.
     """
@@ -149,6 +149,8 @@ def export_checkpoint(bundle: ClipBundle, folder: Path, sidecar: dict[str, Any])
         },
     }
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    if hasattr(bundle.tokenizer, "save_pretrained"):  # HF tokenizers: open_clip reads them from the folder itself
+        bundle.tokenizer.save_pretrained(str(staging))
     state = {key: value.detach().to("cpu").contiguous() for key, value in bundle.model.state_dict().items()}
     save_file(state, str(staging / WEIGHTS_FILE))
     base = {"base_model": asdict(bundle.spec), "open_clip_name": bundle.open_clip_name}

@@ -23,6 +23,13 @@ import polars as pl
 
 COMPLETE_MARKER = "_COMPLETE.json"
 
+try:  # s3fs surfaces unreachable endpoints as botocore errors, which are not OSErrors
+    from botocore.exceptions import BotoCoreError as _BotoCoreError
+
+    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, _BotoCoreError)
+except ImportError:  # pragma: no cover - botocore comes with s3fs
+    _TRANSPORT_ERRORS = (OSError, TimeoutError)
+
 
 class StorageError(RuntimeError):
     """Raised when the artifact store cannot be reached or holds an invalid artifact."""
@@ -184,7 +191,7 @@ class ArtifactStore:
             return operation()
         except FileNotFoundError as exc:
             raise StorageError(f"{action} {self.url(key)}: not found") from exc
-        except (OSError, TimeoutError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise StorageError(
                 f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}. "
                 "Check that the artifact store is reachable and the credentials are right."

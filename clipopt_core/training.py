@@ -35,7 +35,8 @@ class TrainConfig:
 
     ``lr`` is the tower learning rate; each task scales its other groups from it (proxies 100×).
     ``eval_every_steps`` and ``checkpoint_every_steps`` count optimizer steps.
-    ``patience`` counts evaluations without improvement. ``precision`` is ``fp32``, ``bf16`` or
+    ``patience`` counts evaluations without improvement; ``validate_at_start`` scores the starting
+    weights first, so a run that only makes things worse returns the starting weights. ``precision`` is ``fp32``, ``bf16`` or
     ``fp16`` (autocast; fp16 uses a gradient scaler); reduced precision is used on CUDA only.
     """
 
@@ -54,6 +55,7 @@ class TrainConfig:
     patience: int = 50
     checkpoint_every_steps: int = 100
     max_steps: int | None = None
+    validate_at_start: bool = True
 
 
 class TrainTask(Protocol):
@@ -113,6 +115,8 @@ def fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.d
     state = _State()
     if (work_dir / LAST_DIR / "state.json").exists():
         state = _load_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler)
+    elif config.validate_at_start and total_steps > 0:
+        _validate(task, state, config, work_dir, log)  # the starting weights compete for "best" too
     params = [p for group in optimizer.param_groups for p in group["params"]]
     while state.step < total_steps and not state.stopped_early:
         epoch, step_in_epoch = divmod(state.step, steps_per_epoch)

@@ -38,7 +38,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     artifacts.write_parquet(Keys.report, frame)
     artifacts.write_json(Keys.report_json, {"run_id": run_id, "metrics": metrics, "per_source_i2i_map": per_source,
                                             "serve_variant": config.serve_variant,
-                                            "alignment_tolerance": config.alignment_tolerance, "test_images": test.height})
+                                            "alignment_tolerance": config.alignment_tolerance,
+                                            "min_i2i_gain": config.min_i2i_gain, "test_images": test.height})
     markdown = to_markdown(frame)
     artifacts.write_bytes(Keys.report_md, markdown.encode())
     teaser = teaser_plot(frame)

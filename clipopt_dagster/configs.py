@@ -66,6 +66,7 @@ class _TrainSettings(dg.Config):
     eval_every_steps: int = Field(default=50, ge=1)
     patience: int = Field(default=50, ge=1)
     checkpoint_every_steps: int = Field(default=100, ge=1)
+    validate_at_start: bool = True
 
     def train(self, **overrides: object) -> TrainConfig:
         fields = {name: getattr(self, name) for name in _TrainSettings.model_fields}
@@ -111,11 +112,17 @@ class RealignSettings(_TrainSettings):
 
 
 class EvalSettings(dg.Config):
-    """``templates``: ``openai80`` (OpenAI's ImageNet prompts) or ``short`` (3 prompts; faster on CPU)."""
+    """Report settings and the thresholds of its checks.
+
+    ``templates``: ``openai80`` (OpenAI's ImageNet prompts) or ``short`` (3 prompts; faster on CPU).
+    ``alignment_tolerance``: how far T2I R@5 / zero-shot top-1 may fall below the baseline.
+    ``min_i2i_gain``: the served variant's I2I mAP must exceed the baseline's by more than this.
+    """
 
     templates: Literal["openai80", "short"] = "openai80"
     serve_variant: Literal["baseline", "stage1", "2sft", "mcip", "mcip_realign"] = "mcip_realign"
     alignment_tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
+    min_i2i_gain: float = Field(default=0.0, ge=-1.0, le=1.0)
 
     def core(self) -> EvalConfig:
         return EvalConfig(templates=OPENAI_TEMPLATES if self.templates == "openai80" else SHORT_TEMPLATES)

@@ -64,7 +64,8 @@ def test_train_command_runs_each_stage_and_exports_a_loadable_checkpoint(filled_
     store.read_parquet("data/splits.parquet").write_parquet(splits)
     config = {"model": {"name": "clipopt-tiny"}, "splits": str(splits), "work_dir": str(tmp_path / "run"),
               "cache_dir": str(tmp / "cache"),
-              "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32", "eval_every_steps": 2}}
+              "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32", "eval_every_steps": 2,
+                        "validate_at_start": False}}
     if stage == "mcip":
         config["pseudo_captions"] = str(tmp_path / "pseudo.parquet")
         store.read_parquet("captions/pseudo_captions.parquet").write_parquet(config["pseudo_captions"])

@@ -84,7 +84,8 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def one_step(tiny: float = 1e-2, **overrides: Any) -> TrainConfig:
     """Config for exactly one optimizer step (no weight decay so untouched tensors cannot drift)."""
     settings = dict(epochs=1, batch_size=8, lr=tiny, lr_floor=0.0, weight_decay=0.0, precision="fp32",
-                    max_steps=1, eval_every_steps=1000, checkpoint_every_steps=1000, grad_clip=1e9)
+                    max_steps=1, eval_every_steps=1000, checkpoint_every_steps=1000, grad_clip=1e9,
+                    validate_at_start=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -168,7 +169,8 @@ class ToyTask:
 
 def toy_config(**overrides: Any) -> TrainConfig:
     settings = dict(epochs=1, batch_size=1, lr=0.1, lr_floor=0.1, weight_decay=0.0, precision="fp32",
-                    eval_every_steps=1000, checkpoint_every_steps=1000, grad_clip=1e6, max_steps=1)
+                    eval_every_steps=1000, checkpoint_every_steps=1000, grad_clip=1e6, max_steps=1,
+                    validate_at_start=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -262,7 +264,7 @@ def test_retrieval_resume_is_bit_identical(tmp_path: Path, shapes_rows: pl.DataF
     assert result_c.steps == result_a.steps
     assert (result_c.best_step, result_c.best_score) == (result_a.best_step, result_a.best_score)
     assert result_c.history == result_a.history
-    assert [e["step"] for e in result_a.history] == [3, 6, 9, 12]
+    assert [e["step"] for e in result_a.history] == [0, 3, 6, 9, 12]  # step 0 scores the starting weights
     # the resumed steps log exactly the losses / LRs / grad norms of the uninterrupted run
     assert resumed_events == [e for e in full_events if e["step"] >= 5]
     _assert_same_tensors(load_file(str(tmp_path / "a" / LAST_DIR / "modules.safetensors")),

@@ -1,0 +1,249 @@
+"""Unit tests for clipopt_core.losses, checked against values computed with plain python math."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipopt_core.losses import (
+    ArcMarginLoss,
+    MultiCaptionArcMarginLoss,
+    SymmetricInfoNCE,
+    arc_margin_logits,
+)
+
+S, M = 30.0, 0.1
+
+
+def unit(angle: float) -> list[float]:
+    return [math.cos(angle), math.sin(angle)]
+
+
+def vecs(*angles: float) -> torch.Tensor:
+    return torch.tensor([unit(a) for a in angles], dtype=torch.float64)
+
+
+def margin_ref(c: float, m: float) -> float:
+    """ArcFace margin on one target cosine, plain math."""
+    if c > math.cos(math.pi - m):
+        return math.cos(math.acos(c) + m)
+    return c - m * math.sin(math.pi - m)
+
+
+def log_softmax_ref(z: list[float]) -> list[float]:
+    mx = max(z)
+    lse = mx + math.log(sum(math.exp(v - mx) for v in z))
+    return [v - lse for v in z]
+
+
+# ---------------------------------------------------------------- arc_margin_logits / ArcMarginLoss
+
+
+@pytest.mark.parametrize("m", [0.1, 0.5])
+def test_arc_margin_logits_both_branches(m: float) -> None:
+    thr = math.cos(math.pi - m)
+    cos = torch.tensor([0.9, 0.2, thr + 1e-3, thr - 1e-3, -0.9999, 0.3], dtype=torch.float64)
+    mask = torch.tensor([True, True, True, True, True, False])
+    out = arc_margin_logits(cos, mask, m)
+    expected = [margin_ref(c, m) for c in cos[:5].tolist()] + [0.3]
+    assert out.tolist() == pytest.approx(expected, abs=1e-12)
+    # the two branches really are the two formulas
+    assert out[0].item() == pytest.approx(math.cos(math.acos(0.9) + m), abs=1e-12)
+    assert out[3].item() == pytest.approx(thr - 1e-3 - m * math.sin(math.pi - m), abs=1e-12)
+
+
+def test_arc_margin_logits_finite_grad_at_extremes() -> None:
+    cos = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([True, True, False, False])
+    out = arc_margin_logits(cos, mask, M)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(cos.grad).all()
+
+
+def _fixed_arc(m: float = M, s: float = S) -> ArcMarginLoss:
+    loss = ArcMarginLoss(embed_dim=2, num_classes=2, scale=s, margin=m).double()
+    with torch.no_grad():
+        loss.proxies.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0]]))  # normalised inside -> e_x, e_y
+    return loss
+
+
+def test_arc_margin_zero_margin_is_plain_ce() -> None:
+    torch.manual_seed(0)
+    loss = ArcMarginLoss(embed_dim=16, num_classes=7, scale=S, margin=0.0)
+    x = torch.randn(12, 16)
+    y = torch.randint(0, 7, (12,))
+    cos = F.normalize(x, dim=-1) @ F.normalize(loss.proxies, dim=-1).t()
+    assert torch.equal(loss(x, y), F.cross_entropy(S * cos, y))
+
+
+@pytest.mark.parametrize(
+    "theta,m",
+    [(0.4, 0.1), (1.2, 0.1), (3.1, 0.1), (2.0, 0.5), (2.8, 0.5)],  # 3.1 / 2.8: below cos(pi - m)
+)
+def test_arc_margin_target_logit_hand_computed(theta: float, m: float) -> None:
+    loss = _fixed_arc(m)
+    c0 = math.cos(theta)  # cosine to proxy 0 (the target)
+    c1 = math.cos(math.pi / 2 - theta)  # cosine to proxy 1
+    if theta in (3.1, 2.8):
+        assert c0 < math.cos(math.pi - m)
+        target = c0 - m * math.sin(math.pi - m)
+    else:
+        assert c0 > math.cos(math.pi - m)
+        target = math.cos(theta + m)
+    expected = -log_softmax_ref([S * target, S * c1])[0]
+    got = loss(vecs(theta) * 5.0, torch.tensor([0]))
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_arc_margin_finite_grad_when_embedding_is_plus_minus_proxy(sign: float) -> None:
+    loss = ArcMarginLoss(embed_dim=8, num_classes=3)
+    x = (sign * loss.proxies.detach()[[0, 1, 2]] * 3.0).clone().requires_grad_(True)
+    out = loss(x, torch.tensor([0, 1, 2]))
+    out.backward()
+    assert torch.isfinite(out)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(loss.proxies.grad).all()
+
+
+def test_arc_margin_proxies_xavier_uniform() -> None:
+    torch.manual_seed(0)
+    c, d = 50, 30
+    loss = ArcMarginLoss(embed_dim=d, num_classes=c)
+    bound = math.sqrt(6.0 / (c + d))
+    assert loss.proxies.shape == (c, d) and loss.proxies.requires_grad
+    assert loss.proxies.abs().max().item() <= bound
+    assert loss.proxies.abs().max().item() > 0.9 * bound  # actually spans the range
+    assert abs(loss.proxies.mean().item()) < 0.05 * bound
+
+
+def test_arc_margin_loss_decreases_towards_own_proxy() -> None:
+    torch.manual_seed(1)
+    loss = ArcMarginLoss(embed_dim=32, num_classes=10).double()
+    y = torch.arange(10)
+    start = torch.randn(10, 32, dtype=torch.float64)
+    goal = F.normalize(loss.proxies.detach(), dim=-1) * start.norm(dim=-1, keepdim=True)
+    vals = [loss((1 - t) * start + t * goal, y).item() for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert all(a > b for a, b in zip(vals, vals[1:])), vals
+
+
+# ---------------------------------------------------------------- MultiCaptionArcMarginLoss
+
+IMG_ANGLES = (0.0, 0.6)
+CAP_ANGLES = (0.3, -0.5, 0.4)  # captions 0, 1 belong to image 0; caption 2 to image 1
+CAP_OWNER = (0, 0, 1)
+
+
+def mc_ref(w: float) -> float:
+    """Expected MC loss in plain math for the fixed batch above."""
+    total = 0.0
+    for i, a in enumerate(IMG_ANGLES):
+        own = [o == i for o in CAP_OWNER]
+        z = [S * (margin_ref(math.cos(a - b), M) if o else math.cos(a - b)) for b, o in zip(CAP_ANGLES, own)]
+        lp = log_softmax_ref(z)
+        n = sum(own)
+        li = -sum(lp[k] / n for k in range(3) if own[k])
+        li += w * max(-math.log(1.0 - math.exp(lp[k])) for k in range(3) if not own[k])
+        total += li
+    return total / len(IMG_ANGLES)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.1])
+def test_mc_hand_computed(w: float) -> None:
+    mc = MultiCaptionArcMarginLoss(scale=S, margin=M, max_negative_weight=w)
+    got = mc(vecs(*IMG_ANGLES) * 2.0, vecs(*CAP_ANGLES) * 0.5, torch.tensor(CAP_OWNER))
+    assert got.item() == pytest.approx(mc_ref(w), rel=1e-10)
+
+
+def test_mc_max_negative_switch_adds_exact_term() -> None:
+    args = (vecs(*IMG_ANGLES), vecs(*CAP_ANGLES), torch.tensor(CAP_OWNER))
+    on = MultiCaptionArcMarginLoss(max_negative_weight=0.1)(*args).item()
+    off = MultiCaptionArcMarginLoss(max_negative_weight=0.0)(*args).item()
+    assert on - off == pytest.approx(mc_ref(0.1) - mc_ref(0.0), rel=1e-10)
+    assert on > off
+
+
+def test_mc_extra_term_pushes_hardest_negative_down() -> None:
+    img = vecs(*IMG_ANGLES).requires_grad_(True)
+    caps = vecs(*CAP_ANGLES)
+    mc_on = MultiCaptionArcMarginLoss(max_negative_weight=0.1)
+    mc_off = MultiCaptionArcMarginLoss(max_negative_weight=0.0)
+    g_on = torch.autograd.grad(mc_on(img, caps, torch.tensor(CAP_OWNER)), img)[0]
+    g_off = torch.autograd.grad(mc_off(img, caps, torch.tensor(CAP_OWNER)), img)[0]
+    # descent direction of the extra term for image 0 reduces its similarity to its negative (caption 2)
+    delta = -(g_on - g_off)[0]
+    assert torch.dot(delta, caps[2]).item() < 0
+
+
+def test_mc_image_without_captions_contributes_nothing() -> None:
+    mc = MultiCaptionArcMarginLoss()
+    caps = vecs(*CAP_ANGLES)
+    base = mc(vecs(*IMG_ANGLES), caps, torch.tensor(CAP_OWNER))
+    with_empty = mc(vecs(IMG_ANGLES[0], 2.5, IMG_ANGLES[1]), caps, torch.tensor([0, 0, 2]))
+    assert with_empty.item() == pytest.approx(base.item(), rel=1e-12)
+
+
+def test_mc_single_captioned_image_has_no_negative_term() -> None:
+    img, caps, owner = vecs(0.0, 1.0), vecs(0.3, -0.5), torch.tensor([0, 0])
+    on = MultiCaptionArcMarginLoss(max_negative_weight=0.1)(img, caps, owner)
+    off = MultiCaptionArcMarginLoss(max_negative_weight=0.0)(img, caps, owner)
+    assert torch.isfinite(on) and on.item() == pytest.approx(off.item(), rel=1e-12)
+
+
+def test_mc_all_empty_batch_is_zero_with_graph() -> None:
+    img = torch.randn(4, 8, requires_grad=True)
+    caps = torch.randn(0, 8)
+    out = MultiCaptionArcMarginLoss()(img, caps, torch.zeros(0, dtype=torch.long))
+    assert out.item() == 0.0 and out.requires_grad
+    out.backward()
+    assert img.grad is not None and torch.isfinite(img.grad).all() and (img.grad == 0).all()
+
+
+# ---------------------------------------------------------------- SymmetricInfoNCE
+
+
+def infonce_ref(img_angles: tuple[float, ...], txt_angles: tuple[float, ...], scale: float) -> float:
+    b = len(img_angles)
+    z = [[scale * math.cos(a - t) for t in txt_angles] for a in img_angles]
+    i2t = -sum(log_softmax_ref(z[i])[i] for i in range(b)) / b
+    t2i = -sum(log_softmax_ref([z[r][j] for r in range(b)])[j] for j in range(b)) / b
+    return 0.5 * (i2t + t2i)
+
+
+IMG2, TXT2 = (0.0, 1.5), (0.2, 1.1)
+
+
+def test_infonce_hand_computed_b2() -> None:
+    loss = SymmetricInfoNCE().double()
+    scale = loss.effective_scale().item()  # parameter was created in float32
+    assert scale == pytest.approx(1 / 0.07, rel=1e-6)
+    got = loss(vecs(*IMG2) * 3.0, vecs(*TXT2) * 0.7)
+    assert got.item() == pytest.approx(infonce_ref(IMG2, TXT2, scale), rel=1e-10)
+
+
+def test_infonce_logit_scale_clamped() -> None:
+    loss = SymmetricInfoNCE().double()
+    with torch.no_grad():
+        loss.logit_scale.fill_(math.log(1000.0))
+    assert loss.effective_scale().item() == pytest.approx(100.0, rel=1e-12)
+    got = loss(vecs(*IMG2), vecs(*TXT2))
+    assert got.item() == pytest.approx(infonce_ref(IMG2, TXT2, 100.0), rel=1e-10)
+    got.backward()
+    assert loss.logit_scale.grad.item() == 0.0  # clamped: no gradient pushes it further
+
+
+def test_infonce_learnable_scale_param() -> None:
+    loss = SymmetricInfoNCE(init_logit_scale=0.5)
+    assert isinstance(loss.logit_scale, torch.nn.Parameter) and loss.logit_scale.item() == 0.5
+    loss(torch.randn(4, 6), torch.randn(4, 6)).backward()
+    assert loss.logit_scale.grad is not None and loss.logit_scale.grad.item() != 0.0
+
+
+def test_infonce_symmetric() -> None:
+    torch.manual_seed(0)
+    loss = SymmetricInfoNCE().double()
+    a, b = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    assert loss(a, b).item() == pytest.approx(loss(b, a).item(), rel=1e-12)
