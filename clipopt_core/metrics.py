@@ -20,7 +20,7 @@ index (smallest label value for kNN).
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,17 @@ def _prep(embeddings: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Ten
 def _check_chunk(chunk_size: int) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _similarities_without_self(x: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(start, end, sims [end-start, N])`` query chunks of ``x @ x.T`` with each query's own column at -inf."""
+    n = x.shape[0]
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        rows = torch.arange(start, end, device=x.device)
+        sims = x[start:end] @ x.T
+        sims[rows - start, rows] = float("-inf")
+        yield start, end, sims
 
 
 def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -151,11 +162,7 @@ def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size
     _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     valid = counts[inv] > 1
     hits = 0
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        rows = torch.arange(s, e, device=x.device)
-        sims = x[s:e] @ x.T
-        sims[rows - s, rows] = float("-inf")
+    for s, e, sims in _similarities_without_self(x, chunk_size):
         nearest = sims.argmax(dim=1)  # torch.argmax returns the first (smallest-index) maximum
         hit = (inv[nearest] == inv[s:e]) & valid[s:e]
         hits += int(hit.sum())
@@ -184,11 +191,7 @@ def knn_accuracy(
     _, inv = torch.unique(y, return_inverse=True)  # class index = rank of the sorted label
     n_cls = int(inv.max()) + 1
     correct = 0
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        rows = torch.arange(s, e, device=x.device)
-        sims = x[s:e] @ x.T
-        sims[rows - s, rows] = float("-inf")
+    for s, e, sims in _similarities_without_self(x, chunk_size):
         vals, idx = _stable_topk(sims, k_eff)
         vals = vals.double()
         # subtracting the row max rescales all weights of a row equally: argmax unchanged, no overflow

@@ -93,26 +93,12 @@ class ArtifactStore:
 
     def write_bytes(self, key: str, data: bytes) -> str:
         """Publish ``data`` at ``key`` atomically; returns its SHA-256."""
-        final = self.path(key)
-        temp = f"{final}.tmp-{uuid.uuid4().hex}"
-        def _write() -> None:
-            if self.is_local:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-            self.fs.pipe_file(temp, data)
-            self._publish(temp, final)
-        self._call("write", key, _write)
+        self._publish_atomically("write", key, lambda temp: self.fs.pipe_file(temp, data))
         return sha256_bytes(data)
 
     def put_file(self, local: Path, key: str) -> str:
         """Upload a local file to ``key`` atomically; returns its SHA-256."""
-        final = self.path(key)
-        temp = f"{final}.tmp-{uuid.uuid4().hex}"
-        def _put() -> None:
-            if self.is_local:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-            self.fs.put_file(str(local), temp)
-            self._publish(temp, final)
-        self._call("upload", key, _put)
+        self._publish_atomically("upload", key, lambda temp: self.fs.put_file(str(local), temp))
         return sha256_file(local)
 
     def write_json(self, key: str, payload: Any) -> str:
@@ -179,6 +165,19 @@ class ArtifactStore:
         return [path for path in self.fs.find(base) if ".tmp-" in path.rsplit("/", 1)[-1]]
 
     # -- internals --------------------------------------------------------
+    def _publish_atomically(self, action: str, key: str, write_temp: Any) -> None:
+        """Run ``write_temp(temp_path)`` on a run-unique temp key, then move it onto ``key``."""
+        final = self.path(key)
+        temp = f"{final}.tmp-{uuid.uuid4().hex}"
+
+        def _write_and_publish() -> None:
+            if self.is_local:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+            write_temp(temp)
+            self._publish(temp, final)
+
+        self._call(action, key, _write_and_publish)
+
     def _publish(self, temp: str, final: str) -> None:
         if self.is_local:
             os.replace(temp, final)
