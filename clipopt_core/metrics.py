@@ -158,7 +158,6 @@ def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size
     """
     _check_chunk(chunk_size)
     x, y = _prep(embeddings, labels)
-    n = x.shape[0]
     _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     valid = counts[inv] > 1
     hits = 0

@@ -218,6 +218,7 @@ def test_ui_asset_graph_and_materialise_from_the_asset_page(dagster_dev, page):
     page.goto(f"{dagster_dev.base_url}/assets")
     for name in ("raw_images", "retrieval_encoder", "evaluation_report", "faiss_index"):
         expect(page.locator(f'a[href="/assets/{name}"]').first).to_contain_text(name)
+    expect(page.get_by_text("Loading...")).to_have_count(0)
     shot(page, "02_asset_catalog")
 
     page.goto(f"{dagster_dev.base_url}/assets/raw_images")
