@@ -35,13 +35,23 @@ def new_images_sensor(context: dg.SensorEvaluationContext, sources: DataSourceRe
                       compute: ComputeResource) -> dg.SensorResult | dg.SkipReason:
     """Request one retraining run per new state of the image source (added, changed or removed images).
 
-    The cursor holds the last state a run was requested for; the run key is the state's
-    fingerprint, so re-evaluating the same state never launches a duplicate run.
+    The cursor ``<fingerprint>:<n>`` holds the last state a run was requested for and how many
+    runs were requested so far. The same state never requests twice; a state seen before
+    (A → B → A) gets a fresh run key ``images-<fingerprint>-<n>``, so it is retrained too.
     """
     images, _ = sources.resolve(compute.cache, context.log.info)
     fingerprint = mf.source_fingerprint(mf.scan_source(images, sources.images_layout), images)
-    if fingerprint == context.cursor or fingerprint == last_trained_fingerprint(context.instance):
+    previous, requested = _parse_cursor(context.cursor)
+    if fingerprint == previous or (previous is None and fingerprint == last_trained_fingerprint(context.instance)):
         return dg.SkipReason(f"image source unchanged (fingerprint {fingerprint})")
-    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"images-{fingerprint}",
+    count = requested + 1
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"images-{fingerprint}-{count}",
                                                        tags={"clipopt/source_fingerprint": fingerprint})],
-                           cursor=fingerprint)
+                           cursor=f"{fingerprint}:{count}")
+
+
+def _parse_cursor(cursor: str | None) -> tuple[str | None, int]:
+    if not cursor:
+        return None, 0
+    fingerprint, _, count = cursor.rpartition(":")
+    return (fingerprint, int(count)) if fingerprint and count.isdigit() else (cursor, 0)

@@ -36,6 +36,10 @@ def test_full_graph_materialises_with_reports(tmp_path, shapes_source, caption_s
     assert set(checks) == {"manifest_valid", "alignment_preserved", "retrieval_improved", "index_recall"}
     assert all(checks.values()), checks
 
+    weights = {name: result.asset_materializations_for_node(name)[0].metadata["weights_sha256"].value
+               for name in ("retrieval_encoder", "realigned_2sft", "mcip_encoder", "realigned_mcip")}
+    assert len(set(weights.values())) == 4, weights  # every stage trained something of its own
+
     info = json.loads(store.read_bytes("serving/index.json"))
     embeddings = store.read_parquet("serving/embeddings.parquet")
     assert info["count"] == embeddings.height == store.read_parquet("data/manifest.parquet").height

@@ -135,8 +135,8 @@ def test_new_images_sensor_requests_once_per_source_state(tmp_path):
     first = _sensor_tick(instance, None, resources)
     assert len(first.run_requests) == 1 and first.skip_message is None
     run_key = first.run_requests[0].run_key
-    assert run_key and first.cursor and run_key == f"images-{first.cursor}"
-    assert first.run_requests[0].tags["clipopt/source_fingerprint"] == first.cursor
+    fingerprint = first.run_requests[0].tags["clipopt/source_fingerprint"]
+    assert first.cursor == f"{fingerprint}:1" and run_key == f"images-{fingerprint}-1"
 
     again = _sensor_tick(instance, first.cursor, resources)
     assert again.run_requests == [] and "unchanged" in again.skip_message
@@ -159,9 +159,6 @@ def test_new_images_sensor_requests_once_per_source_state(tmp_path):
     assert removed.run_requests[0].run_key not in (run_key, changed.run_requests[0].run_key)
 
 
-@pytest.mark.xfail(strict=True, reason="product issue: the run key is the bare source fingerprint, so a source that "
-                   "reverts to a state seen before (A → B → A) re-uses A's run key and the sensor daemon drops the "
-                   "request as a duplicate: the models trained on B stay in place")
 def test_new_images_sensor_retrains_when_the_source_reverts(tmp_path):
     source = write_shapes_source(tmp_path / "shapes", per_class=2)
     resources = {"sources": DataSourceResource(images=str(source), captions=None),
@@ -183,7 +180,7 @@ def test_new_images_sensor_skips_the_state_already_trained_on(tmp_path):
     resources = {"sources": DataSourceResource(images=str(source), captions=None),
                  "compute": ComputeResource(cache_dir=str(tmp_path / "cache"))}
     instance = dg.DagsterInstance.ephemeral()
-    fingerprint = _sensor_tick(instance, None, resources).cursor
+    fingerprint = _sensor_tick(instance, None, resources).run_requests[0].tags["clipopt/source_fingerprint"]
     instance.report_runless_asset_event(
         dg.AssetMaterialization("raw_images", tags={"dagster/data_version": fingerprint}))
     tick = _sensor_tick(instance, None, resources)
