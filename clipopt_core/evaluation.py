@@ -65,7 +65,7 @@ def evaluate_model(bundle: ClipBundle, split: pl.DataFrame, config: EvalConfig =
     results.update(metrics.group_means(results))
     by_source = {}
     if config.per_source and split["source"].n_unique() > 1:
-        by_source = metrics.per_source(metrics.image_to_image_map, images, labels, split["source"].to_list())
+        by_source = metrics.map_by_query_source(images, labels, split["source"].to_list())
     return EvalResult(results, images, by_source)
 
 

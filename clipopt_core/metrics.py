@@ -298,24 +298,23 @@ def group_means(
     return out
 
 
-def per_source(
-    metric_fn: Callable[..., float],
-    embeddings: Tensor,
-    labels: Tensor,
-    sources: Sequence[str],
-    **kw,
+def map_by_query_source(
+    embeddings: Tensor, labels: Tensor, sources: Sequence[str], *, include_query: bool = True, chunk_size: int = 1024
 ) -> dict[str, float]:
-    """Run an image→image metric separately within each source subset.
+    """Per-domain I2I mAP (GPR1200 style): each query ranks the *whole* set, APs averaged by the query's source.
 
-    ``embeddings [N, D]``, ``labels [N]``, ``sources`` length N. Returns ``{source: value}``
-    in sorted source order; extra keyword arguments go to ``metric_fn``.
+    ``embeddings [N, D]``, ``labels [N]``, ``sources`` length N. Ranking within a source alone
+    would be meaningless when a source holds one image per class (one emoji vendor), so the
+    breakdown averages the global per-query APs. Returns ``{source: mAP}`` in sorted order;
+    ``nan`` for a source whose queries are all skipped.
     """
     if len(sources) != embeddings.shape[0]:
         raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
-    out: dict[str, float] = {}
-    labels = torch.as_tensor(labels)
+    ap = _per_query_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size).cpu()
     src_arr = np.asarray(list(sources), dtype=object)
+    out: dict[str, float] = {}
     for src in sorted(set(src_arr.tolist())):
-        mask = torch.from_numpy(src_arr == src)
-        out[src] = metric_fn(embeddings[mask.to(embeddings.device)], labels[mask.to(labels.device)], **kw)
+        values = ap[torch.from_numpy(src_arr == src)]
+        values = values[~values.isnan()]
+        out[src] = float(values.mean()) if len(values) else float("nan")
     return out

@@ -8,6 +8,9 @@ export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster_home}
 mkdir -p "$DAGSTER_HOME" && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
 start=$(date +%s)
-.venv/bin/dagster asset materialize -m clipopt_dagster.definitions --select '*' -c configs/demo.yaml
-echo "demo finished in $(( $(date +%s) - start )) s"
+status=0
+.venv/bin/dagster asset materialize -m clipopt_dagster.definitions --select '*' -c configs/demo.yaml || status=$?
+echo "demo finished in $(( $(date +%s) - start )) s (exit status $status)"
+# The report is printed even when a blocking check failed (the index is then not published).
 .venv/bin/clipopt report
+exit $status

@@ -15,7 +15,7 @@ from clipopt_core.metrics import (
     image_to_image_map,
     image_to_image_recall_at_1,
     knn_accuracy,
-    per_source,
+    map_by_query_source,
     text_to_image_recall,
     zero_shot_accuracy,
 )
@@ -205,14 +205,26 @@ def test_group_means_ignores_nan_and_missing():
     assert set(out) == {"i2i_mean", "knn_mean", "zs_mean", "t2i_mean", "overall_mean"}
 
 
-def test_per_source_runs_within_each_subset():
-    x = torch.cat([unit(0, 10, 30, 90), unit(0, 10, 30, 90)])
-    y = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1])
-    src = ["a"] * 4 + ["b"] * 4
-    out = per_source(image_to_image_map, x, y, src, include_query=False)
+def test_map_by_query_source_averages_global_aps_per_source():
+    # the hand-computed case above: per-query APs (query excluded) 1/2, 1/3, 1/2, 1/2
+    x, y = unit(0, 10, 30, 90), torch.tensor([0, 1, 0, 1])
+    out = map_by_query_source(x, y, ["a", "b", "a", "b"], include_query=False)
     assert list(out) == ["a", "b"]
-    assert out["a"] == pytest.approx(11 / 24)  # same as the hand-computed case above
-    assert out["b"] == pytest.approx(image_to_image_map(x[4:], y[4:], include_query=False))
+    assert out["a"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert out["b"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_map_by_query_source_ranks_against_the_whole_set():
+    # one image per class in each source (like one emoji vendor): within-source ranking would be trivial
+    x, y = unit(0, 90, 5, 80), torch.tensor([0, 1, 0, 1])
+    out = map_by_query_source(x, y, ["google", "google", "twitter", "twitter"], include_query=False)
+    assert out == {"google": pytest.approx(1.0), "twitter": pytest.approx(1.0)}
+    # angles 0, 90, 80, 5 with labels 0, 1, 0, 1:
+    # q0 (0°): 5°(1), 80°(0), 90°(1) -> relevant at rank 2: 1/2;  q1 (90°): 80°(0), 5°(1) -> rank 2: 1/2
+    # q2 (80°): 90°(1), 5°(1), 0°(0) -> rank 3: 1/3;             q3 (5°): 0°(0), 80°(0), 90°(1) -> rank 3: 1/3
+    shuffled = map_by_query_source(unit(0, 90, 80, 5), y, ["google", "google", "twitter", "twitter"],
+                                   include_query=False)
+    assert shuffled["google"] == pytest.approx(1 / 2) and shuffled["twitter"] == pytest.approx(1 / 3)
 
 
 def test_stable_topk_matches_stable_sort_with_many_ties():
