@@ -37,8 +37,11 @@ def dedupe_texts(texts: list[str]) -> list[str]:
 
 
 def top_k_chunked(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, k: int,
-                  chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k texts per image over a text pool scanned in chunks.
+                  chunk_size: int = 65536, image_chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k texts per image over a text pool, both sides scanned in chunks.
+
+    Peak memory is one ``image_chunk_size × chunk_size`` float32 block (1 GiB at the
+    defaults) plus the running top-k, whatever the number of images and texts.
 
     Args:
         image_embeddings: [N, D] normalised.
@@ -46,11 +49,21 @@ def top_k_chunked(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
     Returns:
         scores [N, k'] descending and text ids [N, k'] (k' = min(k, T)).
     """
-    k = min(k, text_embeddings.shape[0])
-    best_scores = torch.full((image_embeddings.shape[0], 0), float("-inf"))
-    best_ids = torch.zeros((image_embeddings.shape[0], 0), dtype=torch.long)
-    for start in range(0, text_embeddings.shape[0], chunk_size):
-        sims = image_embeddings @ text_embeddings[start:start + chunk_size].T  # [N, chunk]
+    parts = [_top_k_over_texts(image_embeddings[start:start + image_chunk_size], text_embeddings, k, chunk_size)
+             for start in range(0, image_embeddings.shape[0], image_chunk_size)]
+    if not parts:
+        k = min(k, text_embeddings.shape[0])
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+    return torch.cat([scores for scores, _ in parts]), torch.cat([ids for _, ids in parts])
+
+
+def _top_k_over_texts(images: torch.Tensor, texts: torch.Tensor, k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of one image block [n, D] against all texts [T, D], merging text chunks as they come."""
+    k = min(k, texts.shape[0])
+    best_scores = torch.full((images.shape[0], 0), float("-inf"))
+    best_ids = torch.zeros((images.shape[0], 0), dtype=torch.long)
+    for start in range(0, texts.shape[0], chunk_size):
+        sims = images @ texts[start:start + chunk_size].T  # [n, chunk]
         scores, ids = sims.topk(min(k, sims.shape[1]), dim=1)
         del sims  # else the next chunk's product is allocated while this one is alive: 2x the bound
         merged_scores = torch.cat([best_scores, scores], dim=1)

@@ -131,17 +131,17 @@ def test_put_dir_reseals_a_replaced_folder(store: ArtifactStore, tmp_path: Path)
 
 # ------------------------------------------------------------------ top-k and mining
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 10_000])
-def test_top_k_chunked_matches_full_topk(chunk: int):
+@pytest.mark.parametrize("chunk, image_chunk", [(1, 4096), (3, 2), (7, 1), (10_000, 4)])
+def test_top_k_chunked_matches_full_topk(chunk: int, image_chunk: int):
     generator = torch.Generator().manual_seed(0)
     images = F.normalize(torch.randn(9, 16, generator=generator), dim=-1)
     texts = F.normalize(torch.randn(50, 16, generator=generator), dim=-1)
-    scores, ids = top_k_chunked(images, texts, 5, chunk_size=chunk)
+    scores, ids = top_k_chunked(images, texts, 5, chunk_size=chunk, image_chunk_size=image_chunk)
     full_scores, full_ids = (images @ texts.T).topk(5, dim=1)
     assert torch.equal(ids, full_ids)
     torch.testing.assert_close(scores, full_scores, rtol=0, atol=1e-6)
     # k larger than the pool: every text, sorted
-    scores, ids = top_k_chunked(images, texts[:4], 20, chunk_size=chunk)
+    scores, ids = top_k_chunked(images, texts[:4], 20, chunk_size=chunk, image_chunk_size=image_chunk)
     assert ids.shape == (9, 4)
     assert torch.equal(ids, (images @ texts[:4].T).argsort(dim=1, descending=True))
 

@@ -1,0 +1,176 @@
+"""Stage-1 and MCIP training-step cost against a bare torch loop, and data-loader throughput.
+
+    python benchmarks/train_step.py                      # starter model, 112 px, batch 32 (CPU)
+    python benchmarks/train_step.py --device cuda --batch 256 --image-size 224
+    python benchmarks/train_step.py --smoke              # tiny model, seconds, no targets
+    python benchmarks/train_step.py --images DIR         # a real image source instead of drawn shapes
+
+Without data loading (pre-made tensors, same model, same batch): our step is
+``RetrievalTask.loss`` + ``training._optimizer_step`` exactly as ``fit`` runs it (param groups,
+cosine LR, autocast, clipping); the reference is a bare loop: ``encode_image`` + the same loss
+module(s) + backward + AdamW (MCIP: caption rows and owners pre-built). Ratio = our seconds /
+bare seconds (1.0 = no overhead).
+With data loading: the real ``DataLoader`` of ``RetrievalTask.batches`` over image files
+(train transform) for each ``--workers`` value: loader-only images/s and end-to-end
+(loader + step) images/s, both divided by the model-only images/s. Target: >= 0.9.
+Medians of ``--repeats`` timed steps after ``--warmup`` untimed ones. Never asserts timing.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import _bench as B
+import torch
+from torch import nn
+
+from clipopt_core.data import ImageDataset, train_transform
+from clipopt_core.losses import ArcMarginLoss, MultiCaptionArcMarginLoss
+from clipopt_core.stages import RetrievalConfig, RetrievalTask
+from clipopt_core.training import TrainConfig
+
+
+def synthetic(args, dim: int):
+    """Pre-made batch + MCIP captions: images [B,3,S,S], labels, indices, caption table, ownership."""
+    g = torch.Generator().manual_seed(0)
+    size = args.image_size_resolved
+    images = torch.randn(args.batch, 3, size, size, generator=g).to(args.device)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=g)
+    captions = nn.functional.normalize(torch.randn(args.caption_pool, dim, generator=g), dim=-1)
+    counts = torch.randint(0, 21, (args.batch,), generator=g).tolist()  # 0-20 captions per image (METHOD.md)
+    captions_of = [torch.randint(0, args.caption_pool, (n,), generator=g).tolist() for n in counts]
+    return images, labels, torch.arange(args.batch), captions, captions_of
+
+
+def retrieval_config(args, mcip: bool, workers: int = 0) -> RetrievalConfig:
+    train = TrainConfig(batch_size=args.batch, precision=args.precision)
+    return RetrievalConfig(train=train, mc_weight=0.25 if mcip else 0.0, num_workers=workers)
+
+
+def bare_step(args, bundle, dim: int, mcip: bool, data):
+    """The reference: plain torch, no clipopt training code; same trainable set, modes and loss modules."""
+    images, labels, _, captions, captions_of = data
+    model, device = bundle.model, args.device
+    bn = [m for m in model.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    frozen = {id(p) for m in bn for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tower = [p for p in model.visual.parameters() if id(p) not in frozen]
+    for p in tower:
+        p.requires_grad_(True)
+    model.eval()
+    model.visual.train()
+    for m in bn:
+        m.eval()
+    arc = ArcMarginLoss(dim, args.classes).to(device)
+    multi = MultiCaptionArcMarginLoss()
+    optimizer = torch.optim.AdamW([{"params": tower, "lr": 1e-6}, {"params": list(arc.parameters()), "lr": 1e-4}],
+                                  weight_decay=0.01)
+    rows = torch.tensor([r for rs in captions_of for r in rs], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(captions_of)), torch.tensor([len(r) for r in captions_of]))
+    caption_rows, owner, labels = captions[rows].to(device), owner.to(device), labels.to(device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with B.autocast(device, args.precision):
+            features = model.encode_image(images)
+            loss = arc(features, labels)
+            if mcip:
+                loss = 0.75 * loss + 0.25 * multi(features, caption_rows, owner)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def ours_step(args, bundle, mcip: bool, data):
+    images, labels, indices, captions, captions_of = data
+    dataset = ImageDataset([""] * args.batch, labels.tolist(), transform=None)
+    config = retrieval_config(args, mcip)
+    task = RetrievalTask(bundle, dataset, args.classes, config, lambda b: 0.0,
+                         captions if mcip else None, captions_of if mcip else None)
+    task.arc.to(args.device)
+    step = B.fit_stepper(task, config.train, args.device)
+    return lambda: step((images, labels, indices))
+
+
+def loader_rates(args, bundle, uris, labels, workers: int) -> tuple[float, float, float, float]:
+    """(first-batch s, loader-only img/s, end-to-end img/s, model-only img/s measured right after on a
+    pre-made batch with the same step function, so that drift of the shared machine cancels)."""
+    transform = train_transform(bundle.image_size, bundle.mean, bundle.std, bundle.interpolation)
+    dataset = ImageDataset(uris, labels, transform)
+    config = retrieval_config(args, mcip=False, workers=workers)
+    task = RetrievalTask(bundle, dataset, max(labels) + 1, config, lambda b: 0.0)
+    task.arc.to(args.device)
+    rates = []
+    for epoch in range(2):  # epoch 0 warms the decode cache (workers=0) and the allocator
+        stamps = [time.perf_counter()]
+        for _ in task.batches(config.train, epoch, 0):
+            stamps.append(time.perf_counter())
+        rates.append((stamps[1] - stamps[0], (len(stamps) - 2) * args.batch / (stamps[-1] - stamps[1])))
+    step, stamps = B.fit_stepper(task, config.train, args.device), [time.perf_counter()]
+    for batch in task.batches(config.train, 2, 0):
+        step(batch)
+        B.sync(args.device)
+        stamps.append(time.perf_counter())
+    skip = min(args.warmup + 1, len(stamps) - 2)
+    e2e = (len(stamps) - 1 - skip) * args.batch / (stamps[-1] - stamps[skip])
+    model = B.measure(lambda: step(batch), warmup=0, repeats=len(stamps) - 1 - skip, device=args.device)
+    return rates[-1][0], rates[-1][1], e2e, args.batch / B.median(model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = B.parser(__doc__)
+    ap.add_argument("--batch", type=int, default=None, help="images per step (default 32; smoke 8)")
+    ap.add_argument("--classes", type=int, default=100, help="ArcMargin proxies of the synthetic batch")
+    ap.add_argument("--caption-pool", type=int, default=4096, help="MCIP caption rows to draw from")
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="as TrainConfig (CUDA only)")
+    ap.add_argument("--workers", default=None, help="comma-separated DataLoader num_workers (default 0,1,2; smoke 0,1)")
+    ap.add_argument("--images", default=None, help="image source folder or manifest (default: drawn shapes in a temp dir)")
+    args = B.finish_args(ap.parse_args(argv), warmup=2, repeats=5)
+    args.batch = args.batch or (8 if args.smoke else 32)
+    workers = [int(w) for w in (args.workers or ("0,1" if args.smoke else "0,1,2")).split(",")]
+
+    bundle = B.load(args)
+    args.image_size_resolved = bundle.image_size
+    dim = bundle.embed_dim
+    data = synthetic(args, dim)
+    B.header(args, image_px=bundle.image_size, batch=args.batch, classes=args.classes, precision=args.precision, workers=workers)
+
+    rows, seconds = [], {}
+    for name, mcip in (("stage1", False), ("mcip", True)):
+        pair = {"ours": ours_step(args, B.load(args), mcip, data), "bare": bare_step(args, B.load(args), dim, mcip, data)}
+        for kind, times in B.measure_interleaved(pair, warmup=args.warmup, repeats=args.repeats, device=args.device).items():
+            seconds[name, kind] = B.median(times)
+            rows.append((f"{name} {kind}", seconds[name, kind], B.spread(times), args.batch / seconds[name, kind]))
+    print("\n## step without data loading (pre-made tensors)")
+    B.table(["step", "median_s", "min-max_s", "images/s"], rows)
+
+    steps = args.warmup + args.repeats + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.images:
+            uris, labels = B.source_images(args.images)
+        else:
+            uris, labels = B.shapes_images(Path(tmp) / "shapes", steps * args.batch)
+        uris, labels = uris[: steps * args.batch], labels[: steps * args.batch]
+        if len(uris) < 3 * args.batch:
+            raise SystemExit(f"{len(uris)} images: need at least 3 batches of {args.batch}")
+        loader_rows, ratios = [], {}
+        for w in workers:
+            first, loader_ips, e2e_ips, model_ips = loader_rates(args, B.load(args), uris, labels, w)
+            loader_rows.append((f"num_workers={w}", first, loader_ips, e2e_ips, model_ips, loader_ips / model_ips,
+                                e2e_ips / model_ips))
+            ratios[f"loader_vs_model_w{w}"], ratios[f"e2e_vs_model_w{w}"] = loader_ips / model_ips, e2e_ips / model_ips
+    print(f"\n## with data loading ({len(uris)} images from {args.images or 'drawn shapes'}; model-only = same step "
+          "on a pre-made batch, timed right after each end-to-end epoch)")
+    B.table(["loader", "first_batch_s", "loader img/s", "e2e img/s", "model img/s", "loader/model", "e2e/model"],
+            loader_rows)
+    print("targets: stage1/mcip ours/bare ~1.0 (lower is better); loader/model and e2e/model >= 0.9")
+    B.ratio_line(stage1_vs_bare=seconds["stage1", "ours"] / seconds["stage1", "bare"],
+                 mcip_vs_bare=seconds["mcip", "ours"] / seconds["mcip", "bare"], **ratios)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
