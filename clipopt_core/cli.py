@@ -2,8 +2,10 @@
 
 Commands:
   clipopt train --stage {retrieval,mcip,realign} --config run.json   train one stage
+      (data-parallel: torchrun --nproc-per-node N -m clipopt_core.cli train …)
   clipopt search --store URL (--image PATH | --text "…") [-k 10]     query the served index
   clipopt report [--store URL]                                        print the latest evaluation report
+  clipopt index-shards {embed,build} --num-shards N [--store URL] …   sharded embeddings + index (big galleries)
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from clipopt_core import cli_shards  # noqa: E402 - argparse only; its heavy imports are lazy
 
 
 def default_store_url() -> str:
@@ -36,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("-k", type=int, default=10)
     report = commands.add_parser("report", help="print the latest evaluation report")
     report.add_argument("--store", default=default_store_url())
+    cli_shards.add_parser(commands, default_store_url())
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            print(json.dumps(run_train(args.stage, json.loads(args.config.read_text())), indent=2))
+            summary = run_train(args.stage, json.loads(args.config.read_text()))
+            if summary is not None:  # None on the ranks > 0 of a torchrun group
+                print(json.dumps(summary, indent=2))
         elif args.command == "search":
             for hit in run_search(args.store, image=args.image, text=args.text, k=args.k):
                 print(json.dumps(hit))
+        elif args.command == "index-shards":
+            print(json.dumps(cli_shards.run(args), indent=2, default=str))
         else:
             print(run_report(args.store))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -51,18 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any] | None:
     """Train ``stage`` as ``config`` says; returns the checkpoint folder and the fit summary.
 
     Config keys: ``model`` ({name, pretrained, image_size}), ``splits`` (parquet with uri,
     label, caption, split, image_id), ``work_dir``, ``cache_dir``, ``train`` (TrainConfig
     fields), stage fields (RetrievalConfig / RealignConfig), and for MCIP
-    ``pseudo_captions`` (parquet), for realign ``pairs`` (parquet with uri, caption).
+    ``pseudo_captions`` (parquet), for realign ``pairs`` (parquet with uri, caption); ``device``
+    (``cpu`` default, ``cuda``: under torchrun ``cuda:$LOCAL_RANK``). Under torchrun every rank trains a
+    slice of each global batch and only rank 0 writes and returns the summary (others return ``None``).
     """
     import polars as pl
     from tqdm import tqdm
 
-    from clipopt_core import pipeline
+    from clipopt_core import distributed, pipeline
     from clipopt_core.models import ModelSpec
     from clipopt_core.stages import RealignConfig, RetrievalConfig
     from clipopt_core.training import TrainConfig
@@ -72,7 +83,8 @@ def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any]:
     work_dir, cache_dir = Path(config["work_dir"]), Path(config.get("cache_dir", Path.home() / ".cache" / "clipopt"))
     train_config = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in config.get("train", {}).items()})
     options = config.get("stage_options", {})
-    bar = tqdm(desc=f"{stage}", unit="step")
+    device = distributed.setup(config.get("device", "cpu"))  # joins the torchrun group, if any
+    bar = tqdm(desc=f"{stage}", unit="step", disable=not distributed.is_main())
 
     def _log(event: dict[str, float]) -> None:
         if "val_score" in event:
@@ -84,13 +96,16 @@ def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any]:
     if stage == "realign":
         output = pipeline.train_realign(spec, pl.read_parquet(config["pairs"]), splits.filter(pl.col("split") == "val"),
                                         RealignConfig(train=train_config, **options), work_dir, cache_dir=cache_dir,
-                                        stage=stage, log=_log)
+                                        stage=stage, device=device, log=_log)
     else:
         captions = pl.read_parquet(config["pseudo_captions"]) if stage == "mcip" else None
         options = {"mc_weight": 0.25, **options} if stage == "mcip" else options
         output = pipeline.train_retrieval(spec, splits, RetrievalConfig(train=train_config, **options), work_dir,
-                                          cache_dir=cache_dir, stage=stage, pseudo_captions=captions, log=_log)
+                                          cache_dir=cache_dir, stage=stage, pseudo_captions=captions, device=device,
+                                          log=_log)
     bar.close()
+    if not distributed.is_main():
+        return None
     return {"checkpoint": str(output.checkpoint), "best_val_score": output.fit.best_score,
             "best_step": output.fit.best_step, "steps": output.fit.steps, "seconds": round(output.fit.seconds, 1)}
 

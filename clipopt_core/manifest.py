@@ -88,6 +88,9 @@ def ingest(root: str, rows: pl.DataFrame, *, progress: Callable[[int, int], None
         except ImageRejected as exc:
             rejected.append({"path": path, "reason": exc.reason, "detail": str(exc)})
             continue
+        except OSError as exc:  # permissions, a file removed meanwhile: this row only, not the run
+            rejected.append({"path": path, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
+            continue
         digest = hashlib.sha256(data).hexdigest()
         label = str(row["label"]).strip()
         if content_label.setdefault(digest, label) != label:
@@ -130,13 +133,16 @@ def source_fingerprint(rows: pl.DataFrame, root: str) -> str:
     """Content fingerprint of a source: hash over (path, label, caption, category, file sha256).
 
     Changes when an image is added, removed, relabelled or its bytes change; unreadable
-    files hash as empty so the fingerprint still moves when they are fixed.
+    files hash as empty so the fingerprint still moves when they are fixed. Paths that
+    escape the root (``..``, absolute, symlinks out) or are not regular files are never
+    opened: they hash as empty too (:func:`ingest` rejects them).
     """
     fs, base = fsspec.core.url_to_fs(source_root(root))
     digest = hashlib.sha256()
     for row in rows.sort("path").iter_rows(named=True):
+        path = str(row["path"] or "")
         try:
-            content = hashlib.sha256(fs.cat_file(f"{base}/{row['path']}")).hexdigest()
+            content = hashlib.sha256(fs.cat_file(f"{base}/{path}")).hexdigest() if _safe_to_read(fs, base, path) else ""
         except (OSError, ValueError):
             content = ""
         digest.update(repr((row["path"], row["label"], row["caption"], row["category"], content)).encode())
@@ -158,8 +164,9 @@ def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: obj
     """First reason a row is unusable before its bytes are read, or ``None``."""
     if not path:
         return "missing_path", "empty path"
-    normal = posixpath.normpath(path.replace("\\", "/"))
-    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or ":" in path.split("/")[0]:
+    if "\x00" in path:  # os.path raises ValueError on it; no real file has one
+        return "invalid_path", f"{path!r} contains a NUL byte"
+    if _escapes_lexically(path):
         return "path_escapes_root", f"{path!r} must be relative to the source root without '..'"
     if label is None or not str(label).strip():
         return "empty_label", "label is empty"
@@ -174,7 +181,25 @@ def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: obj
             return "path_escapes_root", f"{path!r} resolves outside the source root (symlink?)"
     if not fs.exists(full):
         return "missing_file", f"{full} does not exist"
+    if _is_local(fs) and not os.path.isfile(full):  # a FIFO or device would block or never end
+        return "not_a_regular_file", f"{full} is not a regular file"
     return None
+
+
+def _escapes_lexically(path: str) -> bool:
+    """Absolute, ``..``-climbing or URL-like (``s3:``, ``C:``) paths, before any filesystem access."""
+    normal = posixpath.normpath(path.replace("\\", "/"))
+    return posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or ":" in path.split("/")[0]
+
+
+def _safe_to_read(fs: fsspec.AbstractFileSystem, base: str, path: str) -> bool:
+    """Whether ``path`` is relative, stays inside ``base`` (symlinks resolved) and is a regular file."""
+    if not path or "\x00" in path or _escapes_lexically(path):
+        return False
+    if not _is_local(fs):
+        return True
+    full = f"{base}/{path}"
+    return os.path.realpath(full).startswith(os.path.realpath(base) + os.sep) and os.path.isfile(full)
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:

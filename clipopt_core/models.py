@@ -97,6 +97,7 @@ def load_model(spec: ModelSpec, *, cache_dir: Path, device: str | torch.device =
     """Load ``spec`` onto ``device`` in eval mode, failing fast with a clear error offline."""
     name, pretrained = _resolve(spec, cache_dir)
     model_cfg = _model_cfg(name)
+    _check_embed_dim(name, pretrained, model_cfg)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)  # a random-init model is the same model at every load
@@ -190,6 +191,42 @@ def _resolve(spec: ModelSpec, cache_dir: Path) -> tuple[str, str | None]:
     if pretrained and not os.path.isfile(pretrained):
         pretrained = _resolve_tag(spec.name, pretrained)
     return spec.name, pretrained
+
+
+# (tensor name, axis holding embed_dim) in open_clip state dicts, most common first
+_EMBED_DIM_TENSORS = (("text_projection", -1), ("visual.proj", -1), ("visual.head.proj.weight", 0),
+                      ("visual.attnpool.c_proj.weight", 0), ("visual.trunk.head.fc.weight", 0))
+
+
+def _check_embed_dim(name: str, pretrained: str | None, model_cfg: dict[str, Any]) -> None:
+    """Compare the config's ``embed_dim`` with the weights file's tensor shapes (header only, no load).
+
+    A folder whose ``open_clip_model.safetensors`` comes from another model than its
+    ``open_clip_config.json`` fails here with both numbers instead of open_clip's list of size mismatches.
+    """
+    schema, identifier = open_clip.factory.parse_model_name(name)
+    weights = Path(identifier) / WEIGHTS_FILE if schema == "local-dir" else Path(pretrained) if pretrained else None
+    if weights is None or weights.suffix != ".safetensors" or not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            keys = set(handle.keys())
+            found = next(((key, list(handle.get_slice(key).get_shape()), axis)
+                          for key, axis in _EMBED_DIM_TENSORS if key in keys), None)
+    except Exception as exc:  # not a safetensors file at all
+        raise ModelUnavailableError(f"{weights} is not a readable safetensors file: {type(exc).__name__}: {exc}") from exc
+    expected = int(model_cfg.get("embed_dim", 0))
+    if found is None or not expected or found[1][found[2]] == expected:
+        return
+    key, shape, axis = found
+    config = Path(identifier) / CONFIG_FILE if schema == "local-dir" else f"the open_clip config of {name!r}"
+    raise ModelUnavailableError(
+        f"embedding dimension mismatch: {weights} holds embed_dim {shape[axis]} ({key} has shape {shape}) but "
+        f"{config} says embed_dim {expected}. The weights and the config come from different models: re-export "
+        "the checkpoint with clipopt, or fix embed_dim in the config."
+    )
 
 
 def _model_cfg(name: str) -> dict[str, Any]:

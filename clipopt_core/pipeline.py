@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import polars as pl
 import torch
 
+from clipopt_core import distributed
 from clipopt_core.captions import MiningConfig, caption_stats, dedupe_texts, mine_pseudo_captions
 from clipopt_core.data import ImageDataset, encode_labels, train_transform
 from clipopt_core.embed import embed_images, embed_texts
 from clipopt_core.evaluation import validation_map, validation_t2i
+from clipopt_core.locks import work_dir_lock
 from clipopt_core.models import ClipBundle, ModelSpec, export_checkpoint, load_model
 from clipopt_core.stages import RealignConfig, RealignTask, RetrievalConfig, RetrievalTask, group_captions_by_text
 from clipopt_core.training import FitResult, fit
@@ -31,6 +34,19 @@ class StageOutput:
     checkpoint: Path
     fit: FitResult
     summary: dict[str, Any]
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the global torch RNG seeded by ``seed``, restoring the caller's state after.
+
+    Task construction draws random initial weights (ArcMargin proxies) from the global RNG,
+    which PyTorch seeds randomly per process: without this the same config trained in two
+    processes starts from different proxies and ends with different weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def config_hash(*parts: Any) -> str:
@@ -69,12 +85,14 @@ def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: Retrieva
         if pseudo_captions is None:
             raise ValueError("MCIP needs pseudo_captions")
         caption_embeddings, captions_of = _caption_matrix(bundle, train, pseudo_captions, device)
-    task = RetrievalTask(bundle, dataset, len(class_names), config, validation_map(val, device=device),
-                         caption_embeddings, captions_of)
-    result = fit(task, config.train, work_dir, device=device, log=log)
+    with seeded(config.train.seed):  # the ArcMargin proxies' init must not depend on the process' RNG state
+        task = RetrievalTask(bundle, dataset, len(class_names), config, validation_map(val, device=device),
+                             caption_embeddings, captions_of)
     summary = {"stage": stage, "train_images": train.height, "train_classes": len(class_names),
                "val_images": val.height, "config": asdict(config), "data_hash": frame_hash(splits)}
-    return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
+    with work_dir_lock(work_dir):  # training and export: one run at a time per work folder
+        result = fit(task, config.train, work_dir, device=device, log=log)
+        return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
 
 
 def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFrame, config: RealignConfig, work_dir: Path, *,
@@ -89,12 +107,15 @@ def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFram
     grouped, texts = group_captions_by_text(pair_embeddings, pairs["caption"].to_list())
     val = val.filter(pl.col("caption").is_not_null())
     val_embeddings = embed_images(bundle, val["uri"].to_list(), device=device)
-    task = RealignTask(bundle, grouped, texts, config, validation_t2i(val_embeddings, val["caption"].to_list(), device=device))
-    result = fit(task, config.train, work_dir, device=device, log=log)
-    task.finish()
+    with seeded(config.train.seed):
+        task = RealignTask(bundle, grouped, texts, config,
+                           validation_t2i(val_embeddings, val["caption"].to_list(), device=device))
     summary = {"stage": stage, "pairs": pairs.height, "distinct_captions": len(texts), "val_images": val.height,
                "config": asdict(config), "data_hash": frame_hash(pairs)}
-    return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
+    with work_dir_lock(work_dir):  # training and export: one run at a time per work folder
+        result = fit(task, config.train, work_dir, device=device, log=log)
+        task.finish()
+        return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
 
 
 def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
@@ -125,6 +146,9 @@ def _caption_matrix(bundle: ClipBundle, train: pl.DataFrame, pseudo: pl.DataFram
 
 
 def _export(bundle: ClipBundle, work_dir: Path, summary: dict[str, Any], result: FitResult) -> Path:
+    # no wall-clock fields: re-running a finished stage must publish the same bytes (the next
+    # stage's work folder is named by this checkpoint's hashes, so it would retrain from scratch)
     sidecar = {**summary, "best_val_score": result.best_score, "best_step": result.best_step, "steps": result.steps,
-               "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 2)}
-    return export_checkpoint(bundle, work_dir / "export", sidecar)
+               "stopped_early": result.stopped_early}
+    distributed.run_on_main(export_checkpoint, bundle, work_dir / "export", sidecar)  # rank 0 writes under torchrun
+    return work_dir / "export"

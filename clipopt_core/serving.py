@@ -33,12 +33,19 @@ class SearchService:
                 raise FileNotFoundError(f"{store.url(key)} is missing; materialise faiss_index first")
         variant = store.read_json(Keys.report_json)["serve_variant"]
         info = store.read_json(Keys.index_info)
-        index = index_lib.deserialize_index(store.read_bytes(Keys.index), expected_dim=info["dim"],
-                                            expected_count=info["count"])
-        metadata = store.read_parquet(Keys.embeddings).drop("embedding")
+        try:
+            index = index_lib.deserialize_index(store.read_bytes(Keys.index), expected_dim=info["dim"],
+                                                expected_count=info["count"])
+        except ValueError as exc:
+            raise ValueError(f"{store.url(Keys.index)} does not match {store.url(Keys.index_info)}: {exc}; "
+                             "rebuild faiss_index") from exc
+        metadata = _id_table(store, index.d)
         if metadata.height != index.ntotal:
             raise ValueError(f"index holds {index.ntotal} vectors but the id table {metadata.height} rows; rebuild faiss_index")
         bundle = load_model(variant_spec(store, variant, cache), cache_dir=cache)
+        if bundle.embed_dim != index.d:
+            raise ValueError(f"{store.url(Keys.index)} holds {index.d}-dim vectors but the served model "
+                             f"({variant}) embeds in {bundle.embed_dim} dims; rebuild gallery_embeddings and faiss_index")
         return cls(bundle, index, metadata, variant)
 
     def search_vector(self, query: np.ndarray, k: int) -> list[dict[str, Any]]:
@@ -58,3 +65,20 @@ class SearchService:
         with torch.inference_mode():
             vector = F.normalize(self.bundle.model.encode_image(transform(load_image(uri)).unsqueeze(0)).float(), dim=-1)
         return self.search_vector(vector[0].numpy(), k)
+
+
+def _id_table(store: ArtifactStore, dim: int) -> pl.DataFrame:
+    """The gallery table without its vectors, after checking it is a table of ``dim``-dim embeddings."""
+    url = store.url(Keys.embeddings)
+    try:
+        frame = store.read_parquet(Keys.embeddings)
+    except Exception as exc:  # polars raises assorted errors on bytes that are not parquet
+        raise ValueError(f"{url} is not a readable parquet table ({type(exc).__name__}: {exc}); "
+                         "rebuild gallery_embeddings") from exc
+    missing = [c for c in ("image_id", "uri", "embedding") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{url} lacks column(s) {missing}; rebuild gallery_embeddings")
+    width = getattr(frame.schema["embedding"], "size", None)
+    if width != dim:
+        raise ValueError(f"{url} holds {width}-dim embeddings but the index {dim}-dim; rebuild faiss_index")
+    return frame.drop("embedding")

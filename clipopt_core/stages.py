@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipopt_core import towers
+from clipopt_core import distributed, towers
 from clipopt_core.data import EpochBatches, ImageDataset
 from clipopt_core.losses import ArcMarginLoss, MultiCaptionArcMarginLoss, SymmetricInfoNCE
 from clipopt_core.models import ClipBundle
@@ -121,6 +121,7 @@ class RetrievalTask:
 
     def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[Any]:
         sampler = EpochBatches(len(self.dataset), config.batch_size, config.seed, epoch, start_step)
+        sampler = distributed.shard_batches(sampler)  # under torchrun: this rank's slice of each global batch
         # own generator: creating the loader must not draw from the global RNG (resumed runs would diverge)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate,
                             generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
@@ -140,7 +141,7 @@ class RetrievalTask:
         owned = [self._captions_of[i] for i in indices.tolist()]
         owner = torch.repeat_interleave(torch.arange(len(owned)), torch.tensor([len(r) for r in owned], dtype=torch.long))
         rows = torch.cat(owned)
-        multi = self.multi_caption(features, self._captions[rows].to(device), owner.to(device))
+        multi = self.multi_caption(*distributed.gather_captioned(features, self._captions[rows].to(device), owner.to(device)))
         total = (1 - self.config.mc_weight) * arc + self.config.mc_weight * multi
         return total, {"arc": float(arc.detach()), "mc": float(multi.detach()), "captioned": float(rows.numel() > 0)}
 
@@ -196,6 +197,7 @@ class RealignTask:
             chunk = order[step * size:(step + 1) * size]
             if len(chunk) < 2:  # a 1-pair batch has no negatives: borrow from the start
                 chunk = torch.cat([chunk, order[:1]])
+            chunk = distributed.local_rows(chunk)  # under torchrun: this rank's part of the global batch
             yield self.image_embeddings[chunk], [self.captions[i] for i in chunk.tolist()]
 
     def train_mode(self) -> None:
@@ -207,7 +209,7 @@ class RealignTask:
         image_embeddings, captions = batch
         device = next(self.bundle.model.parameters()).device
         text = self.bundle.model.encode_text(self.bundle.tokenize(captions).to(device))
-        loss = self.infonce(image_embeddings.to(device), text)
+        loss = self.infonce(*distributed.gather_pairs(image_embeddings.to(device), text))  # global batch under torchrun
         return loss, {"logit_scale": float(self.infonce.effective_scale().detach())}
 
     def validate(self) -> float:

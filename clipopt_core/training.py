@@ -25,6 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clipopt_core import distributed
+from clipopt_core.locks import work_dir_lock
+
 LAST_DIR = "last"
 BEST_FILE = "best.safetensors"
 
@@ -95,13 +98,50 @@ def cosine_lr(base: float, floor: float, step: int, total: int) -> float:
 
 
 def fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.device | str = "cpu",
-        log: Callable[[dict[str, float]], None] = lambda event: None) -> FitResult:
+        log: Callable[[dict[str, float]], None] = lambda event: None,
+        lock_timeout_s: float | None = None) -> FitResult:
     """Train ``task`` under ``config``, resuming from ``work_dir/last`` when present.
 
     On return the task's modules hold the best validated weights (or the last ones if
     validation never ran). ``log`` receives one dict per optimizer step and per validation.
+    The run holds ``work_dir/.lock`` (:func:`clipopt_core.locks.work_dir_lock`): a second run
+    on the same folder waits up to ``lock_timeout_s`` (default ``$CLIPOPT_LOCK_TIMEOUT_S``, 1 h)
+    and then resumes from the first one's checkpoint, or fails with ``WorkDirLocked``.
+    Under ``torchrun`` each rank trains a slice of every global batch (:mod:`clipopt_core.distributed`).
     """
+    with work_dir_lock(work_dir, timeout_s=lock_timeout_s):
+        distributed.run_on_main(_recover_interrupted_save, work_dir)  # under torchrun only rank 0 touches files
+        return _fit(task, config, work_dir, device=device, log=log)
+
+
+def _recover_interrupted_save(work_dir: Path) -> None:
+    """Undo what a kill in the middle of :func:`_save_checkpoint` / :func:`_atomic_save` left behind.
+
+    A kill between the two renames of the checkpoint swap leaves no ``last`` but a complete
+    ``last.old-*``: that one is restored (else the run would silently start over). Staging
+    leftovers (``*.tmp-*``, possibly half-written) and superseded ``last.old-*`` are removed.
+    """
+    last = work_dir / LAST_DIR
+    olds = sorted(work_dir.glob(f"{LAST_DIR}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not (last / "state.json").exists():
+        for old in olds:
+            if (old / "state.json").exists():
+                if last.exists():
+                    shutil.rmtree(last)
+                os.replace(old, last)
+                break
+    for leftover in [*work_dir.glob(f"{LAST_DIR}.old-*"), *work_dir.glob("*.tmp-*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+
+
+def _fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.device | str,
+         log: Callable[[dict[str, float]], None]) -> FitResult:
+    """:func:`fit` without the lock (the caller holds it)."""
     started = time.perf_counter()
+    log = distributed.main_only(log)
     device = torch.device(device)
     work_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -113,6 +153,7 @@ def fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.d
     steps_per_epoch = task.steps_per_epoch(config) // config.accumulation_steps
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or 10**18)
     state = _State()
+    distributed.broadcast_modules(task.modules)  # every rank starts from rank 0's weights
     if (work_dir / LAST_DIR / "state.json").exists():
         state = _load_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler)
     elif config.validate_at_start and total_steps > 0:
@@ -143,6 +184,7 @@ def fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.d
         else:
             raise RuntimeError(f"the task yielded fewer batches than its {steps_per_epoch} steps per epoch")
     _save_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler, state)
+    distributed.barrier()  # rank 0 has written the best file
     if (work_dir / BEST_FILE).exists():
         task.modules.load_state_dict(load_file(str(work_dir / BEST_FILE)))
     return FitResult(state.best_score, state.best_step, state.step, state.stopped_early, state.history,
@@ -177,6 +219,8 @@ def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Op
         scaler.scale(loss / len(micro)).backward()
         for key, value in {"loss": float(loss.detach()), **stats}.items():
             totals[key] = totals.get(key, 0.0) + value / len(micro)
+    distributed.average_gradients(params)  # no-op outside torchrun
+    totals = distributed.average_stats(totals)
     scaler.unscale_(optimizer)
     totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
     scaler.step(optimizer)
@@ -186,7 +230,7 @@ def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Op
 
 def _validate(task: TrainTask, state: _State, config: TrainConfig, work_dir: Path, log: Callable) -> None:
     with torch.no_grad():
-        score = float(task.validate())
+        score = distributed.broadcast_float(float(task.validate()))  # rank 0's score decides everywhere
     improved = score > state.best_score
     if improved:
         state.best_score, state.best_step, state.evals_without_improvement = score, state.step, 0
@@ -200,6 +244,8 @@ def _validate(task: TrainTask, state: _State, config: TrainConfig, work_dir: Pat
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    if not distributed.is_main():
+        return
     temp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
     save_file(tensors, str(temp))
     os.replace(temp, path)
@@ -207,7 +253,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _save_checkpoint(folder: Path, task: TrainTask, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, state: _State) -> None:
-    """Write model, optimizer, scaler and RNG state to a temp folder, then swap it in."""
+    """Write model, optimizer, scaler and RNG state to a temp folder, then swap it in (rank 0 only)."""
+    if not distributed.is_main():
+        return
     staging = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
     staging.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in task.modules.state_dict().items()}, str(staging / "modules.safetensors"))

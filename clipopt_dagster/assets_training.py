@@ -3,12 +3,14 @@
 import dagster as dg
 import polars as pl
 
+from clipopt_core.locks import work_dir_lock
 from clipopt_core.models import ModelSpec
 from clipopt_core.pipeline import StageOutput, config_hash, realign_pairs, train_realign, train_retrieval
 from clipopt_core.layout import Keys, base_spec, stage_spec
 from clipopt_dagster._helpers import GPU_POOL, TRAINING_RETRY, md_table, step_logger
 from clipopt_dagster.assets_data import base_model, caption_corpus, image_splits, pseudo_captions
 from clipopt_dagster.configs import McipSettings, RealignSettings, RetrievalSettings
+from clipopt_dagster.launchers import stage_request
 from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource
 
 GROUP = "training"
@@ -40,9 +42,13 @@ def _retrieval(context: dg.AssetExecutionContext, name: str, settings: Retrieval
     core = settings.core()
     work = compute.cache / "work" / name / config_hash(spec, core, artifacts.base_url, splits.height)
     context.log.info(f"training {name} in {work} (resumes from its last checkpoint if interrupted)")
-    output = train_retrieval(spec, splits, core, work, cache_dir=compute.cache, stage=name, pseudo_captions=captions,
-                             device=compute.device, log=step_logger(context))
-    return _publish(context, store, name, output)
+    if compute.launcher and compute.launcher.launches:  # a Pipes child (subprocess, torchrun, k8s) trains and publishes
+        request = stage_request("mcip" if with_captions else "retrieval", name, store, compute, core, work, model=spec)
+        return compute.launcher.launch(context, request, store)
+    with work_dir_lock(work, on_wait=context.log.warning):  # a same-config run elsewhere: wait, then resume
+        output = train_retrieval(spec, splits, core, work, cache_dir=compute.cache, stage=name,
+                                 pseudo_captions=captions, device=compute.device, log=step_logger(context))
+        return _publish(context, store, name, output)
 
 
 def _realign(context: dg.AssetExecutionContext, name: str, encoder: str, settings: RealignSettings,
@@ -50,14 +56,18 @@ def _realign(context: dg.AssetExecutionContext, name: str, encoder: str, setting
     compute.setup_torch()
     artifacts = store.store()
     image_size = base_spec(artifacts).image_size
+    core = settings.core()
+    work = compute.cache / "work" / name / config_hash(core, artifacts.read_json(f"{Keys.model(encoder)}/_COMPLETE.json"))
+    if compute.launcher and compute.launcher.launches:  # a Pipes child downloads the encoder, trains and publishes
+        request = stage_request("realign", name, store, compute, core, work, encoder=encoder, image_size=image_size)
+        return compute.launcher.launch(context, request, store)
     spec: ModelSpec = stage_spec(artifacts, encoder, compute.cache, image_size)
     splits = artifacts.read_parquet(Keys.splits)
     pairs = realign_pairs(artifacts.read_parquet(Keys.caption_pairs), splits)
-    core = settings.core()
-    work = compute.cache / "work" / name / config_hash(core, artifacts.read_json(f"{Keys.model(encoder)}/_COMPLETE.json"))
-    output = train_realign(spec, pairs, splits.filter(pl.col("split") == "val"), core, work, cache_dir=compute.cache,
-                           stage=name, device=compute.device, log=step_logger(context))
-    return _publish(context, store, name, output)
+    with work_dir_lock(work, on_wait=context.log.warning):  # a same-config run elsewhere: wait, then resume
+        output = train_realign(spec, pairs, splits.filter(pl.col("split") == "val"), core, work,
+                               cache_dir=compute.cache, stage=name, device=compute.device, log=step_logger(context))
+        return _publish(context, store, name, output)
 
 
 @dg.asset(deps=[base_model, image_splits], **COMMON)

@@ -8,17 +8,20 @@ import dagster as dg
 
 from clipopt_dagster import assets_data, assets_serving, assets_training, checks
 from clipopt_dagster.automation import new_images_sensor, retraining_job, retraining_schedule
+from clipopt_dagster.launchers import launcher_from_env
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource, DataSourceResource
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
-    """Resources from the environment: CLIPOPT_ARTIFACTS (file:// or s3://), CLIPOPT_S3_ENDPOINT, CLIPOPT_DEVICE …"""
+    """Resources from the environment: CLIPOPT_ARTIFACTS (file:// or s3://), CLIPOPT_S3_ENDPOINT, CLIPOPT_DEVICE,
+    CLIPOPT_LAUNCHER (in_process default, pipes_subprocess, pipes_k8s) + CLIPOPT_NPROC_PER_NODE …"""
     store = ArtifactStoreResource(endpoint_url=os.environ.get("CLIPOPT_S3_ENDPOINT"),
                                   aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID"),
                                   aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
     sources = DataSourceResource(images=os.environ.get("CLIPOPT_IMAGES", "demo"),
                                  captions=os.environ.get("CLIPOPT_CAPTIONS", "demo") or None)
-    return {"store": store, "compute": ComputeResource(device=os.environ.get("CLIPOPT_DEVICE", "cpu")),
+    compute = ComputeResource(device=os.environ.get("CLIPOPT_DEVICE", "cpu"), launcher=launcher_from_env())
+    return {"store": store, "compute": compute,
             "sources": sources, "catalog": CatalogResource()}
 
 

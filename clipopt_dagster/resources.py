@@ -1,6 +1,8 @@
 """Resources: artifact store, compute settings, data sources and the DuckDB catalogue."""
 
 import os
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import polars as pl
 from pydantic import Field, field_validator
 
 from clipopt_core.storage import ArtifactStore
+from clipopt_dagster.launchers import TrainingLauncher
 
 DEMO = "demo"
 
@@ -50,11 +53,15 @@ class ArtifactStoreResource(dg.ConfigurableResource):
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Device and local working space (model cache, resumable training folders)."""
+    """Device and local working space (model cache, resumable training folders).
+
+    ``launcher``: how the training assets run (unset: in this process; see :mod:`clipopt_dagster.launchers`).
+    """
 
     device: str = "cpu"
     cache_dir: str = Field(default_factory=default_cache_dir)
     torch_threads: int = 0
+    launcher: TrainingLauncher | None = None
 
     @field_validator("device")
     @classmethod
@@ -109,15 +116,26 @@ class DataSourceResource(dg.ConfigurableResource):
         return images, captions
 
 
+class CatalogBusyError(RuntimeError):
+    """The catalogue file stayed locked by another process for longer than ``lock_timeout_s``."""
+
+
 class CatalogResource(dg.ConfigurableResource):
-    """A DuckDB file with the history of evaluation reports (one row per variant per run)."""
+    """A DuckDB file with the history of evaluation reports (one row per variant per run).
+
+    DuckDB locks the file per process (one writer, or any number of read-only readers), so
+    a connection that finds it locked is retried with exponential backoff (50 ms doubling to
+    1 s, jittered) for up to ``lock_timeout_s`` seconds, then fails with :class:`CatalogBusyError`
+    naming the holder. Connections are held only for the few statements of each call.
+    """
 
     path: str = Field(default_factory=lambda: f"{default_cache_dir()}/catalogue.duckdb")
+    lock_timeout_s: float = Field(default=60.0, ge=0.0)
 
     def append_report(self, frame: pl.DataFrame) -> int:
         """Append ``frame`` to ``report_history`` (created on first use); returns the table's row count."""
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with duckdb.connect(self.path) as connection:
+        with self._connect(read_only=False) as connection:
             arrow = frame.to_arrow()
             connection.register("incoming", arrow)
             connection.execute("CREATE TABLE IF NOT EXISTS report_history AS SELECT * FROM incoming LIMIT 0")
@@ -125,5 +143,24 @@ class CatalogResource(dg.ConfigurableResource):
             return int(connection.execute("SELECT count(*) FROM report_history").fetchone()[0])
 
     def history(self) -> pl.DataFrame:
-        with duckdb.connect(self.path, read_only=True) as connection:
-            return connection.execute("SELECT * FROM report_history ORDER BY run_id, variant").pl()
+        with self._connect(read_only=True) as connection:
+            return connection.sql("SELECT * FROM report_history ORDER BY run_id, variant").pl()  # duckdb 2: not execute().pl()
+
+    def _connect(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """Open the file, retrying while another process holds a conflicting lock."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(self.path, read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CatalogBusyError(
+                        f"catalogue {self.path} stayed locked for {self.lock_timeout_s:.0f}s: {exc}. Another process "
+                        "(named above) holds it; close it, or raise CatalogResource.lock_timeout_s."
+                    ) from exc
+                time.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
+                delay = min(delay * 2, 1.0)

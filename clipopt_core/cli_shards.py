@@ -1,0 +1,90 @@
+"""``clipopt index-shards``: sharded gallery embeddings and the index built from them (see :mod:`clipopt_core.sharding`).
+
+  clipopt index-shards embed --store URL --num-shards 64 [--shard I …] [--variant V] [--device cuda]
+  clipopt index-shards build --store URL --num-shards 64 [--kind ivf_pq] [--target-recall 0.95]
+
+``embed`` with no ``--shard`` embeds the shard ``$JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job: one
+pod per shard), else every shard in turn; published shards of the same model are skipped. The model
+is the variant the evaluation report serves (``--variant`` overrides; ``baseline`` is the base model).
+``build`` trains the quantiser once, adds the shards and writes ``<prefix>/index/`` (merged.faiss,
+one index per shard, ids.parquet, info.json). Each prints a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+INDEX_KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
+
+
+def add_parser(commands: Any, default_store: str) -> None:
+    """Register ``index-shards`` (sub-commands ``embed`` and ``build``) on the ``clipopt`` parser."""
+    parser = commands.add_parser("index-shards", help="sharded gallery embeddings + faiss index (big galleries)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="action", required=True)
+    for name in ("embed", "build"):
+        action = actions.add_parser(name)
+        action.add_argument("--store", default=default_store)
+        action.add_argument("--num-shards", type=int, required=True)
+        action.add_argument("--prefix", default="serving/sharded")
+    embed = actions.choices["embed"]
+    embed.add_argument("--shard", type=int, action="append", help="shard(s) to embed (default: $JOB_COMPLETION_INDEX or all)")
+    embed.add_argument("--variant", default=None, help="baseline, stage1, 2sft, mcip, mcip_realign (default: the served one)")
+    embed.add_argument("--device", default="cpu")
+    embed.add_argument("--batch-size", type=int, default=64)
+    build = actions.choices["build"]
+    build.add_argument("--kind", choices=INDEX_KINDS, default="auto")
+    build.add_argument("--target-recall", type=float, default=0.95)
+    build.add_argument("--nlist", type=int, default=None)
+    build.add_argument("--memory-budget-gib", type=float, default=8.0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``index-shards embed`` or ``build``; returns the JSON summary."""
+    from clipopt_core.storage import ArtifactStore
+
+    store = ArtifactStore(args.store)
+    return _embed(store, args) if args.action == "embed" else _build(store, args)
+
+
+def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from clipopt_core import sharding
+    from clipopt_core.embed import embed_images
+    from clipopt_core.layout import VARIANT_MODELS, Keys, variant_spec
+    from clipopt_core.models import load_model
+
+    if not store.exists(Keys.manifest):
+        raise FileNotFoundError(f"{store.url(Keys.manifest)} is missing; materialise image_manifest first")
+    variant = args.variant or (store.read_json(Keys.report_json)["serve_variant"] if store.exists(Keys.report_json)
+                               else "baseline")
+    source = Keys.base_model if variant == "baseline" else f"{Keys.model(VARIANT_MODELS.get(variant, variant))}/_COMPLETE.json"
+    model_key = f"{variant}:{hashlib.sha256(json.dumps(store.read_json(source), sort_keys=True).encode()).hexdigest()[:16]}"
+    shards = args.shard or ([int(os.environ["JOB_COMPLETION_INDEX"])] if "JOB_COMPLETION_INDEX" in os.environ
+                            else list(range(args.num_shards)))
+    cache = Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
+    manifest = store.read_parquet(Keys.manifest)
+    bundle = None
+
+    def embed(uris: list[str]) -> Any:
+        nonlocal bundle
+        bundle = bundle or load_model(variant_spec(store, variant, cache), cache_dir=cache, device=args.device)
+        return embed_images(bundle, uris, batch_size=args.batch_size, device=args.device).numpy()
+
+    results = [sharding.embed_shard(manifest, shard, args.num_shards, store, embed, model_key=model_key,
+                                    prefix=args.prefix) for shard in shards]
+    return {"variant": variant, "model_key": model_key,
+            "shards": [{k: r[k] for k in ("shard", "rows", "dim", "skipped", "key")} for r in results]}
+
+
+def _build(store: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from clipopt_core import sharding
+    from clipopt_core.index import IndexSpec
+
+    spec = IndexSpec(kind=args.kind, target_recall=args.target_recall, nlist=args.nlist,
+                     memory_budget_bytes=int(args.memory_budget_gib * 2**30))
+    _, info = sharding.build_sharded_index(store, args.num_shards, spec, prefix=args.prefix)
+    return {**info, "index": store.url(f"{args.prefix}/index/merged.faiss")}

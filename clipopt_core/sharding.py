@@ -1,0 +1,293 @@
+"""Sharded gallery embeddings and one faiss index built from the shards (faiss's recipe for big indexes).
+
+1. :func:`shard_of` assigns every image to a shard by a stable hash of its ``image_id`` (blake2b, not
+   Python's salted ``hash``): the same image lands in the same shard on every machine and run, and a
+   new image changes only its own shard.
+2. :func:`embed_shard` embeds one shard's rows (sorted, so row order is deterministic) and publishes
+   ``<prefix>/embeddings/shard-00002-of-00004.parquet`` + a JSON sidecar through the
+   :class:`ArtifactStore`. It is idempotent: a shard whose sidecar names the same model key and the same
+   image ids is skipped. Shards are independent (one worker, pod or GPU each).
+3. :func:`build_sharded_index` trains the IVF coarse quantiser (and PQ codebooks) **once** on a seeded
+   sample drawn across all shards, adds each shard to its own copy of the trained empty index
+   (``add_with_ids``; independent, parallelisable), and merges them (``merge_from``; or serves them with
+   :func:`serve_shards` = ``faiss.IndexShards``). Ids are global row numbers in shard order (shard ``s``
+   starts at the sum of the earlier shards' sizes), so ``<prefix>/index/ids.parquet`` row ``i`` is id ``i``,
+   the convention of :class:`clipopt_core.serving.SearchService`. ``nprobe`` is tuned and recall@10 measured
+   against exact search computed shard by shard.
+4. :func:`load_index` memory-maps a saved index (``faiss.IO_FLAG_MMAP``; flat codes too with
+   ``IO_FLAG_MMAP_IFC``): the inverted lists stay on disk and the page cache holds the hot ones, so an
+   index larger than RAM can be searched.
+
+Flat and IVF kinds only: an HNSW graph cannot be assembled from independently built shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import faiss
+import numpy as np
+import polars as pl
+
+from clipopt_core import index as index_lib
+from clipopt_core.storage import ArtifactStore
+
+DEFAULT_PREFIX = "serving/sharded"
+META_COLUMNS = ("image_id", "uri", "label", "caption", "source")
+EmbedFn = Callable[[Sequence[str]], np.ndarray]  # uris -> float32 [n, D], rows L2-normalised
+
+
+def shard_of(image_id: str, num_shards: int) -> int:
+    """Shard of ``image_id`` in ``[0, num_shards)``: blake2b-64 of the id, modulo ``num_shards``."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little") % num_shards
+
+
+def shard_rows(manifest: pl.DataFrame, shard: int, num_shards: int) -> pl.DataFrame:
+    """The manifest rows of ``shard`` in a deterministic order (image_id, label, uri)."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+    owner = pl.Series([shard_of(i, num_shards) for i in manifest["image_id"].to_list()], dtype=pl.Int64)
+    return manifest.filter(owner == shard).sort("image_id", "label", "uri")
+
+
+def shard_key(prefix: str, shard: int, num_shards: int) -> str:
+    return f"{prefix}/embeddings/shard-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def _ids_digest(model_key: str, rows: pl.DataFrame) -> str:
+    blob = json.dumps([model_key, rows["image_id"].to_list(), rows["uri"].to_list()])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def embed_shard(manifest: pl.DataFrame, shard: int, num_shards: int, store: ArtifactStore, embed: EmbedFn, *,
+                model_key: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """Embed and publish one shard (skipped when already published for the same model and rows).
+
+    Returns the sidecar: ``shard, num_shards, rows, dim, model_key, digest, key`` and ``skipped``.
+    The parquet holds the manifest's metadata columns present plus ``embedding`` (float32 [D] per row).
+    """
+    rows = shard_rows(manifest, shard, num_shards)
+    key = shard_key(prefix, shard, num_shards)
+    digest = _ids_digest(model_key, rows)
+    sidecar_key = key.replace(".parquet", ".json")
+    if store.exists(sidecar_key) and store.exists(key):
+        existing = store.read_json(sidecar_key)
+        if existing.get("digest") == digest:
+            return {**existing, "skipped": True}
+    vectors = np.ascontiguousarray(embed(rows["uri"].to_list()), dtype=np.float32) if rows.height else None
+    dim = int(vectors.shape[1]) if vectors is not None else 0
+    frame = rows.select([c for c in META_COLUMNS if c in rows.columns])
+    if vectors is not None:
+        frame = frame.with_columns(pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)))
+    sha = store.write_parquet(key, frame)
+    sidecar = {"shard": shard, "num_shards": num_shards, "rows": rows.height, "dim": dim, "model_key": model_key,
+               "digest": digest, "key": key, "sha256": sha}
+    store.write_json(sidecar_key, sidecar)  # written last: a shard without its sidecar is recomputed
+    return {**sidecar, "skipped": False}
+
+
+def read_shard(store: ArtifactStore, prefix: str, shard: int, num_shards: int) -> tuple[pl.DataFrame, np.ndarray]:
+    """(metadata frame, vectors float32 [n, D]) of a published shard."""
+    key = shard_key(prefix, shard, num_shards)
+    if not store.exists(key.replace(".parquet", ".json")):
+        raise FileNotFoundError(f"{store.url(key)} is not published; run embed_shard for shard {shard} first")
+    frame = store.read_parquet(key)
+    if frame.height == 0 or "embedding" not in frame.columns:
+        return frame, np.zeros((0, 0), dtype=np.float32)
+    return frame.drop("embedding"), np.ascontiguousarray(frame["embedding"].to_numpy(), dtype=np.float32)
+
+
+def serve_shards(indexes: Sequence[faiss.Index]) -> faiss.IndexShards:
+    """Search several shard indexes as one (ids kept; queries fan out over threads). Keep ``indexes`` alive."""
+    shards = faiss.IndexShards(indexes[0].d, True, False)  # threaded, ids not renumbered
+    for index in indexes:
+        shards.add_shard(index)
+    return shards
+
+
+def load_index(path: Path, *, mmap: bool = True) -> faiss.Index:
+    """Read a faiss index file; ``mmap`` maps IVF lists / flat codes from disk instead of loading them.
+
+    IVF files (fourcc ``Iw…``) use ``IO_FLAG_MMAP`` (read-only inverted lists over the mapping); others
+    ``IO_FLAG_MMAP_IFC`` (flat codes). The two flags cannot be combined.
+    """
+    if not mmap:
+        return faiss.read_index(str(path))
+    with open(path, "rb") as handle:
+        ivf = handle.read(2) == b"Iw"
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if ivf else getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP))
+
+
+def _empty_index(kind: str, n: int, dim: int, spec: index_lib.IndexSpec, seed: int,
+                 train_per_list: int) -> tuple[faiss.Index, dict[str, Any]]:
+    """An untrained index of ``kind`` sized for ``n`` vectors, and its plan (nlist, pq_m, train_size)."""
+    if kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {"train_size": 0}
+    nlist = spec.nlist or index_lib._auto_nlist(n)
+    if kind == "ivf_flat":
+        factory, train_size, pq_m = f"IVF{nlist},Flat", min(n, train_per_list * nlist), None
+    elif kind == "ivf_pq":
+        pq_m = spec.pq_m or index_lib._auto_pq_m(n, dim, nlist, spec.memory_budget_bytes)
+        factory, train_size = f"IVF{nlist},PQ{pq_m}x8", min(n, max(train_per_list * nlist, 10_000))
+    else:
+        raise ValueError(f"kind {kind!r} cannot be built from shards; use flat, ivf_flat or ivf_pq")
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.seed, ivf.cp.spherical = seed, True
+    if kind == "ivf_pq":
+        ivf.pq.cp.seed = seed
+        ivf.do_polysemous_training = False
+    return index, {"nlist": nlist, "pq_m": pq_m, "train_size": train_size}
+
+
+def _top_k_merge(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-``k`` of concatenated candidate lists ``[Q, m]`` (descending scores)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], dim: int,
+                      spec: index_lib.IndexSpec = index_lib.IndexSpec(), *, seed: int = 0, tune_queries: int = 1000,
+                      train_per_list: int = 256, max_nprobe: int | None = None,
+                      on_shard: Callable[[int, faiss.Index], None] | None = None) -> tuple[faiss.Index, dict[str, Any], bytes]:
+    """The recipe on any shard source: ``load(s)`` → float32 ``[counts[s], dim]`` (normalised); each is read twice.
+
+    Pass 1 draws the training sample (``train_per_list × nlist`` vectors, proportional to shard size)
+    and tuning queries held out from it; the quantiser is trained once. Pass 2 adds every shard to a copy
+    of the trained empty index (``on_shard(s, index)`` sees each, e.g. to save it) and computes the exact
+    top-k of the queries shard by shard. The copies are merged (``merge_from``), ``nprobe`` is tuned up to
+    ``max_nprobe`` (default nlist). Returns ``(merged, info, trained empty index bytes)``.
+    """
+    index_lib._ensure_threads()
+    started = time.perf_counter()
+    counts = np.asarray(counts, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    n = int(counts.sum())
+    if n == 0:
+        raise ValueError("the shards hold no vectors")
+    kind = index_lib.choose_index_kind(n, dim, spec)
+    empty, plan = _empty_index(kind, n, dim, spec, seed, train_per_list)
+    rng = np.random.default_rng(seed)
+    want_train = [math.ceil(plan["train_size"] * c / n) for c in counts]
+    want_query = [math.ceil(min(tune_queries, n) * c / n) for c in counts]
+    train_parts, query_ids, query_parts = [], [], []
+    for shard in range(len(counts)):
+        vectors = _shard_vectors(load, shard, dim)
+        perm = rng.permutation(len(vectors))
+        held_out = perm[want_train[shard]:] if len(perm) - want_train[shard] >= want_query[shard] else perm
+        query_rows = np.sort(held_out[:want_query[shard]])
+        train_parts.append(vectors[np.sort(perm[:want_train[shard]])])
+        query_parts.append(vectors[query_rows])
+        query_ids.append(offsets[shard] + query_rows)
+    queries, qids = np.concatenate(query_parts), np.concatenate(query_ids).astype(np.int64)
+    t0 = time.perf_counter()
+    if kind != "flat":
+        empty.train(np.concatenate(train_parts))
+    trained = faiss.serialize_index(empty).tobytes()
+    train_seconds, train_parts = time.perf_counter() - t0, []
+    k = index_lib._TUNE_K
+    exact_scores = np.full((len(qids), 0), -np.inf, dtype=np.float32)
+    exact_ids = np.zeros((len(qids), 0), dtype=np.int64)
+    merged, add_seconds, merge_seconds = None, 0.0, 0.0
+    for shard in range(len(counts)):
+        vectors = _shard_vectors(load, shard, dim)
+        t0 = time.perf_counter()
+        part = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))  # a copy of the trained empty index
+        part.add_with_ids(vectors, offsets[shard] + np.arange(len(vectors), dtype=np.int64))
+        add_seconds += time.perf_counter() - t0
+        if len(vectors):
+            scores, ids = faiss.knn(queries, vectors, min(k + 1, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+            exact_scores, exact_ids = _top_k_merge(np.hstack([exact_scores, scores]),
+                                                   np.hstack([exact_ids, ids + offsets[shard]]), k + 1)
+        if on_shard is not None:
+            on_shard(shard, part)
+        t0 = time.perf_counter()
+        if merged is None:
+            merged = part
+        else:
+            merged.merge_from(part, 0)  # ids are already global; empties ``part``
+        merge_seconds += time.perf_counter() - t0
+    exact = index_lib._drop_self(exact_ids, qids, k)
+    info: dict[str, Any] = {"kind": kind, "n": n, "dim": dim, "num_shards": len(counts), "nlist": plan.get("nlist"),
+                            "pq_m": plan.get("pq_m"), "train_size": plan["train_size"], "nprobe": None}
+    if kind == "flat":
+        info.update(tuned_recall=1.0, target_met=True)
+    else:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(merged))
+
+        def evaluate(p: int) -> float:
+            ivf.nprobe = p
+            _, ids = merged.search(queries, min(k + 1, n))
+            return index_lib._overlap(index_lib._drop_self(ids, qids, k), exact)
+
+        top = min(max_nprobe or ivf.nlist, ivf.nlist)
+        nprobe, recall = ((spec.nprobe, evaluate(spec.nprobe)) if spec.nprobe
+                          else index_lib._tune(evaluate, 1, top, spec.target_recall))
+        ivf.nprobe = nprobe
+        info.update(nprobe=nprobe, tuned_recall=recall, target_met=recall >= spec.target_recall)
+    info.update(recall_at_10=info["tuned_recall"], train_seconds=train_seconds, add_seconds=add_seconds,
+                merge_seconds=merge_seconds, build_seconds=time.perf_counter() - started,
+                bytes=index_lib._index_bytes(merged))
+    return merged, info, trained
+
+
+def _shard_vectors(load: Callable[[int], np.ndarray], shard: int, dim: int) -> np.ndarray:
+    vectors = load(shard)
+    return vectors if len(vectors) else np.zeros((0, dim), dtype=np.float32)
+
+
+def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.IndexSpec = index_lib.IndexSpec(), *,
+                        prefix: str = DEFAULT_PREFIX, seed: int = 0, tune_queries: int = 1000,
+                        save: bool = True) -> tuple[faiss.Index, dict[str, Any]]:
+    """:func:`build_from_shards` over the published shards of ``prefix``; returns ``(index, info)``.
+
+    ``info``: ``kind, n, dim, num_shards, nlist, nprobe, pq_m, train_size, tuned_recall, target_met,
+    recall_at_10`` (on held-out queries vs exact), ``train_seconds, add_seconds, merge_seconds,
+    build_seconds, bytes``. With ``save`` the trained empty index (reused to add new shards), each
+    shard's index, the merged index, ``ids.parquet`` (row i = id i) and ``info.json`` go to ``<prefix>/index/``.
+    """
+    sidecars = [store.read_json(shard_key(prefix, s, num_shards).replace(".parquet", ".json")) for s in range(num_shards)]
+    counts = [int(c["rows"]) for c in sidecars]
+    dim = max(int(c["dim"]) for c in sidecars)
+
+    def save_shard(shard: int, part: faiss.Index) -> None:
+        _put_index(store, f"{prefix}/index/shard-{shard:05d}.faiss", part)
+
+    merged, info, trained = build_from_shards(lambda s: read_shard(store, prefix, s, num_shards)[1], counts, dim, spec,
+                                              seed=seed, tune_queries=tune_queries, on_shard=save_shard if save else None)
+    if save:
+        store.write_bytes(f"{prefix}/index/trained.faiss", trained)
+        _put_index(store, f"{prefix}/index/merged.faiss", merged)
+        frames = [read_shard(store, prefix, s, num_shards)[0] for s in range(num_shards)]
+        store.write_parquet(f"{prefix}/index/ids.parquet", pl.concat([f for f in frames if f.height], how="diagonal"))
+        store.write_json(f"{prefix}/index/info.json", info)
+    return merged, info
+
+
+def _put_index(store: ArtifactStore, key: str, index: faiss.Index) -> None:
+    """Write ``index`` with faiss' file writer (no in-memory copy of the serialisation) and publish it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{uuid.uuid4().hex}.faiss"
+        faiss.write_index(index, str(path))
+        store.put_file(path, key)
+
+
+def local_index_file(store: ArtifactStore, key: str, cache_dir: Path) -> Path:
+    """A local path of ``key`` for :func:`load_index` (the file itself in a local store, else a cached download)."""
+    if store.is_local:
+        return Path(store.path(key))
+    target = cache_dir / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex}")
+    store.fs.get_file(store.path(key), str(temp))
+    os.replace(temp, target)
+    return target

@@ -1,0 +1,122 @@
+"""How the training assets run a stage: in the Dagster process (default) or as a Dagster Pipes child.
+
+``ComputeResource(launcher=TrainingLauncher(...))`` switches the four training assets:
+
+* ``in_process`` (default, also when ``launcher`` is unset): the asset trains itself, as before.
+* ``pipes_subprocess``: ``dg.PipesSubprocessClient`` runs ``python -m clipopt_core.pipes_child`` or, with
+  ``nproc_per_node`` > 1, ``python -m torch.distributed.run --standalone --nproc-per-node N -m
+  clipopt_core.pipes_child`` (data-parallel, :mod:`clipopt_core.distributed`) on this machine.
+* ``pipes_k8s``: ``dagster_k8s.PipesK8sClient`` runs the same command in a pod of ``image``
+  (needs ``dagster-k8s``, not installed by default; see ``deploy/README.md``).
+
+The child gets a :class:`~clipopt_core.stage_job.StageRequest` in ``$CLIPOPT_STAGE_REQUEST``, reads its
+inputs from the artifact store, publishes ``models/<asset>`` itself and reports the asset's
+metadata (best_val_score, steps, uri, …) and its logs back over Pipes. S3 credentials of the store
+resource go to the child's environment, never into the request.
+"""
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from clipopt_core.models import ModelSpec
+from clipopt_core.stage_job import REQUEST_ENV, StageRequest
+
+if TYPE_CHECKING:
+    from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource
+
+PIPES_CHILD = "clipopt_core.pipes_child"
+LAUNCHER_ENV = "CLIPOPT_LAUNCHER"
+NPROC_ENV = "CLIPOPT_NPROC_PER_NODE"
+
+
+class TrainingLauncher(dg.ConfigurableResource):
+    """Where training runs; ``mode`` ``in_process`` keeps the default behaviour.
+
+    ``nproc_per_node``: ranks per machine (> 1 launches through torchrun; one GPU each on CUDA).
+    ``python``: interpreter of the child (subprocess: this one; k8s: ``python`` in the image).
+    ``env``: extra environment for the child. ``image``/``namespace``/``gpus_per_pod``: ``pipes_k8s`` only.
+    """
+
+    mode: Literal["in_process", "pipes_subprocess", "pipes_k8s"] = "in_process"
+    nproc_per_node: int = Field(default=1, ge=1)
+    python: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    image: str | None = None
+    namespace: str | None = None
+    gpus_per_pod: int = Field(default=0, ge=0)
+
+    @property
+    def launches(self) -> bool:
+        """True when the stage runs in a child process instead of the asset's own process."""
+        return self.mode != "in_process"
+
+    def command(self) -> list[str]:
+        """The child's command line (torchrun when ``nproc_per_node`` > 1)."""
+        python = self.python or (sys.executable if self.mode == "pipes_subprocess" else "python")
+        if self.nproc_per_node == 1:
+            return [python, "-m", PIPES_CHILD]
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc_per_node}",
+                "-m", PIPES_CHILD]
+
+    def child_env(self, request: StageRequest, store: "ArtifactStoreResource") -> dict[str, str]:
+        env = {REQUEST_ENV: request.to_json(), "OMP_WAIT_POLICY": "PASSIVE"}
+        if store.aws_access_key_id:
+            env.update(AWS_ACCESS_KEY_ID=store.aws_access_key_id, AWS_SECRET_ACCESS_KEY=store.aws_secret_access_key or "")
+        return {**env, **self.env}
+
+    def launch(self, context: dg.AssetExecutionContext, request: StageRequest,
+               store: "ArtifactStoreResource") -> dg.MaterializeResult:
+        """Run ``request`` in a Pipes child; the materialisation carries the metadata the child reported."""
+        command = self.command()
+        context.log.info(f"launching {request.asset} ({self.mode}): {' '.join(command)}")
+        env = self.child_env(request, store)
+        if self.mode == "pipes_subprocess":
+            invocation = dg.PipesSubprocessClient(cwd=os.getcwd()).run(context=context, command=command, env=env)
+        elif self.mode == "pipes_k8s":
+            invocation = self._k8s_client().run(context=context, image=self.image, command=command, env=env,
+                                                namespace=self.namespace, base_pod_spec=self._pod_spec())
+        else:
+            raise ValueError("launch() is for the pipes_* modes; in_process training runs in the asset itself")
+        return invocation.get_materialize_result()
+
+    def _k8s_client(self) -> Any:
+        if not self.image:
+            raise ValueError("TrainingLauncher(mode='pipes_k8s') needs image= (an image with clipopt installed)")
+        try:
+            from dagster_k8s import PipesK8sClient
+        except ImportError as exc:
+            raise dg.Failure(f"mode 'pipes_k8s' needs the dagster-k8s package in the code location image ({exc}); "
+                             "see deploy/README.md") from exc
+        return PipesK8sClient()
+
+    def _pod_spec(self) -> dict[str, Any]:
+        """GPU limits for the training container (the pod's other fields come from the cluster defaults)."""
+        if not self.gpus_per_pod:
+            return {}
+        return {"containers": [{"name": "dagster-pipes-execution",
+                                "resources": {"limits": {"nvidia.com/gpu": self.gpus_per_pod}}}]}
+
+
+def launcher_from_env() -> TrainingLauncher | None:
+    """``$CLIPOPT_LAUNCHER`` (``pipes_subprocess``/``pipes_k8s``) and ``$CLIPOPT_NPROC_PER_NODE``; ``None`` if unset."""
+    mode = os.environ.get(LAUNCHER_ENV)
+    if not mode or mode == "in_process":
+        return None
+    return TrainingLauncher(mode=mode, nproc_per_node=int(os.environ.get(NPROC_ENV, "1")),
+                            image=os.environ.get("CLIPOPT_TRAIN_IMAGE"))
+
+
+def stage_request(stage: str, asset: str, store: "ArtifactStoreResource", compute: "ComputeResource", config: Any,
+                  work_dir: Path, *, model: ModelSpec | None = None, encoder: str | None = None,
+                  image_size: int | None = None) -> StageRequest:
+    """The request for ``asset`` (``config``: the core :class:`RetrievalConfig` / :class:`RealignConfig`)."""
+    return StageRequest(stage=stage, asset=asset, store_url=store.base_url, endpoint_url=store.endpoint_url,
+                        config=asdict(config), work_dir=str(work_dir), cache_dir=str(compute.cache),
+                        model=asdict(model) if model else None, encoder=encoder, image_size=image_size,
+                        device=compute.device)
