@@ -195,3 +195,19 @@ class ArtifactStore:
                 f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}. "
                 "Check that the artifact store is reachable and the credentials are right."
             ) from exc
+
+
+def configure_s3_defaults(endpoint_url: str | None = None, key: str | None = None, secret: str | None = None) -> None:
+    """Make every ``s3://`` URL opened through fsspec in this process use this endpoint/credentials.
+
+    Image sources and image URIs (read by decoding, training and embedding code far from any
+    resource) go through plain ``fsspec.open``; this sets fsspec's per-protocol defaults so
+    they reach S3-compatible servers too. Values left ``None`` keep botocore's defaults
+    (environment, ~/.aws). Explicit ``storage_options`` (the artifact store's) still win.
+    """
+    defaults: dict[str, Any] = fsspec.config.conf.setdefault("s3", {})
+    if endpoint_url:
+        defaults.setdefault("client_kwargs", {})["endpoint_url"] = endpoint_url
+    if key and secret:
+        defaults.update(key=key, secret=secret)
+    fsspec.config.conf["s3"] = defaults

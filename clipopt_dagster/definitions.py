@@ -6,6 +6,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dagster as dg
 
+from clipopt_core.storage import configure_s3_defaults
 from clipopt_dagster import assets_data, assets_serving, assets_training, checks
 from clipopt_dagster.automation import new_images_sensor, retraining_job, retraining_schedule
 from clipopt_dagster.launchers import launcher_from_env
@@ -24,6 +25,9 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
     return {"store": store, "compute": compute,
             "sources": sources, "catalog": CatalogResource()}
 
+
+# Image sources and image URIs on an S3-compatible server (every executor process loads this module).
+configure_s3_defaults(os.environ.get("CLIPOPT_S3_ENDPOINT"))
 
 ASSETS = dg.load_assets_from_modules([assets_data, assets_training, assets_serving])
 ASSET_CHECKS = dg.load_asset_checks_from_modules([checks])
