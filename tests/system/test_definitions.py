@@ -126,11 +126,16 @@ def _add_image(source: Path, label: str = "purple circle") -> None:
     pl.concat([manifest, row]).write_csv(source / "manifest.csv")
 
 
-def test_new_images_sensor_requests_once_per_source_state(tmp_path):
+def _sensor_world(tmp_path) -> tuple[Path, dict, dg.DagsterInstance]:
+    """A small class-folder source, the sensor's resources, and an empty instance."""
     source = write_shapes_source(tmp_path / "shapes", per_class=2)
     resources = {"sources": DataSourceResource(images=str(source), captions=None),
                  "compute": ComputeResource(cache_dir=str(tmp_path / "cache"))}
-    instance = dg.DagsterInstance.ephemeral()
+    return source, resources, dg.DagsterInstance.ephemeral()
+
+
+def test_new_images_sensor_requests_once_per_source_state(tmp_path):
+    source, resources, instance = _sensor_world(tmp_path)
 
     first = _sensor_tick(instance, None, resources)
     assert len(first.run_requests) == 1 and first.skip_message is None
@@ -160,10 +165,7 @@ def test_new_images_sensor_requests_once_per_source_state(tmp_path):
 
 
 def test_new_images_sensor_retrains_when_the_source_reverts(tmp_path):
-    source = write_shapes_source(tmp_path / "shapes", per_class=2)
-    resources = {"sources": DataSourceResource(images=str(source), captions=None),
-                 "compute": ComputeResource(cache_dir=str(tmp_path / "cache"))}
-    instance = dg.DagsterInstance.ephemeral()
+    source, resources, instance = _sensor_world(tmp_path)
     state_a = _sensor_tick(instance, None, resources)
     _add_image(source)
     state_b = _sensor_tick(instance, state_a.cursor, resources)
@@ -176,10 +178,7 @@ def test_new_images_sensor_retrains_when_the_source_reverts(tmp_path):
 
 def test_new_images_sensor_skips_the_state_already_trained_on(tmp_path):
     """No cursor (sensor reset), but raw_images was last materialised from this exact source state."""
-    source = write_shapes_source(tmp_path / "shapes", per_class=2)
-    resources = {"sources": DataSourceResource(images=str(source), captions=None),
-                 "compute": ComputeResource(cache_dir=str(tmp_path / "cache"))}
-    instance = dg.DagsterInstance.ephemeral()
+    source, resources, instance = _sensor_world(tmp_path)
     fingerprint = _sensor_tick(instance, None, resources).run_requests[0].tags["clipopt/source_fingerprint"]
     instance.report_runless_asset_event(
         dg.AssetMaterialization("raw_images", tags={"dagster/data_version": fingerprint}))
