@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -158,11 +159,31 @@ class ArtifactStore:
         return local_dir
 
     def list_temp_objects(self, prefix: str = "") -> list[str]:
-        """Leftover ``*.tmp-*`` objects under ``prefix`` (should always be empty)."""
-        base = self.path(prefix) if prefix else self.root
-        if not self.fs.exists(base):
-            return []
-        return [path for path in self.fs.find(base) if ".tmp-" in path.rsplit("/", 1)[-1]]
+        """Leftover ``*.tmp-*`` objects under ``prefix`` (empty unless an upload was killed)."""
+        def _list() -> list[str]:
+            base = self.path(prefix) if prefix else self.root
+            if not self.fs.exists(base):
+                return []
+            return [path for path in self.fs.find(base) if ".tmp-" in path.rsplit("/", 1)[-1]]
+        return self._call("list", prefix, _list)
+
+    def remove_stale_temp_objects(self, older_than_s: float = 3600.0, prefix: str = "") -> list[str]:
+        """Delete ``*.tmp-*`` objects older than ``older_than_s`` (left by killed uploads); returns them.
+
+        Readers never see temp objects, so this only reclaims space. The age bound keeps the
+        temp objects of uploads still in flight in a concurrent run.
+        """
+        now = time.time()
+        stale = [path for path in self.list_temp_objects(prefix) if now - self._modified(path) > older_than_s]
+        for path in stale:
+            self._call("delete", path, lambda path=path: self.fs.rm_file(path))
+        return stale
+
+    def _modified(self, path: str) -> float:
+        """Modification time of ``path`` in seconds since the epoch (local mtime or S3 LastModified)."""
+        info = self._call("stat", path, lambda: self.fs.info(path))
+        stamp = info.get("mtime", info.get("LastModified", info.get("created", 0)))
+        return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
     # -- internals --------------------------------------------------------
     def _publish_atomically(self, action: str, key: str, write_temp: Any) -> None:

@@ -24,9 +24,12 @@ def raw_images(context: dg.AssetExecutionContext, sources: DataSourceResource, c
     images, _ = sources.resolve(compute.cache, context.log.info)
     rows = mf.scan_source(images, sources.images_layout)
     fingerprint = mf.source_fingerprint(rows, images)
-    store.store().write_parquet(Keys.listing, rows.with_columns(pl.lit(mf.source_root(images)).alias("root")))
+    artifacts = store.store()
+    stale = artifacts.remove_stale_temp_objects()  # temp objects of uploads killed in earlier runs
+    artifacts.write_parquet(Keys.listing, rows.with_columns(pl.lit(mf.source_root(images)).alias("root")))
     return dg.MaterializeResult(
-        metadata={"source": images, "rows": rows.height, "labels": rows["label"].n_unique(), "fingerprint": fingerprint},
+        metadata={"source": images, "rows": rows.height, "labels": rows["label"].n_unique(), "fingerprint": fingerprint,
+                  "stale_temp_objects_removed": len(stale)},
         data_version=dg.DataVersion(fingerprint),
     )
 

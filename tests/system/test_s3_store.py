@@ -178,3 +178,13 @@ def test_image_source_on_an_s3_prefix_trains_from_s3(s3, tmp_path, shapes_source
     manifest = ArtifactStore(f"file://{tmp_path / 'artifacts'}").read_parquet("data/manifest.parquet")
     assert manifest.height == 48 and all(uri.startswith("s3://") for uri in manifest["uri"])
     assert result.asset_materializations_for_node("mcip_encoder")[0].metadata["steps"].value > 0
+
+
+def test_stale_temp_objects_are_removed_on_s3(s3):
+    """The age comes from S3's LastModified; a bound of -1 s makes every temp object stale."""
+    store = ArtifactStore(s3.url(), s3.storage_options)
+    store.write_bytes("reports/evaluation.md", b"published")
+    store.fs.pipe_file(store.path("models/stage1/weights.safetensors.tmp-deadbeef"), b"half an upload")
+    assert store.remove_stale_temp_objects(older_than_s=3600) == []  # just written: kept
+    assert len(store.remove_stale_temp_objects(older_than_s=-1)) == 1
+    assert store.list_temp_objects() == [] and store.read_bytes("reports/evaluation.md") == b"published"
