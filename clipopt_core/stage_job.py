@@ -1,6 +1,6 @@
 """A training stage as a self-contained job: inputs from the artifact store, the checkpoint published back.
 
-What a launched child runs (:mod:`clipopt_core.pipes_child` under Dagster Pipes; the same code in
+What a launched child runs (:mod:`clipopt_dagster.pipes_child` under Dagster Pipes; the same code in
 a subprocess, under ``torchrun`` or in a Kubernetes pod): it needs only a :class:`StageRequest`
 (JSON, in ``$CLIPOPT_STAGE_REQUEST`` or a file) and access to the store. It reads the splits (and
 the pseudo-captions or caption pairs) from the store, trains through :mod:`clipopt_core.pipeline`

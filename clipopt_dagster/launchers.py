@@ -3,9 +3,9 @@
 ``ComputeResource(launcher=TrainingLauncher(...))`` switches the four training assets:
 
 * ``in_process`` (default, also when ``launcher`` is unset): the asset trains itself, as before.
-* ``pipes_subprocess``: ``dg.PipesSubprocessClient`` runs ``python -m clipopt_core.pipes_child`` or, with
+* ``pipes_subprocess``: ``dg.PipesSubprocessClient`` runs ``python -m clipopt_dagster.pipes_child`` or, with
   ``nproc_per_node`` > 1, ``python -m torch.distributed.run --standalone --nproc-per-node N -m
-  clipopt_core.pipes_child`` (data-parallel, :mod:`clipopt_core.distributed`) on this machine.
+  clipopt_dagster.pipes_child`` (data-parallel, :mod:`clipopt_core.distributed`) on this machine.
 * ``pipes_k8s``: ``dagster_k8s.PipesK8sClient`` runs the same command in a pod of ``image``
   (needs ``dagster-k8s``, not installed by default; see ``deploy/README.md``).
 
@@ -30,7 +30,7 @@ from clipopt_core.stage_job import REQUEST_ENV, StageRequest
 if TYPE_CHECKING:
     from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource
 
-PIPES_CHILD = "clipopt_core.pipes_child"
+PIPES_CHILD = "clipopt_dagster.pipes_child"
 LAUNCHER_ENV = "CLIPOPT_LAUNCHER"
 NPROC_ENV = "CLIPOPT_NPROC_PER_NODE"
 

@@ -1,7 +1,7 @@
 """The clipopt code location for Kubernetes: the same assets and resources, one pod per step.
 
 Load it instead of ``clipopt_dagster.definitions`` in the code-location image (values.yaml:
-``dagsterApiGrpcArgs: ["--python-file", "/opt/clipopt/deploy/k8s/definitions_k8s.py"]``). It needs
+``dagsterApiGrpcArgs: ["--python-file", "deploy/k8s/definitions_k8s.py"]``, relative to the image WORKDIR). It needs
 ``dagster-k8s`` (same release line as dagster: 0.29.x for dagster 1.13.x), which clipopt does not
 install by default. Asset code does not change; only the executor does. Resources come from the
 environment as in the local location (CLIPOPT_ARTIFACTS=s3://…, CLIPOPT_DEVICE=cuda, and

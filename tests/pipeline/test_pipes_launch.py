@@ -96,7 +96,7 @@ def test_default_launcher_is_in_process(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("CLIPOPT_NPROC_PER_NODE", "4")
     launcher = launcher_from_env()
     assert launcher.launches and launcher.command()[1:] == ["-m", "torch.distributed.run", "--standalone",
-                                                            "--nproc-per-node=4", "-m", "clipopt_core.pipes_child"]
+                                                            "--nproc-per-node=4", "-m", "clipopt_dagster.pipes_child"]
 
 
 def test_k8s_mode_builds_a_gpu_pod_spec_and_needs_an_image() -> None:
@@ -119,7 +119,7 @@ def test_stage_request_round_trips_and_checks_its_stage() -> None:
 
 
 def test_clipopt_core_imports_neither_dagster_nor_dagster_pipes() -> None:
-    """Only running ``clipopt_core.pipes_child`` as a program imports ``dagster_pipes``; nothing imports dagster."""
+    """Only running ``clipopt_dagster.pipes_child`` as a program imports ``dagster_pipes``; nothing imports dagster."""
     code = ("import importlib, pkgutil, sys, clipopt_core\n"
             "for m in pkgutil.iter_modules(clipopt_core.__path__): importlib.import_module(f'clipopt_core.{m.name}')\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('dagster', 'dagster_pipes')))")

@@ -1,7 +1,7 @@
 """The child side of Dagster Pipes: train one stage and report the asset materialisation back.
 
-    python -m clipopt_core.pipes_child [--request FILE]      # request JSON else in $CLIPOPT_STAGE_REQUEST
-    torchrun --standalone --nproc-per-node N -m clipopt_core.pipes_child
+    python -m clipopt_dagster.pipes_child [--request FILE]      # request JSON else in $CLIPOPT_STAGE_REQUEST
+    torchrun --standalone --nproc-per-node N -m clipopt_dagster.pipes_child
 
 Launched by ``clipopt_dagster.launchers.TrainingLauncher`` (``PipesSubprocessClient`` or
 ``PipesK8sClient``). Only this module imports ``dagster_pipes`` — a small package with no
@@ -47,7 +47,7 @@ def pipes_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipopt_core.pipes_child", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m clipopt_dagster.pipes_child", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--request", default=None, help=f"request JSON file (default: ${REQUEST_ENV})")
     request = StageRequest.load(parser.parse_args(argv).request)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dagster_pipes import open_dagster_pipes
     except ImportError as exc:  # pragma: no cover - dagster-pipes ships with the project
-        raise SystemExit(f"clipopt_core.pipes_child needs the dagster-pipes package: {exc}") from exc
+        raise SystemExit(f"clipopt_dagster.pipes_child needs the dagster-pipes package: {exc}") from exc
     with open_dagster_pipes() as pipes:
         pipes.log.info(f"training {request.asset} ({request.stage}) on {distributed.world_size()} rank(s), "
                        f"device {request.device}, work folder {request.work_dir}")
