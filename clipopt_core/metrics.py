@@ -20,7 +20,7 @@ index (smallest label value for kNN).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ __all__ = [
     "zero_shot_accuracy",
     "text_to_image_recall",
     "group_means",
-    "per_source",
+    "map_by_query_source",
 ]
 
 DEFAULT_GROUPS: dict[str, list[str]] = {

@@ -5,7 +5,6 @@ import time
 import dagster as dg
 import numpy as np
 import polars as pl
-import torch
 
 from clipopt_core import index as faiss_index_lib
 from clipopt_core.embed import embed_images

@@ -1,5 +1,4 @@
 """The asset checks' logic on crafted reports and index info (pass and fail at the boundaries)."""
-import dagster as dg
 import polars as pl
 import pytest
 

@@ -13,7 +13,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from clipopt_dagster.automation import new_images_sensor, retraining_job, retraining_schedule
+from clipopt_dagster.automation import new_images_sensor, retraining_schedule
 from clipopt_dagster.resources import ComputeResource, DataSourceResource
 from tests.conftest import write_shapes_source
 
