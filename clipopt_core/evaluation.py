@@ -19,6 +19,7 @@ import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from clipopt_core import metrics
+from clipopt_core.data import encode_labels
 from clipopt_core.embed import embed_images, embed_texts, zero_shot_classifier
 from clipopt_core.models import ClipBundle
 
@@ -50,17 +51,16 @@ def evaluate_model(bundle: ClipBundle, split: pl.DataFrame, config: EvalConfig =
     if split.height == 0:
         raise ValueError("the evaluation split is empty; lower test_fraction's granularity or add classes")
     images = embed_images(bundle, split["uri"].to_list(), batch_size=config.batch_size, device=device, progress=progress)
-    labels = _ids(split["label"].to_list())
+    label_ids, class_names = encode_labels(split["label"].to_list())
+    labels = torch.tensor(label_ids)
     results = {
         "i2i_map": metrics.image_to_image_map(images, labels, include_query=True),
         "i2i_r1": metrics.image_to_image_recall_at_1(images, labels),
         "knn_top1": metrics.knn_accuracy(images, _ids(split["category"].to_list()), k=config.knn_k,
                                          temperature=config.knn_temperature),
     }
-    class_names = sorted(set(split["label"].to_list()))
     classifier = zero_shot_classifier(bundle, class_names, config.templates, device=device)
-    lookup = {name: number for number, name in enumerate(class_names)}
-    results["zs_top1"] = metrics.zero_shot_accuracy(images, classifier, torch.tensor([lookup[x] for x in split["label"]]))
+    results["zs_top1"] = metrics.zero_shot_accuracy(images, classifier, labels)
     results.update(_text_to_image(bundle, images, split["caption"].to_list(), device))
     results.update(metrics.group_means(results))
     by_source = {}
@@ -104,5 +104,5 @@ def _text_to_image(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[
 
 
 def _ids(values: Sequence[str]) -> torch.Tensor:
-    lookup: dict[str, int] = {}
-    return torch.tensor([lookup.setdefault(value, len(lookup)) for value in values], dtype=torch.long)
+    """Class ids [N] (long) of string labels; only equality matters to the metrics."""
+    return torch.tensor(encode_labels(values)[0], dtype=torch.long)
