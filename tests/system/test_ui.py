@@ -182,6 +182,9 @@ def page(browser):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
     context.set_default_timeout(UI_TIMEOUT_MS)
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)  # assertions have their own 5 s default, too short on a loaded CI box
     try:
         yield context.new_page()
     finally:
