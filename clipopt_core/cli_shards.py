@@ -7,13 +7,12 @@
 pod per shard), else every shard in turn; published shards of the same model are skipped. The model
 is the variant the evaluation report serves (``--variant`` overrides; ``baseline`` is the base model).
 ``build`` trains the quantiser once, adds the shards and writes ``<prefix>/index/`` (merged.faiss,
-one index per shard, ids.parquet, info.json). Each prints a JSON summary.
+one index per shard, ids.parquet, info.json). The default prefix is the one the ``gallery_embeddings``
+and ``faiss_index`` assets use, so ``clipopt search`` serves the result. Each prints a JSON summary.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ def add_parser(commands: Any, default_store: str) -> None:
         action = actions.add_parser(name)
         action.add_argument("--store", default=default_store)
         action.add_argument("--num-shards", type=int, required=True)
-        action.add_argument("--prefix", default="serving/sharded")
+        action.add_argument("--prefix", default="serving", help="store prefix (default: the served index)")
     embed = actions.choices["embed"]
     embed.add_argument("--shard", type=int, action="append", help="shard(s) to embed (default: $JOB_COMPLETION_INDEX or all)")
     embed.add_argument("--variant", default=None, help="baseline, stage1, 2sft, mcip, mcip_realign (default: the served one)")
@@ -54,15 +53,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
     from clipopt_core import sharding
     from clipopt_core.embed import embed_images
-    from clipopt_core.layout import VARIANT_MODELS, Keys, variant_spec
+    from clipopt_core.layout import Keys, served_model_key, variant_spec
     from clipopt_core.models import load_model
 
     if not store.exists(Keys.manifest):
         raise FileNotFoundError(f"{store.url(Keys.manifest)} is missing; materialise image_manifest first")
     variant = args.variant or (store.read_json(Keys.report_json)["serve_variant"] if store.exists(Keys.report_json)
                                else "baseline")
-    source = Keys.base_model if variant == "baseline" else f"{Keys.model(VARIANT_MODELS.get(variant, variant))}/_COMPLETE.json"
-    model_key = f"{variant}:{hashlib.sha256(json.dumps(store.read_json(source), sort_keys=True).encode()).hexdigest()[:16]}"
+    model_key = served_model_key(store, variant)
     shards = args.shard or ([int(os.environ["JOB_COMPLETION_INDEX"])] if "JOB_COMPLETION_INDEX" in os.environ
                             else list(range(args.num_shards)))
     cache = Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
@@ -87,4 +85,4 @@ def _build(store: Any, args: argparse.Namespace) -> dict[str, Any]:
     spec = IndexSpec(kind=args.kind, target_recall=args.target_recall, nlist=args.nlist,
                      memory_budget_bytes=int(args.memory_budget_gib * 2**30))
     _, info = sharding.build_sharded_index(store, args.num_shards, spec, prefix=args.prefix)
-    return {**info, "index": store.url(f"{args.prefix}/index/merged.faiss")}
+    return {**info, "index": store.url(sharding.index_key(args.prefix, "merged.faiss"))}

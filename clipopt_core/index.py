@@ -26,6 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal
 
 import faiss
@@ -39,6 +40,7 @@ __all__ = [
     "search",
     "serialize_index",
     "deserialize_index",
+    "read_index",
 ]
 
 FLAT_MAX_N = 50_000
@@ -307,6 +309,30 @@ def deserialize_index(
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8).copy())
     except RuntimeError as e:
         raise ValueError(f"could not deserialize faiss index ({len(data)} bytes): {e}") from e
+    return _checked(index, expected_dim, expected_count)
+
+
+def read_index(path: Path, *, mmap: bool = True, expected_dim: int | None = None,
+               expected_count: int | None = None) -> faiss.Index:
+    """Read a faiss index file; ``mmap`` maps IVF lists / flat codes from disk instead of loading them.
+
+    IVF files (fourcc ``Iw…``) use ``IO_FLAG_MMAP`` (read-only inverted lists over the mapping, so an
+    index larger than RAM is searched through the page cache); others ``IO_FLAG_MMAP_IFC`` (flat
+    codes). The two flags cannot be combined. Raises ``ValueError`` like :func:`deserialize_index`.
+    """
+    flags = 0
+    if mmap:
+        with open(path, "rb") as handle:
+            ivf = handle.read(2) == b"Iw"
+        flags = faiss.IO_FLAG_MMAP if ivf else getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+    try:
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError as e:
+        raise ValueError(f"could not read faiss index file {path} ({os.path.getsize(path)} bytes): {e}") from e
+    return _checked(index, expected_dim, expected_count)
+
+
+def _checked(index: faiss.Index, expected_dim: int | None, expected_count: int | None) -> faiss.Index:
     if expected_dim is not None and index.d != expected_dim:
         raise ValueError(f"index dimension mismatch: expected {expected_dim}, found {index.d}")
     if expected_count is not None and index.ntotal != expected_count:

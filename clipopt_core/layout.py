@@ -1,9 +1,12 @@
 """Where each artifact lives in the artifact store (shared by the CLI and the Dagster assets)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from clipopt_core.models import ModelSpec, checkpoint_spec
+from clipopt_core.sharding import index_key
 from clipopt_core.storage import ArtifactStore
 
 VARIANT_MODELS = {"stage1": "retrieval_encoder", "2sft": "realigned_2sft", "mcip": "mcip_encoder",
@@ -26,9 +29,10 @@ class Keys:
     report_md = "reports/evaluation.md"
     teaser = "reports/teaser.png"
     gallery = "reports/gallery.png"
-    embeddings = "serving/embeddings.parquet"
-    index = "serving/index.faiss"
-    index_info = "serving/index.json"
+    serving = "serving"  # prefix of the gallery embedding shards and the served index (clipopt_core.sharding)
+    index = index_key(serving, "merged.faiss")
+    index_ids = index_key(serving, "ids.parquet")
+    index_info = index_key(serving, "info.json")
 
     @staticmethod
     def model(name: str) -> str:
@@ -53,3 +57,11 @@ def variant_spec(store: ArtifactStore, variant: str, cache: Path) -> ModelSpec:
     if variant not in VARIANT_MODELS:
         raise ValueError(f"unknown variant {variant!r}; one of baseline, {', '.join(VARIANT_MODELS)}")
     return stage_spec(store, VARIANT_MODELS[variant], cache, base.image_size)
+
+
+def served_model_key(store: ArtifactStore, variant: str) -> str:
+    """``<variant>:<16 hex>``: names the exact weights of ``variant`` (hash of its published checkpoint
+    manifest, or of the base model record), so embeddings of other weights are never reused."""
+    source = Keys.base_model if variant == "baseline" else f"{Keys.model(VARIANT_MODELS.get(variant, variant))}/_COMPLETE.json"
+    digest = hashlib.sha256(json.dumps(store.read_json(source), sort_keys=True).encode()).hexdigest()
+    return f"{variant}:{digest[:16]}"

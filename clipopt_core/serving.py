@@ -14,6 +14,7 @@ from clipopt_core.data import eval_transform, load_image
 from clipopt_core.embed import embed_texts
 from clipopt_core.layout import Keys, variant_spec
 from clipopt_core.models import ClipBundle, load_model
+from clipopt_core.sharding import local_index_file
 from clipopt_core.storage import ArtifactStore
 
 
@@ -25,21 +26,25 @@ class SearchService:
     variant: str
 
     @classmethod
-    def from_store(cls, store: ArtifactStore, cache_dir: Path | None = None) -> "SearchService":
-        """Load the served variant's model, the index (validated against its info) and the id table."""
+    def from_store(cls, store: ArtifactStore, cache_dir: Path | None = None, *, mmap: bool = True) -> "SearchService":
+        """Load the served variant's model, the index (validated against its info) and the id table.
+
+        ``mmap`` maps the index file instead of reading it (a remote store's file is downloaded into
+        ``cache_dir/index`` first), so a gallery index larger than RAM is searched via the page cache.
+        """
         cache = cache_dir or Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
-        for key in (Keys.report_json, Keys.index, Keys.index_info, Keys.embeddings):
+        for key in (Keys.report_json, Keys.index_info, Keys.index, Keys.index_ids):
             if not store.exists(key):
                 raise FileNotFoundError(f"{store.url(key)} is missing; materialise faiss_index first")
         variant = store.read_json(Keys.report_json)["serve_variant"]
         info = store.read_json(Keys.index_info)
         try:
-            index = index_lib.deserialize_index(store.read_bytes(Keys.index), expected_dim=info["dim"],
-                                                expected_count=info["count"])
+            index = index_lib.read_index(local_index_file(store, Keys.index, cache / "index"), mmap=mmap,
+                                         expected_dim=info["dim"], expected_count=info["n"])
         except ValueError as exc:
             raise ValueError(f"{store.url(Keys.index)} does not match {store.url(Keys.index_info)}: {exc}; "
                              "rebuild faiss_index") from exc
-        metadata = _id_table(store, index.d)
+        metadata = _id_table(store)
         if metadata.height != index.ntotal:
             raise ValueError(f"index holds {index.ntotal} vectors but the id table {metadata.height} rows; rebuild faiss_index")
         bundle = load_model(variant_spec(store, variant, cache), cache_dir=cache)
@@ -67,18 +72,15 @@ class SearchService:
         return self.search_vector(vector[0].numpy(), k)
 
 
-def _id_table(store: ArtifactStore, dim: int) -> pl.DataFrame:
-    """The gallery table without its vectors, after checking it is a table of ``dim``-dim embeddings."""
-    url = store.url(Keys.embeddings)
+def _id_table(store: ArtifactStore) -> pl.DataFrame:
+    """The id table of the served index (row i = faiss id i), after checking its columns."""
+    url = store.url(Keys.index_ids)
     try:
-        frame = store.read_parquet(Keys.embeddings)
+        frame = store.read_parquet(Keys.index_ids)
     except Exception as exc:  # polars raises assorted errors on bytes that are not parquet
         raise ValueError(f"{url} is not a readable parquet table ({type(exc).__name__}: {exc}); "
-                         "rebuild gallery_embeddings") from exc
-    missing = [c for c in ("image_id", "uri", "embedding") if c not in frame.columns]
+                         "rebuild faiss_index") from exc
+    missing = [c for c in ("image_id", "uri") if c not in frame.columns]
     if missing:
-        raise ValueError(f"{url} lacks column(s) {missing}; rebuild gallery_embeddings")
-    width = getattr(frame.schema["embedding"], "size", None)
-    if width != dim:
-        raise ValueError(f"{url} holds {width}-dim embeddings but the index {dim}-dim; rebuild faiss_index")
-    return frame.drop("embedding")
+        raise ValueError(f"{url} lacks column(s) {missing}; rebuild faiss_index")
+    return frame

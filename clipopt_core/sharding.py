@@ -14,11 +14,12 @@
    starts at the sum of the earlier shards' sizes), so ``<prefix>/index/ids.parquet`` row ``i`` is id ``i``,
    the convention of :class:`clipopt_core.serving.SearchService`. ``nprobe`` is tuned and recall@10 measured
    against exact search computed shard by shard.
-4. :func:`load_index` memory-maps a saved index (``faiss.IO_FLAG_MMAP``; flat codes too with
-   ``IO_FLAG_MMAP_IFC``): the inverted lists stay on disk and the page cache holds the hot ones, so an
-   index larger than RAM can be searched.
+4. The merged index is saved as a file that :func:`clipopt_core.index.read_index` memory-maps
+   (``faiss.IO_FLAG_MMAP``): the inverted lists stay on disk and the page cache holds the hot ones, so
+   an index larger than RAM can be served.
 
-Flat and IVF kinds only: an HNSW graph cannot be assembled from independently built shards.
+An HNSW graph cannot be assembled from independently built shards: ``kind="hnsw"`` concatenates the
+shards on one machine and builds the graph there (:func:`clipopt_core.index.build_index`).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import polars as pl
 from clipopt_core import index as index_lib
 from clipopt_core.storage import ArtifactStore
 
-DEFAULT_PREFIX = "serving/sharded"
+DEFAULT_PREFIX = "serving"
 META_COLUMNS = ("image_id", "uri", "label", "caption", "source")
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # uris -> float32 [n, D], rows L2-normalised
 
@@ -61,6 +62,11 @@ def shard_rows(manifest: pl.DataFrame, shard: int, num_shards: int) -> pl.DataFr
 
 def shard_key(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}/embeddings/shard-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def index_key(prefix: str, name: str) -> str:
+    """Key of ``name`` (merged.faiss, trained.faiss, ids.parquet, info.json, shard-00003.faiss) under ``prefix``."""
+    return f"{prefix}/index/{name}"
 
 
 def _ids_digest(model_key: str, rows: pl.DataFrame) -> str:
@@ -112,19 +118,6 @@ def serve_shards(indexes: Sequence[faiss.Index]) -> faiss.IndexShards:
     for index in indexes:
         shards.add_shard(index)
     return shards
-
-
-def load_index(path: Path, *, mmap: bool = True) -> faiss.Index:
-    """Read a faiss index file; ``mmap`` maps IVF lists / flat codes from disk instead of loading them.
-
-    IVF files (fourcc ``Iw…``) use ``IO_FLAG_MMAP`` (read-only inverted lists over the mapping); others
-    ``IO_FLAG_MMAP_IFC`` (flat codes). The two flags cannot be combined.
-    """
-    if not mmap:
-        return faiss.read_index(str(path))
-    with open(path, "rb") as handle:
-        ivf = handle.read(2) == b"Iw"
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if ivf else getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP))
 
 
 def _empty_index(kind: str, n: int, dim: int, spec: index_lib.IndexSpec, seed: int,
@@ -251,25 +244,36 @@ def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.I
     """:func:`build_from_shards` over the published shards of ``prefix``; returns ``(index, info)``.
 
     ``info``: ``kind, n, dim, num_shards, nlist, nprobe, pq_m, train_size, tuned_recall, target_met,
-    recall_at_10`` (on held-out queries vs exact), ``train_seconds, add_seconds, merge_seconds,
-    build_seconds, bytes``. With ``save`` the trained empty index (reused to add new shards), each
-    shard's index, the merged index, ``ids.parquet`` (row i = id i) and ``info.json`` go to ``<prefix>/index/``.
+    target_recall, recall_at_10`` (on held-out queries vs exact), ``build_seconds, bytes`` and, for
+    the sharded kinds, ``train_seconds, add_seconds, merge_seconds``. With ``save`` the trained empty
+    index (reused to add new shards) and each shard's index (sharded kinds), then the merged index,
+    ``ids.parquet`` (row i = id i) and last ``info.json`` (the commit marker) go to ``<prefix>/index/``.
     """
     sidecars = [store.read_json(shard_key(prefix, s, num_shards).replace(".parquet", ".json")) for s in range(num_shards)]
     counts = [int(c["rows"]) for c in sidecars]
     dim = max(int(c["dim"]) for c in sidecars)
 
-    def save_shard(shard: int, part: faiss.Index) -> None:
-        _put_index(store, f"{prefix}/index/shard-{shard:05d}.faiss", part)
+    def load(shard: int) -> np.ndarray:
+        return read_shard(store, prefix, shard, num_shards)[1]
 
-    merged, info, trained = build_from_shards(lambda s: read_shard(store, prefix, s, num_shards)[1], counts, dim, spec,
-                                              seed=seed, tune_queries=tune_queries, on_shard=save_shard if save else None)
+    def save_shard(shard: int, part: faiss.Index) -> None:
+        _put_index(store, index_key(prefix, f"shard-{shard:05d}.faiss"), part)
+
+    if index_lib.choose_index_kind(sum(counts), dim, spec) == "hnsw":  # one graph over all vectors, on one machine
+        merged, info = index_lib.build_index(np.concatenate([_shard_vectors(load, s, dim) for s in range(num_shards)]),
+                                             spec, seed=seed)
+        info.update(num_shards=num_shards, recall_at_10=info["tuned_recall"])
+    else:
+        merged, info, trained = build_from_shards(load, counts, dim, spec, seed=seed, tune_queries=tune_queries,
+                                                  on_shard=save_shard if save else None)
+        if save:
+            store.write_bytes(index_key(prefix, "trained.faiss"), trained)
+    info["target_recall"] = spec.target_recall
     if save:
-        store.write_bytes(f"{prefix}/index/trained.faiss", trained)
-        _put_index(store, f"{prefix}/index/merged.faiss", merged)
+        _put_index(store, index_key(prefix, "merged.faiss"), merged)
         frames = [read_shard(store, prefix, s, num_shards)[0] for s in range(num_shards)]
-        store.write_parquet(f"{prefix}/index/ids.parquet", pl.concat([f for f in frames if f.height], how="diagonal"))
-        store.write_json(f"{prefix}/index/info.json", info)
+        store.write_parquet(index_key(prefix, "ids.parquet"), pl.concat([f for f in frames if f.height], how="diagonal"))
+        store.write_json(index_key(prefix, "info.json"), info)
     return merged, info
 
 
@@ -282,7 +286,7 @@ def _put_index(store: ArtifactStore, key: str, index: faiss.Index) -> None:
 
 
 def local_index_file(store: ArtifactStore, key: str, cache_dir: Path) -> Path:
-    """A local path of ``key`` for :func:`load_index` (the file itself in a local store, else a cached download)."""
+    """A local path of ``key`` for :func:`clipopt_core.index.read_index` (the file itself in a local store, else a cached download)."""
     if store.is_local:
         return Path(store.path(key))
     target = cache_dir / key

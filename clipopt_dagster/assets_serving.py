@@ -6,15 +6,16 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from clipopt_core import index as faiss_index_lib
+from clipopt_core import sharding
 from clipopt_core.embed import embed_images
 from clipopt_core.evaluation import evaluate_model
 from clipopt_core.models import load_model
 from clipopt_core.report import gallery_image, report_frame, teaser_plot, to_markdown
-from clipopt_core.layout import VARIANT_MODELS, Keys, variant_spec
+from clipopt_core.layout import VARIANT_MODELS, Keys, served_model_key, variant_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_training import mcip_encoder, realigned_2sft, realigned_mcip, retrieval_encoder
 from clipopt_dagster.configs import EvalSettings, IndexSettings
+from clipopt_dagster.partitions import GALLERY_SHARDS, SHARD_COUNT
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource
 
 @dg.asset(group_name="evaluation", deps=[retrieval_encoder, realigned_2sft, mcip_encoder, realigned_mcip],
@@ -58,34 +59,47 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     })
 
 
-@dg.asset(group_name="serving", deps=[evaluation_report], code_version="1", pool=GPU_POOL, kinds={"pytorch", "parquet"})
+@dg.asset(group_name="serving", deps=[evaluation_report], code_version="2", pool=GPU_POOL, kinds={"pytorch", "parquet"},
+          partitions_def=GALLERY_SHARDS, backfill_policy=dg.BackfillPolicy.multi_run(1))
 def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResource,
                        store: ArtifactStoreResource) -> dg.MaterializeResult:
-    """One embedding per image of the whole manifest, from the variant the report says to serve."""
+    """One embedding per image of the manifest, from the variant the report serves, one file per shard.
+
+    A backfill runs one shard per run (fanned out by the run launcher); ``retraining_job`` covers every
+    shard in one run. A shard already embedded by the same weights for the same images is skipped.
+    """
     compute.setup_torch()
     artifacts = store.store()
     variant = artifacts.read_json(Keys.report_json)["serve_variant"]
+    model_key = served_model_key(artifacts, variant)
     manifest = artifacts.read_parquet(Keys.manifest)
-    bundle = load_model(variant_spec(artifacts, variant, compute.cache), cache_dir=compute.cache, device=compute.device)
-    vectors = embed_images(bundle, manifest["uri"].to_list(), device=compute.device)
-    frame = manifest.select("image_id", "uri", "label", "caption", "source").with_columns(
-        pl.Series("embedding", vectors.numpy(), dtype=pl.Array(pl.Float32, vectors.shape[1])))
-    artifacts.write_parquet(Keys.embeddings, frame)
-    return dg.MaterializeResult(metadata={"variant": variant, "images": frame.height, "dim": int(vectors.shape[1]),
-                                          "uri": artifacts.url(Keys.embeddings)})
+    bundle = None
+
+    def embed(uris: list[str]) -> np.ndarray:
+        nonlocal bundle
+        bundle = bundle or load_model(variant_spec(artifacts, variant, compute.cache), cache_dir=compute.cache,
+                                      device=compute.device)
+        return embed_images(bundle, uris, device=compute.device).numpy()
+
+    shards = []
+    for key in context.partition_keys:
+        started = time.perf_counter()
+        result = sharding.embed_shard(manifest, int(key), SHARD_COUNT, artifacts, embed, model_key=model_key,
+                                      prefix=Keys.serving)
+        shards.append({"shard": key, "rows": result["rows"], "skipped": result["skipped"],
+                       "seconds": round(time.perf_counter() - started, 2)})
+        context.log.info(f"shard {key}: {result['rows']} images ({'unchanged, skipped' if result['skipped'] else 'embedded'})")
+    return dg.MaterializeResult(metadata={
+        "variant": variant, "model_key": model_key, "images": sum(s["rows"] for s in shards),
+        "embedded_shards": sum(not s["skipped"] for s in shards), "shards": md_table(shards),
+        "uri": artifacts.url(sharding.shard_key(Keys.serving, int(context.partition_keys[0]), SHARD_COUNT))})
 
 
-@dg.asset(group_name="serving", deps=[gallery_embeddings], code_version="1", kinds={"faiss"})
+@dg.asset(group_name="serving", deps=[gallery_embeddings], code_version="2", kinds={"faiss"})
 def faiss_index(config: IndexSettings, store: ArtifactStoreResource) -> dg.MaterializeResult:
-    """A faiss inner-product index over the gallery embeddings, with recall@10 vs exact search measured."""
+    """One faiss inner-product index over every gallery shard (quantiser trained once, shards added and
+    merged), with recall@10 vs exact search measured on held-out vectors."""
     artifacts = store.store()
-    frame = artifacts.read_parquet(Keys.embeddings)
-    vectors = np.ascontiguousarray(frame["embedding"].to_numpy(), dtype=np.float32)
-    index, info = faiss_index_lib.build_index(vectors, config.core())
-    recall = faiss_index_lib.recall_at_k_vs_exact(index, vectors, k=min(10, len(vectors) - 1))
-    info = {**info, "recall_at_10": recall, "count": int(index.ntotal), "dim": int(vectors.shape[1]),
-            "target_recall": config.target_recall}
-    artifacts.write_bytes(Keys.index, faiss_index_lib.serialize_index(index))
-    artifacts.write_json(Keys.index_info, info)
+    _, info = sharding.build_sharded_index(artifacts, SHARD_COUNT, config.core(), prefix=Keys.serving)
     return dg.MaterializeResult(metadata={**{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
                                           "uri": artifacts.url(Keys.index)})

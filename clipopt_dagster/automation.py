@@ -5,12 +5,15 @@ import os
 import dagster as dg
 
 from clipopt_core import manifest as mf
+from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from clipopt_dagster.resources import ComputeResource, DataSourceResource
 
 retraining_job = dg.define_asset_job(
     "retraining_job",
     selection=dg.AssetSelection.all(),
-    description="Re-ingest the source, retrain every variant, re-evaluate, and rebuild the served index.",
+    description="Re-ingest the source, retrain every variant, re-evaluate, and rebuild the served index "
+                "(every gallery shard in this one run).",
+    tags=ALL_SHARDS_TAGS,
 )
 
 retraining_schedule = dg.ScheduleDefinition(

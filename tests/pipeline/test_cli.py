@@ -12,6 +12,7 @@ from clipopt_core import cli
 from clipopt_core.models import ModelSpec, load_model
 from clipopt_core.storage import ArtifactStore
 from clipopt_dagster.definitions import ASSET_CHECKS, ASSETS
+from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from tests.pipeline.conftest import tiny_resources, tiny_run_config
 
 
@@ -19,7 +20,7 @@ from tests.pipeline.conftest import tiny_resources, tiny_run_config
 def filled_store(tmp_path_factory, shapes_source, caption_source):
     tmp = tmp_path_factory.mktemp("cli")
     result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=tiny_resources(tmp, shapes_source, caption_source),
-                            run_config=tiny_run_config())
+                            run_config=tiny_run_config(), tags=ALL_SHARDS_TAGS)
     assert result.success
     return tmp, f"file://{tmp / 'artifacts'}"
 

@@ -4,15 +4,22 @@ import json
 import dagster as dg
 import polars as pl
 
+import numpy as np
+
+from clipopt_core.embed import embed_images
+from clipopt_core.layout import Keys
 from clipopt_core.report import VARIANTS
+from clipopt_core.serving import SearchService
 from clipopt_core.storage import ArtifactStore
+from clipopt_dagster.assets_serving import gallery_embeddings
 from clipopt_dagster.definitions import defs
+from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from tests.pipeline.conftest import tiny_resources, tiny_run_config
 
 
 def test_full_graph_materialises_with_reports(tmp_path, shapes_source, caption_source, all_assets):
-    result = dg.materialize(all_assets, resources=tiny_resources(tmp_path, shapes_source, caption_source),
-                            run_config=tiny_run_config())
+    resources = tiny_resources(tmp_path, shapes_source, caption_source)
+    result = dg.materialize(all_assets, resources=resources, run_config=tiny_run_config(), tags=ALL_SHARDS_TAGS)
     assert result.success
     materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
     expected = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
@@ -40,9 +47,11 @@ def test_full_graph_materialises_with_reports(tmp_path, shapes_source, caption_s
                for name in ("retrieval_encoder", "realigned_2sft", "mcip_encoder", "realigned_mcip")}
     assert len(set(weights.values())) == 4, weights  # every stage trained something of its own
 
-    info = json.loads(store.read_bytes("serving/index.json"))
-    embeddings = store.read_parquet("serving/embeddings.parquet")
-    assert info["count"] == embeddings.height == store.read_parquet("data/manifest.parquet").height
+    shards = result.asset_materializations_for_node("gallery_embeddings")
+    assert sorted(event.partition for event in shards) == ["00000", "00001", "00002", "00003"]
+    assert_served_index_equals_unsharded(store, tmp_path / "cache")
+    again = dg.materialize([gallery_embeddings], resources=resources, partition_key="00002")
+    assert again.asset_materializations_for_node("gallery_embeddings")[0].metadata["embedded_shards"].value == 0
     sidecar = json.loads((tmp_path / "cache" / "checkpoints" / "realigned_mcip" / "clipopt.json").read_text())
     assert sidecar["stage"] == "realigned_mcip" and sidecar["base_model"]["name"].startswith("local-dir:")
 
@@ -52,10 +61,27 @@ def test_failed_blocking_check_keeps_the_index_unpublished(tmp_path, shapes_sour
     config = tiny_run_config(evaluation_report={"config": {"templates": "short", "serve_variant": "baseline",
                                                           "min_i2i_gain": 0.0}})
     result = dg.materialize(all_assets, resources=tiny_resources(tmp_path, shapes_source, caption_source),
-                            run_config=config, raise_on_error=False)
+                            run_config=config, raise_on_error=False, tags=ALL_SHARDS_TAGS)
     assert not result.success
     materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
     assert "evaluation_report" in materialised
     assert not {"gallery_embeddings", "faiss_index"} & materialised
     store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
-    assert not store.exists("serving/index.faiss")
+    assert not store.exists(Keys.index)
+
+
+def assert_served_index_equals_unsharded(store: ArtifactStore, cache) -> None:
+    """The index merged from 4 shards answers like one exact index over the whole manifest embedded at once."""
+    service = SearchService.from_store(store, cache_dir=cache)
+    manifest = store.read_parquet(Keys.manifest)
+    assert sorted(service.metadata["image_id"]) == sorted(manifest["image_id"])
+    vectors = embed_images(service.bundle, manifest["uri"].to_list()).numpy()
+    k = 10
+    exact = np.argsort(-(vectors @ vectors.T), axis=1, kind="stable")[:, :k]
+    _, served = service.index.search(vectors, k)
+    row_of = {image_id: row for row, image_id in enumerate(manifest["image_id"])}
+    served_rows = np.vectorize(lambda i: row_of[service.metadata["image_id"][int(i)]])(served)
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, served_rows)])
+    assert overlap >= 0.99, overlap
+    info = json.loads(store.read_bytes(Keys.index_info))
+    assert info["n"] == manifest.height and info["num_shards"] == 4

@@ -63,10 +63,9 @@ def _index_bytes(count: int, dim: int) -> bytes:
     return index_lib.serialize_index(index)
 
 
-def _table(count: int, dim: int) -> pl.DataFrame:
+def _table(count: int) -> pl.DataFrame:
     return pl.DataFrame({"image_id": [f"id{n}" for n in range(count)], "uri": [f"/img/{n}.png" for n in range(count)],
-                         "label": ["x"] * count, "caption": [None] * count, "source": ["s"] * count}) \
-        .with_columns(pl.Series("embedding", _vectors(count, dim), dtype=pl.Array(pl.Float32, dim)))
+                         "label": ["x"] * count, "caption": [None] * count, "source": ["s"] * count})
 
 
 def served_store(root: Path, count: int = COUNT, dim: int = DIM) -> ArtifactStore:
@@ -74,9 +73,9 @@ def served_store(root: Path, count: int = COUNT, dim: int = DIM) -> ArtifactStor
     store = ArtifactStore(f"file://{root}")
     store.write_json(Keys.base_model, {"spec": {"name": "clipopt-tiny", "pretrained": None, "image_size": None}})
     store.write_json(Keys.report_json, {"serve_variant": "baseline"})
-    store.write_parquet(Keys.embeddings, _table(count, dim))
+    store.write_parquet(Keys.index_ids, _table(count))
     store.write_bytes(Keys.index, _index_bytes(count, dim))
-    store.write_json(Keys.index_info, {"dim": dim, "count": count, "kind": "flat"})
+    store.write_json(Keys.index_info, {"dim": dim, "n": count, "kind": "flat"})
     return store
 
 
@@ -91,15 +90,16 @@ CORRUPTIONS: dict[str, tuple[Callable[[ArtifactStore], object], str]] = {
                         "index dimension mismatch: expected 32, found 16"),
     "index_other_count": (lambda s: s.write_bytes(Keys.index, _index_bytes(COUNT - 1, DIM)),
                           "index vector count mismatch: expected 10, found 9"),
-    "index_garbage": (lambda s: s.write_bytes(Keys.index, b"IxFI" + b"\xff" * 300), "could not deserialize faiss index"),
+    "index_garbage": (lambda s: s.write_bytes(Keys.index, b"IxFI" + b"\xff" * 300), "could not read faiss index file"),
+    "index_garbage_ivf": (lambda s: s.write_bytes(Keys.index, b"IwFl" + b"\xff" * 300), "could not read faiss index file"),
     "index_truncated": (lambda s: s.write_bytes(Keys.index, _index_bytes(COUNT, DIM)[:700]),
-                        "could not deserialize faiss index"),
-    "table_extra_rows": (lambda s: s.write_parquet(Keys.embeddings, _table(COUNT + 1, DIM)),
+                        "could not read faiss index file"),
+    "info_other_count": (lambda s: s.write_json(Keys.index_info, {"dim": DIM, "n": COUNT + 1, "kind": "flat"}),
+                         "index vector count mismatch: expected 11, found 10"),
+    "table_extra_rows": (lambda s: s.write_parquet(Keys.index_ids, _table(COUNT + 1)),
                          "index holds 10 vectors but the id table 11 rows"),
-    "table_other_dim": (lambda s: s.write_parquet(Keys.embeddings, _table(COUNT, 16)),
-                        "holds 16-dim embeddings but the index 32-dim"),
-    "table_not_parquet": (lambda s: s.write_bytes(Keys.embeddings, b"PAR1 not really"), "is not a readable parquet table"),
-    "table_missing_column": (lambda s: s.write_parquet(Keys.embeddings, _table(COUNT, DIM).drop("uri")),
+    "table_not_parquet": (lambda s: s.write_bytes(Keys.index_ids, b"PAR1 not really"), "is not a readable parquet table"),
+    "table_missing_column": (lambda s: s.write_parquet(Keys.index_ids, _table(COUNT).drop("uri")),
                              "lacks column(s) ['uri']"),
     "everything_64_dim_model_32": (lambda s: served_store(Path(s.root), dim=64),
                                    "holds 64-dim vectors but the served model (baseline) embeds in 32 dims"),

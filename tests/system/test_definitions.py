@@ -36,8 +36,8 @@ GRAPH = {
     "realigned_mcip": (["caption_corpus", "mcip_encoder"], "training", [], GPU, "1"),
     "evaluation_report": (["mcip_encoder", "realigned_2sft", "realigned_mcip", "retrieval_encoder"], "evaluation",
                           ["alignment_preserved", "retrieval_improved"], GPU, "1"),
-    "gallery_embeddings": (["evaluation_report"], "serving", [], GPU, "1"),
-    "faiss_index": (["gallery_embeddings"], "serving", ["index_recall"], None, "1"),
+    "gallery_embeddings": (["evaluation_report"], "serving", [], GPU, "2"),
+    "faiss_index": (["gallery_embeddings"], "serving", ["index_recall"], None, "2"),
 }
 BLOCKING_CHECKS = {"manifest_valid": True, "alignment_preserved": True, "retrieval_improved": True,
                    "index_recall": True}
@@ -96,6 +96,33 @@ def test_checks_jobs_schedules_sensors_snapshot(defs):
     retried = {key.to_user_string(): assets.op.retry_policy for assets in ASSETS for key in assets.keys
                if assets.op.retry_policy}
     assert set(retried) == TRAINING_RETRIES and all(policy.max_retries >= 1 for policy in retried.values())
+
+
+def test_gallery_embeddings_are_sharded_and_the_job_covers_every_shard(defs):
+    from clipopt_dagster.partitions import ALL_SHARDS_TAGS, SHARD_COUNT
+
+    graph = defs.resolve_asset_graph()
+    partitioned = {key.to_user_string(): graph.get(key).partitions_def for key in graph.get_all_asset_keys()
+                   if graph.get(key).partitions_def is not None}
+    assert list(partitioned) == ["gallery_embeddings"]
+    keys = partitioned["gallery_embeddings"].get_partition_keys()
+    assert keys == [f"{shard:05d}" for shard in range(SHARD_COUNT)] and SHARD_COUNT == 4  # default count
+    assert graph.get(dg.AssetKey("gallery_embeddings")).backfill_policy == dg.BackfillPolicy.multi_run(1)
+    assert defs.resolve_job_def("retraining_job").tags == ALL_SHARDS_TAGS == {
+        "dagster/asset_partition_range_start": "00000", "dagster/asset_partition_range_end": "00003"}
+
+
+@pytest.mark.parametrize("raw, expected", [(None, 4), ("16", 16), ("1", 1), ("0", None), ("-2", None), ("x", None),
+                                           ("2.5", None), ("", None)])
+def test_shard_count_comes_from_the_environment(raw, expected):
+    from clipopt_dagster.partitions import shard_count
+
+    environ = {} if raw is None else {"CLIPOPT_GALLERY_SHARDS": raw}
+    if expected is None:
+        with pytest.raises(ValueError, match="CLIPOPT_GALLERY_SHARDS must be a positive integer"):
+            shard_count(environ)
+    else:
+        assert shard_count(environ) == expected
 
 
 def test_schedule_requests_a_retraining_run():

@@ -99,10 +99,12 @@ def test_wrong_credentials_fail_with_storage_error(s3):
 
 def test_full_graph_materialises_on_s3(s3, tmp_path, shapes_source, caption_source):
     from clipopt_dagster.definitions import ASSET_CHECKS, ASSETS, defs
+    from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 
     url = s3.url("graph-" + tmp_path.name[-20:])
     resources = tiny_resources(tmp_path, shapes_source, caption_source, store_url=url, **s3.resource_options())
-    result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=resources, run_config=tiny_run_config())
+    result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=resources, run_config=tiny_run_config(),
+                            tags=ALL_SHARDS_TAGS)
     assert result.success
     materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
     assert materialised == {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
@@ -116,7 +118,7 @@ def test_full_graph_materialises_on_s3(s3, tmp_path, shapes_source, caption_sour
     assert report.height == 5 and report["variant"].to_list() == list(VARIANTS)
     assert store.read_bytes("reports/teaser.png")[:4] == b"\x89PNG"
     assert store.exists(f"models/realigned_mcip/{COMPLETE_MARKER}")
-    assert store.read_json("serving/index.json")["count"] == store.read_parquet("data/manifest.parquet").height
+    assert store.read_json("serving/index/info.json")["n"] == store.read_parquet("data/manifest.parquet").height
     assert store.list_temp_objects() == []
     report_meta = result.asset_materializations_for_node("evaluation_report")[0].metadata
     assert report_meta["report_uri"].value == f"{url}/reports/evaluation.md"

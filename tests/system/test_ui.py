@@ -32,6 +32,7 @@ SMALL_RUN_CONFIG = {"ops": {"image_splits": {"config": {"val_fraction": 0.25, "t
 STARTUP_TIMEOUT_S = 120
 SMALL_RUN_TIMEOUT_S = 120
 FULL_RUN_TIMEOUT_S = 300
+BACKFILL_TIMEOUT_S = 300
 UI_TIMEOUT_MS = 30_000
 
 LAUNCH_RUN = """
@@ -44,6 +45,26 @@ mutation LaunchRun($executionParams: ExecutionParams!) {
     ... on PipelineNotFoundError { message }
     ... on PythonError { message stack }
     ... on UnauthorizedError { message }
+  }
+}
+"""
+LAUNCH_BACKFILL = """
+mutation LaunchBackfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+    ... on InvalidSubsetError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+BACKFILL = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { status runs(limit: 50) { runId status tags { key value } } }
+    ... on PythonError { message }
   }
 }
 """
@@ -84,9 +105,10 @@ class DagsterDev:
         return body["data"]
 
     def launch(self, selection: list[str] | None, run_config: dict) -> str:
-        """``launchRun`` of the implicit asset job; ``selection=None`` means every asset."""
+        """``launchRun`` of the implicit asset job with ``selection``, or (``None``) of ``retraining_job``:
+        every asset, every gallery shard."""
         selector: dict[str, Any] = {"repositoryLocationName": self.location, "repositoryName": self.repository,
-                                    "jobName": "__ASSET_JOB"}
+                                    "jobName": "retraining_job" if selection is None else "__ASSET_JOB"}
         if selection is not None:
             selector["assetSelection"] = [{"path": [name]} for name in selection]
         result = self.graphql(LAUNCH_RUN, {"executionParams": {"selector": selector, "runConfigData": run_config}})
@@ -265,3 +287,35 @@ def test_ui_shows_the_evaluation_report_after_the_full_graph(dagster_dev, page):
     dialog.get_by_role("button", name="Close").click()
     expect(page.get_by_text("report_uri", exact=True)).to_be_visible()
     shot(page, "06_evaluation_report_page")
+
+
+def test_backfill_fans_the_gallery_shards_out_one_run_each(dagster_dev):
+    """After the full graph: a backfill of every shard is one run per shard through the daemon; the shard
+    whose files were removed is embedded again, the others are already current and skipped."""
+    from clipopt_dagster.partitions import shard_keys
+
+    embeddings = dagster_dev.artifacts / "serving" / "embeddings"
+    removed = embeddings / "shard-00001-of-00004.json"
+    assert removed.exists(), "the full-graph test publishes every shard first"
+    removed.unlink()
+    result = dagster_dev.graphql(LAUNCH_BACKFILL, {"params": {
+        "assetSelection": [{"path": ["gallery_embeddings"]}], "allPartitions": True, "title": "reshard gallery"}})
+    launched = result["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+
+    def backfill() -> dict[str, Any]:
+        return dagster_dev.graphql(BACKFILL, {"id": launched["backfillId"]})["partitionBackfillOrError"]
+
+    wait_for(lambda: backfill()["status"] not in ("REQUESTED", "CANCELING", "FAILING"), BACKFILL_TIMEOUT_S,
+             "the gallery backfill to finish", interval=2.0, alive=dagster_dev.process.died)
+    final = backfill()
+    partitions = sorted(_single_partition({tag["key"]: tag["value"] for tag in run["tags"]}) for run in final["runs"])
+    assert final["status"] in ("COMPLETED", "COMPLETED_SUCCESS"), final
+    assert partitions == shard_keys(4) and {run["status"] for run in final["runs"]} == {"SUCCESS"}, final
+    assert removed.exists() and len(list(embeddings.glob("shard-*-of-00004.parquet"))) == 4
+
+
+def _single_partition(tags: dict[str, str]) -> str | None:
+    """The one partition a run targets: ``dagster/partition``, or a range whose start is its end."""
+    start, end = tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")
+    return tags.get("dagster/partition") or (start if start == end else None)

@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from clipopt_core import cli, sharding
-from clipopt_core.index import IndexSpec, build_index, recall_at_k_vs_exact
+from clipopt_core.index import IndexSpec, build_index, read_index, recall_at_k_vs_exact
 from clipopt_core.storage import ArtifactStore
 
 N, DIM, SHARDS = 6000, 32, 4
@@ -133,12 +133,12 @@ def test_memory_mapped_index_searches_like_the_loaded_one(store: ArtifactStore, 
     merged, _ = sharding.build_sharded_index(store, SHARDS, IndexSpec(kind="ivf_flat", nlist=32), save=False)
     path = tmp_path / "merged.faiss"
     faiss.write_index(merged, str(path))
-    mapped = sharding.load_index(path)
+    mapped = read_index(path, expected_dim=DIM, expected_count=N)
     queries = clustered(50, DIM, 60, seed=9)
     np.testing.assert_array_equal(mapped.search(queries, 5)[1], merged.search(queries, 5)[1])
     flat, _ = sharding.build_sharded_index(store, SHARDS, IndexSpec(kind="flat"), save=False)
     faiss.write_index(flat, str(tmp_path / "flat.faiss"))
-    np.testing.assert_array_equal(sharding.load_index(tmp_path / "flat.faiss").search(queries, 5)[1],
+    np.testing.assert_array_equal(read_index(tmp_path / "flat.faiss").search(queries, 5)[1],
                                   flat.search(queries, 5)[1])
     local = sharding.local_index_file(store, f"{sharding.DEFAULT_PREFIX}/embeddings/shard-00000-of-00004.json", tmp_path)
     assert local.exists()
@@ -154,9 +154,15 @@ def test_an_empty_shard_is_fine(tmp_path: Path, gallery) -> None:
     assert merged.ntotal == 3 and info["n"] == 3
 
 
-def test_hnsw_cannot_be_built_from_shards(store: ArtifactStore) -> None:
+def test_hnsw_is_built_over_the_concatenated_shards(store: ArtifactStore, gallery) -> None:
+    _, vectors = gallery
+    merged, info = sharding.build_sharded_index(store, SHARDS, IndexSpec(kind="hnsw", target_recall=0.9), save=False)
+    assert (info["kind"], merged.ntotal, info["num_shards"]) == ("hnsw", N, SHARDS) and info["target_met"]
+    table = store.read_parquet(sharding.index_key(sharding.DEFAULT_PREFIX, "ids.parquet"))["image_id"].to_list()
+    in_table_order = vectors[[int(i.removeprefix("img")) for i in table]]  # ids follow the shard order here too
+    assert recall_at_k_vs_exact(merged, in_table_order, k=10, sample=300, seed=1) >= 0.9
     with pytest.raises(ValueError, match="cannot be built from shards"):
-        sharding.build_sharded_index(store, SHARDS, IndexSpec(kind="hnsw"), save=False)
+        sharding.build_from_shards(lambda s: vectors[:10], [10], DIM, IndexSpec(kind="hnsw"))
 
 
 def test_index_shards_cli_embeds_with_the_model_and_builds(tmp_path: Path, shapes_source: Path, capsys) -> None:
@@ -177,7 +183,7 @@ def test_index_shards_cli_embeds_with_the_model_and_builds(tmp_path: Path, shape
     assert cli.main(["index-shards", "build", *common, "--kind", "flat"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n"] == 48 and info["dim"] == 32 and info["recall_at_10"] == 1.0
-    assert store.exists("serving/sharded/index/merged.faiss") and store.exists("serving/sharded/index/info.json")
+    assert store.exists(Keys.index) and store.read_json(Keys.index_info)["n"] == 48  # the served index's place
 
 
 def test_index_shards_cli_reports_a_missing_manifest(tmp_path: Path, capsys) -> None:
