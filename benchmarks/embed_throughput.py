@@ -3,12 +3,15 @@
     python benchmarks/embed_throughput.py             # starter model, 112 px, 256 images, 1024 texts
     python benchmarks/embed_throughput.py --device cuda --images DIR --count 5000
     python benchmarks/embed_throughput.py --smoke
+    python benchmarks/embed_throughput.py --device cuda --precision fp32 --channels-last off   # the knobs, off
 
 Images: ``embed.embed_images`` reads, decodes and eval-transforms real image files (drawn shapes
 written to a temp dir, or ``--images DIR``) through its DataLoader, for each ``--workers`` value;
 the reference runs ``model.encode_image`` + normalise in batches of the same size over tensors
 decoded and transformed beforehand (no I/O, no decoding in the loop). Ratio = our images/s /
-bare images/s. Target: >= 0.9.
+bare images/s. Target: >= 0.9. Both paths use the same ``--precision`` (``auto``: bf16 on CUDA) and
+memory format (``--channels-last auto``: on CUDA); the table adds ``embed_images`` with
+``batch_size="auto"`` (starts at ``AUTO_BATCH`` of the device, halves on out-of-memory).
 Texts: ``embed.embed_texts`` texts/s (tokenisation included) and, for information, the ratio
 to ``encode_text`` over pre-made tokens. Medians of ``--repeats`` passes after ``--warmup``.
 """
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from clipopt_core.data import ImageDataset, eval_transform
-from clipopt_core.embed import embed_images, embed_texts
+from clipopt_core.embed import autocast, embed_images, embed_texts
 
 WORDS = ("a", "photo", "of", "red", "small", "cat", "house", "drawing", "with", "blue", "sky", "and", "two", "dogs")
 
@@ -37,11 +40,14 @@ def bare_images(bundle, uris: list[str], args):
                                                                   bundle.interpolation), cache_decoded=False)
     pixels = torch.stack([dataset[i][0] for i in range(len(uris))])  # decoded + transformed up front
     model = bundle.model.eval()
+    memory_format = torch.channels_last if _channels_last(args) else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    pixels = pixels.contiguous(memory_format=memory_format)
 
     @torch.inference_mode()
     def run() -> None:
         for start in range(0, len(pixels), args.batch):
-            with B.autocast(args.device, "bf16"):
+            with autocast(torch.device(args.device), args.precision):
                 features = model.encode_image(pixels[start:start + args.batch].to(args.device, non_blocking=True))
             F.normalize(features.float(), dim=-1).cpu()
 
@@ -55,11 +61,15 @@ def bare_texts(bundle, captions: list[str], args):
     @torch.inference_mode()
     def run() -> None:
         for chunk in tokens:
-            with B.autocast(args.device, "bf16"):
+            with autocast(torch.device(args.device), args.precision):
                 features = model.encode_text(chunk.to(args.device))
             F.normalize(features.float(), dim=-1).cpu()
 
     return run
+
+
+def _channels_last(args) -> bool:
+    return args.device.startswith("cuda") if args.channels_last == "auto" else args.channels_last == "on"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,24 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-batch", type=int, default=256, help="text batch (embed_texts' default)")
     ap.add_argument("--workers", default=None, help="comma-separated num_workers for embed_images (default 0,1; smoke 0)")
     ap.add_argument("--images", default=None, help="image source folder or manifest (default: drawn shapes in a temp dir)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
     args = B.finish_args(ap.parse_args(argv), warmup=1, repeats=3)
     args.count = args.count or (32 if args.smoke else 256)
     args.texts = args.texts or (64 if args.smoke else 1024)
     workers = [int(w) for w in (args.workers or ("0" if args.smoke else "0,1")).split(",")]
     bundle = B.load(args)
     B.header(args, image_px=bundle.image_size, images=args.count, texts=args.texts, batch=args.batch,
-             text_batch=args.text_batch, workers=workers)
+             text_batch=args.text_batch, workers=workers, precision=args.precision, channels_last=_channels_last(args))
 
     with tempfile.TemporaryDirectory() as tmp:
         uris, _ = B.source_images(args.images) if args.images else B.shapes_images(Path(tmp) / "shapes", args.count)
         uris = uris[: args.count]
+        options = dict(device=args.device, precision=args.precision, channels_last=_channels_last(args))
         runs = {f"embed_images num_workers={w}": (lambda w=w: embed_images(bundle, uris, batch_size=args.batch,
-                                                                           num_workers=w, device=args.device))
+                                                                           num_workers=w, **options))
                 for w in workers}
+        runs["embed_images batch_size=auto"] = lambda: embed_images(bundle, uris, batch_size="auto", **options)
         runs["bare encode_image (pre-decoded)"] = bare_images(bundle, uris, args)
         image_times = B.measure_interleaved(runs, warmup=args.warmup, repeats=args.repeats, device=args.device)
     captions = texts(args.texts)
-    text_runs = {"embed_texts": lambda: embed_texts(bundle, captions, batch_size=args.text_batch, device=args.device),
+    text_runs = {"embed_texts": lambda: embed_texts(bundle, captions, batch_size=args.text_batch, device=args.device,
+                                                    precision=args.precision),
                  "bare encode_text (pre-tokenised)": bare_texts(bundle, captions, args)}
     text_times = B.measure_interleaved(text_runs, warmup=args.warmup, repeats=args.repeats, device=args.device)
 
