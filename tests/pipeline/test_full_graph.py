@@ -1,17 +1,18 @@
 """Materialise every asset (and run every check) in-process on tiny data with the tiny model."""
 import json
+import shutil
 
 import dagster as dg
-import polars as pl
-
 import numpy as np
+import polars as pl
 
 from clipopt_core.embed import embed_images
 from clipopt_core.layout import Keys
 from clipopt_core.report import VARIANTS
 from clipopt_core.serving import SearchService
 from clipopt_core.storage import ArtifactStore
-from clipopt_dagster.assets_serving import gallery_embeddings
+from clipopt_dagster.assets_serving import faiss_index, gallery_embeddings
+from clipopt_dagster.checks import index_recall
 from clipopt_dagster.definitions import defs
 from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from tests.pipeline.conftest import tiny_resources, tiny_run_config
@@ -52,6 +53,15 @@ def test_full_graph_materialises_with_reports(tmp_path, shapes_source, caption_s
     assert_served_index_equals_unsharded(store, tmp_path / "cache")
     again = dg.materialize([gallery_embeddings], resources=resources, partition_key="00002")
     assert again.asset_materializations_for_node("gallery_embeddings")[0].metadata["embedded_shards"].value == 0
+
+    # what a backfill does: every shard in a run of its own, then the index over all of them
+    shutil.rmtree(tmp_path / "artifacts" / "serving")
+    for key in ("00000", "00001", "00002", "00003"):
+        run = dg.materialize([gallery_embeddings], resources=resources, partition_key=key)
+        assert run.asset_materializations_for_node("gallery_embeddings")[0].metadata["embedded_shards"].value == 1
+    assert dg.materialize([faiss_index, index_recall], resources=resources,
+                          run_config={"ops": {"faiss_index": tiny_run_config()["ops"]["faiss_index"]}}).success
+    assert_served_index_equals_unsharded(store, tmp_path / "cache")
     sidecar = json.loads((tmp_path / "cache" / "checkpoints" / "realigned_mcip" / "clipopt.json").read_text())
     assert sidecar["stage"] == "realigned_mcip" and sidecar["base_model"]["name"].startswith("local-dir:")
 
