@@ -2,13 +2,17 @@
 
     python benchmarks/orchestration.py            # tiny model, tiny drawn-shapes data, 1 warm-up + 5 runs each
     python benchmarks/orchestration.py --smoke    # one run each, 1 epoch
+    python benchmarks/orchestration.py --demo --warmup 0 --repeats 1   # the README demo (configs/demo.yaml)
 
 Dagster: ``dg.materialize`` in-process of every asset and check of ``clipopt_dagster.definitions``
-with the test suite's ``tiny_resources`` and ``tiny_run_config`` (tests/pipeline/conftest.py).
+(every gallery shard) with the test suite's ``tiny_resources`` and ``tiny_run_config``
+(tests/pipeline/conftest.py), or with ``--demo`` the demo's data, starter model and ``configs/demo.yaml``
+at the machine's torch thread count.
 Direct: the same work with the same settings objects, without Dagster or the artifact store:
 manifest scan/ingest/split, caption corpus, ``pipeline.mine_captions``, ``pipeline.train_retrieval``
 (stage 1, MCIP), ``pipeline.train_realign`` (x2), ``evaluation.evaluate_model`` for the five
-variants plus the report figures, ``embed_images`` of the manifest and ``index.build_index``.
+variants plus the report figures, then what ``clipopt index-shards`` does: ``sharding.embed_shard`` of
+every shard into a local store and ``sharding.build_sharded_index``.
 Each run starts from a fresh folder (training resumes from its work folder otherwise); the two
 kinds take turns. Ratio = Dagster seconds / direct seconds. Target: <= 1.15.
 """
@@ -21,35 +25,43 @@ from pathlib import Path
 import _bench as B
 import polars as pl
 import torch
+import yaml
 
-from clipopt_core import index as index_lib
 from clipopt_core import manifest as mf
+from clipopt_core import sharding
 from clipopt_core.embed import embed_images
 from clipopt_core.evaluation import evaluate_model
 from clipopt_core.models import checkpoint_spec, load_model
 from clipopt_core.pipeline import caption_pool, mine_captions, realign_pairs, train_realign, train_retrieval
 from clipopt_core.report import gallery_image, report_frame, teaser_plot, to_markdown
+from clipopt_core.storage import ArtifactStore
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def settings(run_config: dict) -> dict:
     """The core config objects the assets build from ``run_config`` (same classes, same values)."""
     from clipopt_dagster import configs as c
 
-    ops = {name: op["config"] for name, op in run_config["ops"].items()}
+    ops = {name: op.get("config", {}) for name, op in run_config["ops"].items()}
     return {"base": c.BaseModelConfig(**ops["base_model"]).spec(), "split": c.SplitConfig(**ops["image_splits"]),
-            "mining": c.MiningSettings(**ops["pseudo_captions"]).core(),
-            "stage1": c.RetrievalSettings(**ops["retrieval_encoder"]).core(),
-            "mcip": c.McipSettings(**ops["mcip_encoder"]).core(),
-            "realign_2sft": c.RealignSettings(**ops["realigned_2sft"]).core(),
-            "realign_mcip": c.RealignSettings(**ops["realigned_mcip"]).core(),
-            "eval": c.EvalSettings(**ops["evaluation_report"]), "index": c.IndexSettings(**ops["faiss_index"]).core()}
+            "mining": c.MiningSettings(**ops.get("pseudo_captions", {})).core(),
+            "stage1": c.RetrievalSettings(**ops.get("retrieval_encoder", {})).core(),
+            "mcip": c.McipSettings(**ops.get("mcip_encoder", {})).core(),
+            "realign_2sft": c.RealignSettings(**ops.get("realigned_2sft", {})).core(),
+            "realign_mcip": c.RealignSettings(**ops.get("realigned_mcip", {})).core(),
+            "eval": c.EvalSettings(**ops.get("evaluation_report", {})),
+            "index": c.IndexSettings(**ops.get("faiss_index", {})).core()}
 
 
-def direct(tmp: Path, images: Path, captions: Path, run_config: dict, serve: bool = True) -> bool:
+def direct(tmp: Path, images: Path, captions: Path, run_config: dict, threads: int, serve: bool = True) -> bool:
     """The core steps in graph order; embeddings + index only when ``serve`` (the Dagster run of the same
     round got past its blocking checks). Returns whether those checks pass here."""
+    from clipopt_dagster.partitions import SHARD_COUNT
+
     s, cache, work = settings(run_config), tmp / "cache", tmp / "work"
-    torch.set_num_threads(1)  # what ComputeResource(torch_threads=1) of tiny_resources does
+    if threads > 0:
+        torch.set_num_threads(threads)  # what ComputeResource(torch_threads=threads).setup_torch() does
     manifest = mf.ingest(mf.source_root(str(images)), mf.scan_source(str(images))).accepted
     splits = mf.split_by_class(manifest, val_fraction=s["split"].val_fraction, test_fraction=s["split"].test_fraction,
                                seed=s["split"].seed)
@@ -81,22 +93,28 @@ def direct(tmp: Path, images: Path, captions: Path, run_config: dict, serve: boo
     if not serve:  # the Dagster run of this round stopped here (a blocking check failed): do the same work
         return passed
     served = load_model(specs[s["eval"].serve_variant], cache_dir=cache)
-    vectors = embed_images(served, manifest["uri"].to_list()).numpy()
-    index, _ = index_lib.build_index(vectors, s["index"])
-    index_lib.recall_at_k_vs_exact(index, vectors, k=min(10, len(vectors) - 1))
+    store = ArtifactStore(f"file://{tmp / 'served'}")
+    for shard in range(SHARD_COUNT):
+        sharding.embed_shard(manifest, shard, SHARD_COUNT, store, lambda uris: embed_images(served, uris).numpy(),
+                             model_key=s["eval"].serve_variant)
+    sharding.build_sharded_index(store, SHARD_COUNT, s["index"])
     return passed
 
 
-def through_dagster(tmp: Path, images: Path, captions: Path, run_config: dict, serve: bool = True) -> bool:
+def through_dagster(tmp: Path, images: Path, captions: Path, run_config: dict, threads: int, serve: bool = True) -> bool:
     """``dg.materialize`` of every asset and check; False when a blocking check stopped the serving assets."""
     import dagster as dg
 
     from clipopt_dagster.definitions import ASSET_CHECKS, ASSETS
+    from clipopt_dagster.partitions import ALL_SHARDS_TAGS
+    from clipopt_dagster.resources import ComputeResource
     from tests.pipeline.conftest import tiny_resources
 
     config = {**run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=tiny_resources(tmp, images, captions),
-                            run_config=config, raise_on_error=False)
+    resources = {**tiny_resources(tmp, images, captions),
+                 "compute": ComputeResource(cache_dir=str(tmp / "cache"), torch_threads=threads)}
+    result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=resources,
+                            run_config=config, raise_on_error=False, tags=ALL_SHARDS_TAGS)
     done = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
     if "evaluation_report" not in done:
         raise SystemExit("the Dagster run failed before the report: nothing comparable was timed")
@@ -107,29 +125,40 @@ def main(argv: list[str] | None = None) -> int:
     ap = B.parser(__doc__)
     ap.add_argument("--per-class", type=int, default=3, help="images per shape class (16 classes; the tests use 3)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs of every stage (default: tiny_run_config's)")
+    ap.add_argument("--demo", action="store_true", help="the README demo: demo data, starter model, configs/demo.yaml")
     args = ap.parse_args(argv)
-    args.model = args.model or "clipopt-tiny"
+    args.model = "starter (configs/demo.yaml)" if args.demo else args.model or "clipopt-tiny"
     args = B.finish_args(args, warmup=1, repeats=5)
     if args.smoke:
         args.warmup, args.repeats = 0, 1
     threads = torch.get_num_threads()
+    import clipopt_dagster.definitions  # noqa: F401 - imported before timing: both paths start warm
     from tests.conftest import write_caption_source, write_shapes_source
     from tests.pipeline.conftest import tiny_run_config
 
     torch.set_num_threads(threads)
-    run_config = tiny_run_config()
-    run_config["ops"]["base_model"]["config"] = {"name": args.model, "image_size": args.image_size}
+    run_config = yaml.safe_load(DEMO_CONFIG.read_text()) if args.demo else tiny_run_config()
+    if not args.demo:
+        run_config["ops"]["base_model"]["config"] = {"name": args.model, "image_size": args.image_size}
     for op in ("retrieval_encoder", "mcip_encoder", "realigned_2sft", "realigned_mcip"):
         if args.epochs:
             run_config["ops"][op]["config"]["epochs"] = args.epochs
-    B.header(args, per_class=args.per_class, epochs=args.epochs or "tiny_run_config", dagster_torch_threads=1)
+    step_threads = 0 if args.demo else 1  # the demo runs at torch's default; the tiny graph as the tests do
+    B.header(args, data="demo" if args.demo else f"shapes x{args.per_class}",
+             epochs=args.epochs or ("configs/demo.yaml" if args.demo else "tiny_run_config"),
+             step_torch_threads=step_threads or threads)
 
     times: dict[str, list[float]] = {"dagster": [], "direct": []}
     served: dict[str, set[bool]] = {"dagster": set(), "direct": set()}
     with tempfile.TemporaryDirectory() as root:
         root = Path(root)
-        images = write_shapes_source(root / "shapes", per_class=args.per_class)
-        captions = write_caption_source(root / "captions")
+        if args.demo:
+            from clipopt_dagster.resources import DataSourceResource
+
+            images, captions = DataSourceResource(images="demo", captions="demo").resolve(B.cache_dir())
+        else:
+            images = write_shapes_source(root / "shapes", per_class=args.per_class)
+            captions = write_caption_source(root / "captions")
         for number in range(args.warmup + args.repeats):
             passed = None  # the direct run of a round does the work its Dagster run did (see direct())
             for name, fn in (("dagster", through_dagster), ("direct", direct)):
@@ -138,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 (B.cache_dir() / "models").mkdir(parents=True, exist_ok=True)  # starter: reuse the built model
                 (tmp / "cache" / "models").symlink_to(B.cache_dir() / "models", target_is_directory=True)
                 started = time.perf_counter()
-                result = fn(tmp, images, captions, run_config, serve=passed if name == "direct" else True)
+                result = fn(tmp, images, captions, run_config, step_threads,
+                            serve=passed if name == "direct" else True)
                 elapsed = time.perf_counter() - started
                 passed = result if passed is None else passed
                 served[name].add(result)

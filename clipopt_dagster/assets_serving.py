@@ -79,7 +79,7 @@ def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResour
         nonlocal bundle
         bundle = bundle or load_model(variant_spec(artifacts, variant, compute.cache), cache_dir=compute.cache,
                                       device=compute.device)
-        return embed_images(bundle, uris, device=compute.device).numpy()
+        return embed_images(bundle, uris, batch_size="auto", device=compute.device).numpy()  # fits GPU memory
 
     shards = []
     for key in context.partition_keys:

@@ -173,7 +173,10 @@ def test_index_shards_cli_embeds_with_the_model_and_builds(tmp_path: Path, shape
     store.write_parquet(Keys.manifest, ingest(str(shapes_source), scan_source(str(shapes_source))).accepted)
     store.write_json(Keys.base_model, {"spec": {"name": "clipopt-tiny", "pretrained": None, "image_size": None}})
     common = ["--store", store.url(""), "--num-shards", "3"]
-    assert cli.main(["index-shards", "embed", *common, "--shard", "1"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["index-shards", "embed", *common, "--batch-size", "0"])
+    assert "must be a positive integer or auto" in capsys.readouterr().err
+    assert cli.main(["index-shards", "embed", *common, "--shard", "1", "--batch-size", "5"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["variant"] == "baseline" and [s["shard"] for s in first["shards"]] == [1]
     assert cli.main(["index-shards", "embed", *common]) == 0
