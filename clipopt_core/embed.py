@@ -6,19 +6,22 @@ Speed knobs, all defaulting to what helps on the device:
 - ``channels_last``: ``None`` (auto) uses the channels-last memory format on CUDA, where convolutions
   (a ConvNeXt/ResNet tower, a ViT's patch stem) run faster in it; the model's 4-D weights are converted
   in place, which changes no values.
+- ``num_workers=None``: 0 on CPU (decoding workers would compete with the model for the same cores)
+  and up to 8 on CUDA, where workers decode the next batches while the GPU computes.
 - ``batch_size="auto"``: start from :data:`AUTO_BATCH` of the device and fit memory by backing off:
   a batch that raises ``torch.OutOfMemoryError`` is redone in halves, and the size that fits is kept
   for the rest of the call (:class:`MicroBatcher`).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clipopt_core.data import ImageDataset, eval_transform
+from clipopt_core.data import ImageDataset, eval_geometry, normalize_batch
 from clipopt_core.models import ClipBundle
 
 Progress = Callable[[int, int], None]
@@ -68,6 +71,12 @@ class MicroBatcher:
         return torch.cat(outputs)
 
 
+def default_workers(device: torch.device, cpus: int | None = None) -> int:
+    """DataLoader workers for ``num_workers=None``: 0 on CPU, ``min(8, cpus - 1)`` on CUDA."""
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    return min(8, max(cpus - 1, 0)) if device.type == "cuda" else 0
+
+
 def _batch_size(batch_size: int | Literal["auto"], device: torch.device) -> int:
     if batch_size == "auto":
         return AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
@@ -78,13 +87,17 @@ def _batch_size(batch_size: int | Literal["auto"], device: torch.device) -> int:
 
 @torch.inference_mode()
 def embed_images(bundle: ClipBundle, uris: Sequence[str], *, batch_size: int | Literal["auto"] = 64,
-                 num_workers: int = 0, device: str | torch.device = "cpu", progress: Progress | None = None,
+                 num_workers: int | None = None, device: str | torch.device = "cpu", progress: Progress | None = None,
                  precision: Precision = "auto", channels_last: bool | None = None) -> torch.Tensor:
-    """Embed images (eval transform) → float32 [N, D], rows L2-normalised, on CPU."""
+    """Embed images (eval transform) → float32 [N, D], rows L2-normalised, on CPU.
+
+    Workers decode, resize and crop to uint8; scaling and normalisation run per batch on ``device``.
+    """
     device = torch.device(device)
-    dataset = ImageDataset(uris, [0] * len(uris), eval_transform(bundle.image_size, bundle.mean, bundle.std, bundle.interpolation),
-                           cache_decoded=False)
-    loader = DataLoader(dataset, batch_size=_batch_size(batch_size, device), num_workers=num_workers,
+    dataset = ImageDataset(uris, [0] * len(uris), eval_geometry(bundle.image_size, bundle.interpolation),
+                           cache_decoded=False)  # uint8 items; normalised per batch on the device
+    workers = default_workers(device) if num_workers is None else num_workers
+    loader = DataLoader(dataset, batch_size=_batch_size(batch_size, device), num_workers=workers,
                         pin_memory=device.type == "cuda")
     model = bundle.model.eval()
     memory_format = torch.channels_last if (device.type == "cuda" if channels_last is None else channels_last) \
@@ -93,8 +106,9 @@ def embed_images(bundle: ClipBundle, uris: Sequence[str], *, batch_size: int | L
     batcher = MicroBatcher(loader.batch_size)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
+        pixels = normalize_batch(images.to(device, non_blocking=True), bundle.mean, bundle.std)
         with autocast(device, precision):
-            features = model.encode_image(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+            features = model.encode_image(pixels.contiguous(memory_format=memory_format))
         return F.normalize(features.float(), dim=-1).cpu()
 
     chunks: list[torch.Tensor] = []

@@ -19,8 +19,10 @@ from clipopt_core.data import (
     EpochBatches,
     ImageDataset,
     encode_labels,
+    eval_geometry,
     eval_transform,
     load_image,
+    normalize_batch,
     sample_seed,
     train_transform,
 )
@@ -378,3 +380,11 @@ def test_eval_transform_is_deterministic(shape_uris: list[str]):
     assert first[:, 0, 0].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
     with pytest.raises(ValueError, match="labels"):
         ImageDataset(shape_uris, [0], eval_transform(32, (0.5,) * 3, (0.5,) * 3))
+
+
+def test_batched_normalisation_equals_the_per_image_transform(shape_uris: list[str]):
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    per_image = torch.stack([ImageDataset(shape_uris, [0] * 4, eval_transform(48, mean, std))[i][0] for i in range(4)])
+    geometry = torch.stack([ImageDataset(shape_uris, [0] * 4, eval_geometry(48))[i][0] for i in range(4)])
+    assert geometry.dtype == torch.uint8 and geometry.shape == (4, 3, 48, 48)
+    assert torch.equal(normalize_batch(geometry, mean, std), per_image)  # bit for bit

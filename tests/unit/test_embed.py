@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from clipopt_core.embed import MicroBatcher, autocast, embed_images, embed_texts
+from clipopt_core.embed import MicroBatcher, autocast, default_workers, embed_images, embed_texts
 from clipopt_core.models import ModelSpec, load_model
 
 
@@ -81,3 +81,10 @@ def test_auto_precision_is_fp32_on_cpu():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(torch.device("cpu"), "bf16"):
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_default_workers_decode_in_parallel_only_for_a_gpu():
+    assert default_workers(torch.device("cpu"), cpus=16) == 0  # workers would steal the model's cores
+    assert default_workers(torch.device("cuda"), cpus=16) == 8
+    assert default_workers(torch.device("cuda"), cpus=3) == 2
+    assert default_workers(torch.device("cuda"), cpus=1) == 0
