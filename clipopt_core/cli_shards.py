@@ -61,9 +61,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
     from clipopt_core import sharding
-    from clipopt_core.embed import embed_images
-    from clipopt_core.layout import Keys, served_model_key, variant_spec
-    from clipopt_core.models import load_model
+    from clipopt_core.layout import Keys, served_model_key
+    from clipopt_core.serving import lazy_image_embedder
 
     if not store.exists(Keys.manifest):
         raise FileNotFoundError(f"{store.url(Keys.manifest)} is missing; materialise image_manifest first")
@@ -74,13 +73,7 @@ def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
                             else list(range(args.num_shards)))
     cache = Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
     manifest = store.read_parquet(Keys.manifest)
-    bundle = None
-
-    def embed(uris: list[str]) -> Any:
-        nonlocal bundle
-        bundle = bundle or load_model(variant_spec(store, variant, cache), cache_dir=cache, device=args.device)
-        return embed_images(bundle, uris, batch_size=args.batch_size, device=args.device).numpy()
-
+    embed = lazy_image_embedder(store, variant, cache, device=args.device, batch_size=args.batch_size)
     results = [sharding.embed_shard(manifest, shard, args.num_shards, store, embed, model_key=model_key,
                                     prefix=args.prefix) for shard in shards]
     return {"variant": variant, "model_key": model_key,

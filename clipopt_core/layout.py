@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clipopt_core.models import ModelSpec, checkpoint_spec
 from clipopt_core.sharding import index_key
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.storage import COMPLETE_MARKER, ArtifactStore
 
 VARIANT_MODELS = {"stage1": "retrieval_encoder", "2sft": "realigned_2sft", "mcip": "mcip_encoder",
                   "mcip_realign": "realigned_mcip"}
@@ -62,6 +62,6 @@ def variant_spec(store: ArtifactStore, variant: str, cache: Path) -> ModelSpec:
 def served_model_key(store: ArtifactStore, variant: str) -> str:
     """``<variant>:<16 hex>``: names the exact weights of ``variant`` (hash of its published checkpoint
     manifest, or of the base model record), so embeddings of other weights are never reused."""
-    source = Keys.base_model if variant == "baseline" else f"{Keys.model(VARIANT_MODELS.get(variant, variant))}/_COMPLETE.json"
+    source = Keys.base_model if variant == "baseline" else f"{Keys.model(VARIANT_MODELS.get(variant, variant))}/{COMPLETE_MARKER}"
     digest = hashlib.sha256(json.dumps(store.read_json(source), sort_keys=True).encode()).hexdigest()
     return f"{variant}:{digest[:16]}"

@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import polars as pl
 
 from clipopt_core import index as index_lib
 from clipopt_core.data import eval_transform, load_image
-from clipopt_core.embed import embed_texts
+from clipopt_core.embed import embed_images, embed_texts
 from clipopt_core.layout import Keys, variant_spec
 from clipopt_core.models import ClipBundle, load_model
 from clipopt_core.sharding import local_index_file
@@ -84,3 +84,18 @@ def _id_table(store: ArtifactStore) -> pl.DataFrame:
     if missing:
         raise ValueError(f"{url} lacks column(s) {missing}; rebuild faiss_index")
     return frame
+
+
+def lazy_image_embedder(store: ArtifactStore, variant: str, cache: Path, *, device: str = "cpu",
+                        batch_size: int | Literal["auto"] = "auto") -> Callable[[Sequence[str]], np.ndarray]:
+    """``uris → float32 [n, D]`` (rows L2-normalised) with the weights of report ``variant``, for
+    :func:`clipopt_core.sharding.embed_shard`. The model loads on the first call, so a run whose shards
+    are all current never loads it."""
+    bundle: ClipBundle | None = None
+
+    def embed(uris: Sequence[str]) -> np.ndarray:
+        nonlocal bundle
+        bundle = bundle or load_model(variant_spec(store, variant, cache), cache_dir=cache, device=device)
+        return embed_images(bundle, uris, batch_size=batch_size, device=device).numpy()
+
+    return embed

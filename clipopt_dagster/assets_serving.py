@@ -7,10 +7,10 @@ import numpy as np
 import polars as pl
 
 from clipopt_core import sharding
-from clipopt_core.embed import embed_images
 from clipopt_core.evaluation import evaluate_model
 from clipopt_core.models import load_model
 from clipopt_core.report import gallery_image, report_frame, teaser_plot, to_markdown
+from clipopt_core.serving import lazy_image_embedder
 from clipopt_core.layout import VARIANT_MODELS, Keys, served_model_key, variant_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_training import mcip_encoder, realigned_2sft, realigned_mcip, retrieval_encoder
@@ -73,14 +73,7 @@ def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResour
     variant = artifacts.read_json(Keys.report_json)["serve_variant"]
     model_key = served_model_key(artifacts, variant)
     manifest = artifacts.read_parquet(Keys.manifest)
-    bundle = None
-
-    def embed(uris: list[str]) -> np.ndarray:
-        nonlocal bundle
-        bundle = bundle or load_model(variant_spec(artifacts, variant, compute.cache), cache_dir=compute.cache,
-                                      device=compute.device)
-        return embed_images(bundle, uris, batch_size="auto", device=compute.device).numpy()  # fits GPU memory
-
+    embed = lazy_image_embedder(artifacts, variant, compute.cache, device=compute.device)  # batch fits GPU memory
     shards = []
     for key in context.partition_keys:
         started = time.perf_counter()

@@ -6,6 +6,7 @@ import polars as pl
 from clipopt_core.locks import work_dir_lock
 from clipopt_core.models import ModelSpec
 from clipopt_core.pipeline import StageOutput, config_hash, realign_pairs, train_realign, train_retrieval
+from clipopt_core.storage import COMPLETE_MARKER
 from clipopt_core.layout import Keys, base_spec, stage_spec
 from clipopt_dagster._helpers import GPU_POOL, TRAINING_RETRY, md_table, step_logger
 from clipopt_dagster.assets_data import base_model, caption_corpus, image_splits, pseudo_captions
@@ -57,7 +58,7 @@ def _realign(context: dg.AssetExecutionContext, name: str, encoder: str, setting
     artifacts = store.store()
     image_size = base_spec(artifacts).image_size
     core = settings.core()
-    work = compute.cache / "work" / name / config_hash(core, artifacts.read_json(f"{Keys.model(encoder)}/_COMPLETE.json"))
+    work = compute.cache / "work" / name / config_hash(core, artifacts.read_json(f"{Keys.model(encoder)}/{COMPLETE_MARKER}"))
     if compute.launcher and compute.launcher.launches:  # a Pipes child downloads the encoder, trains and publishes
         request = stage_request("realign", name, store, compute, core, work, encoder=encoder, image_size=image_size)
         return compute.launcher.launch(context, request, store)
