@@ -65,7 +65,7 @@ def cache_dir() -> Path:
 
 def load(args: argparse.Namespace):
     """A fresh :class:`ClipBundle` for ``args.model`` on ``args.device`` (same weights at every call)."""
-    from clipopt_core.models import ModelSpec, load_model
+    from clipopt_core.models.loading import ModelSpec, load_model
 
     return load_model(ModelSpec(args.model, image_size=args.image_size), cache_dir=cache_dir(), device=args.device)
 
@@ -196,8 +196,8 @@ def shapes_images(root: Path, count: int, seed: int = 0) -> tuple[list[str], lis
 
 def source_images(location: str) -> tuple[list[str], list[int]]:
     """(uris, integer labels) of an image source folder (class folders or manifest), without validation."""
-    from clipopt_core import manifest as mf
-    from clipopt_core.data import encode_labels
+    from clipopt_core.data import manifest as mf
+    from clipopt_core.data.datasets import encode_labels
 
     rows = mf.scan_source(location)
     root = mf.source_root(location).rstrip("/")
@@ -206,9 +206,9 @@ def source_images(location: str) -> tuple[list[str], list[int]]:
 
 
 def fit_stepper(task: Any, config: Any, device: str) -> Callable[[Any], None]:
-    """One optimizer step exactly as :func:`clipopt_core.training.fit` takes it (AdamW groups with
+    """One optimizer step exactly as :func:`clipopt_core.train.loop.fit` takes it (AdamW groups with
     ``base_lr``, per-step cosine LR, autocast/scaler, clipping), minus validation and checkpoints."""
-    from clipopt_core import training
+    from clipopt_core.train import loop as training
 
     optimizer = torch.optim.AdamW(task.param_groups(config), betas=config.betas, eps=config.eps)
     for group in optimizer.param_groups:

@@ -22,7 +22,9 @@ import faiss
 import numpy as np
 import torch
 
-from clipopt_core.captions import MiningConfig, top_k_chunked
+from clipopt_core.train.mining import top_k_chunked
+
+from clipopt_core.train.config import MiningConfig
 
 PAPER_POOL, PAPER_IMAGES = 1_000_000, 100_000
 IMAGE_CHUNK = inspect.signature(top_k_chunked).parameters["image_chunk_size"].default

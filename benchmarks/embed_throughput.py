@@ -24,8 +24,8 @@ import _bench as B
 import torch
 import torch.nn.functional as F
 
-from clipopt_core.data import ImageDataset, eval_transform
-from clipopt_core.embed import autocast, embed_images, embed_texts
+from clipopt_core.data.datasets import ImageDataset, eval_transform
+from clipopt_core.models.encode import autocast, embed_images, embed_texts
 
 WORDS = ("a", "photo", "of", "red", "small", "cat", "house", "drawing", "with", "blue", "sky", "and", "two", "dogs")
 

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipopt_core.index import IndexSpec, build_index, recall_at_k_vs_exact, search  # noqa: E402
+from clipopt_core.serve.index import IndexSpec, build_index, recall_at_k_vs_exact, search  # noqa: E402
 
 
 def unit_normal(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

@@ -5,7 +5,7 @@
     python benchmarks/index_scale.py --sizes 100000 --kinds ivf_pq
 
 For each size N: synthetic unit vectors with low intrinsic dimension (a 64-dim Gaussian mixture mapped to
-D dims, like real embeddings) split into ``--shards`` shards; :func:`clipopt_core.sharding.build_from_shards` trains the
+D dims, like real embeddings) split into ``--shards`` shards; :func:`clipopt_core.serve.shards.build_from_shards` trains the
 IVF quantiser once on ``train_per_list × nlist`` vectors sampled across shards, adds each shard to a
 copy, merges, and tunes nprobe to recall@10 ≥ 0.95 vs exact search (held-out queries, capped at
 ``--max-nprobe``). IVF-PQ alone cannot reach 0.95 (64-byte codes), so it is also measured with exact
@@ -32,8 +32,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clipopt_core.index import IndexSpec  # noqa: E402
-from clipopt_core.sharding import build_from_shards  # noqa: E402
+from clipopt_core.serve.index import IndexSpec  # noqa: E402
+from clipopt_core.serve.shards import build_from_shards  # noqa: E402
 
 
 def embeddings_like(n: int, dim: int, seed: int, latent: int = 64, spread: float = 1.0, iso: float = 0.02) -> np.ndarray:

@@ -27,14 +27,14 @@ import polars as pl
 import torch
 import yaml
 
-from clipopt_core import manifest as mf
-from clipopt_core import sharding
-from clipopt_core.embed import embed_images
-from clipopt_core.evaluation import evaluate_model
-from clipopt_core.models import checkpoint_spec, load_model
-from clipopt_core.pipeline import caption_pool, mine_captions, realign_pairs, train_realign, train_retrieval
-from clipopt_core.report import gallery_image, report_frame, teaser_plot, to_markdown
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.data import manifest as mf
+from clipopt_core.serve import shards as sharding
+from clipopt_core.models.encode import embed_images
+from clipopt_core.evaluate.protocol import evaluate_model
+from clipopt_core.models.loading import checkpoint_spec, load_model
+from clipopt_core.train.runner import caption_pool, mine_captions, realign_pairs, train_realign, train_retrieval
+from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, to_markdown
+from clipopt_core.runtime.storage import ArtifactStore
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

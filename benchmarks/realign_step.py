@@ -25,9 +25,10 @@ import _bench as B
 import torch
 import torch.nn.functional as F
 
-from clipopt_core import towers
-from clipopt_core.losses import SymmetricInfoNCE
-from clipopt_core.stages import REALIGN_TRAIN_DEFAULTS, RealignConfig, RealignTask
+from clipopt_core.models import towers
+from clipopt_core.train.losses import SymmetricInfoNCE
+from clipopt_core.train.tasks import RealignTask
+from clipopt_core.train.config import REALIGN_TRAIN_DEFAULTS, RealignConfig
 
 COLOURS = ("red", "green", "blue", "orange", "purple", "black", "white", "yellow")
 THINGS = ("cat", "dog", "house", "car", "tree", "flower", "smiling face", "bicycle", "mountain", "boat")

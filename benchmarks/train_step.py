@@ -25,10 +25,11 @@ import _bench as B
 import torch
 from torch import nn
 
-from clipopt_core.data import ImageDataset, train_transform
-from clipopt_core.losses import ArcMarginLoss, MultiCaptionArcMarginLoss
-from clipopt_core.stages import RetrievalConfig, RetrievalTask
-from clipopt_core.training import TrainConfig
+from clipopt_core.data.datasets import ImageDataset, train_transform
+from clipopt_core.train.losses import ArcMarginLoss, MultiCaptionArcMarginLoss
+from clipopt_core.train.tasks import RetrievalTask
+from clipopt_core.train.config import RetrievalConfig
+from clipopt_core.train.config import TrainConfig
 
 
 def synthetic(args, dim: int):

@@ -5,9 +5,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from clipopt_core.models import ModelSpec, checkpoint_spec
-from clipopt_core.sharding import index_key
-from clipopt_core.storage import COMPLETE_MARKER, ArtifactStore
+from clipopt_core.models.loading import ModelSpec, checkpoint_spec
+from clipopt_core.serve.shards import index_key
+from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore
 
 VARIANT_MODELS = {"stage1": "retrieval_encoder", "2sft": "realigned_2sft", "mcip": "mcip_encoder",
                   "mcip_realign": "realigned_mcip"}
@@ -29,7 +29,7 @@ class Keys:
     report_md = "reports/evaluation.md"
     teaser = "reports/teaser.png"
     gallery = "reports/gallery.png"
-    serving = "serving"  # prefix of the gallery embedding shards and the served index (clipopt_core.sharding)
+    serving = "serving"  # prefix of the gallery embedding shards and the served index (clipopt_core.serve.shards)
     index = index_key(serving, "merged.faiss")
     index_ids = index_key(serving, "ids.parquet")
     index_info = index_key(serving, "info.json")

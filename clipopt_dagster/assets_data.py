@@ -5,10 +5,10 @@ from dataclasses import asdict
 import dagster as dg
 import polars as pl
 
-from clipopt_core import manifest as mf
-from clipopt_core.models import load_model
-from clipopt_core.pipeline import caption_pool, frame_hash, mine_captions
-from clipopt_core.captions import similarity_histogram
+from clipopt_core.data import manifest as mf
+from clipopt_core.models.loading import load_model
+from clipopt_core.train.runner import caption_pool, frame_hash, mine_captions
+from clipopt_core.train.mining import similarity_histogram
 from clipopt_core.layout import Keys, base_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table
 from clipopt_dagster.configs import BaseModelConfig, MiningSettings, SplitConfig

@@ -6,11 +6,11 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from clipopt_core import sharding
-from clipopt_core.evaluation import evaluate_model
-from clipopt_core.models import load_model
-from clipopt_core.report import gallery_image, report_frame, teaser_plot, to_markdown
-from clipopt_core.serving import lazy_image_embedder
+from clipopt_core.serve import shards as sharding
+from clipopt_core.evaluate.protocol import evaluate_model
+from clipopt_core.models.loading import load_model
+from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, to_markdown
+from clipopt_core.serve.search import lazy_image_embedder
 from clipopt_core.layout import VARIANT_MODELS, Keys, served_model_key, variant_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_training import mcip_encoder, realigned_2sft, realigned_mcip, retrieval_encoder

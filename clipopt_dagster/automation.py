@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from clipopt_core import manifest as mf
+from clipopt_core.data import manifest as mf
 from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from clipopt_dagster.resources import ComputeResource, DataSourceResource
 

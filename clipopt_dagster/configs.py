@@ -9,12 +9,12 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, model_validator
 
-from clipopt_core.captions import MiningConfig
-from clipopt_core.evaluation import OPENAI_TEMPLATES, EvalConfig
-from clipopt_core.index import IndexSpec
-from clipopt_core.models import ModelSpec
-from clipopt_core.stages import RealignConfig, RetrievalConfig
-from clipopt_core.training import TrainConfig
+from clipopt_core.train.config import MiningConfig
+from clipopt_core.evaluate.protocol import OPENAI_TEMPLATES, EvalConfig
+from clipopt_core.serve.index import IndexSpec
+from clipopt_core.models.loading import ModelSpec
+from clipopt_core.train.config import RealignConfig, RetrievalConfig
+from clipopt_core.train.config import TrainConfig
 
 SHORT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an icon of {}.")
 

@@ -6,7 +6,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dagster as dg
 
-from clipopt_core.storage import configure_s3_defaults
+from clipopt_core.runtime.storage import configure_s3_defaults
 from clipopt_dagster import assets_data, assets_serving, assets_training, checks
 from clipopt_dagster.automation import new_images_sensor, retraining_job, retraining_schedule
 from clipopt_dagster.launchers import launcher_from_env

@@ -5,11 +5,11 @@
 * ``in_process`` (default, also when ``launcher`` is unset): the asset trains itself, as before.
 * ``pipes_subprocess``: ``dg.PipesSubprocessClient`` runs ``python -m clipopt_dagster.pipes_child`` or, with
   ``nproc_per_node`` > 1, ``python -m torch.distributed.run --standalone --nproc-per-node N -m
-  clipopt_dagster.pipes_child`` (data-parallel, :mod:`clipopt_core.distributed`) on this machine.
+  clipopt_dagster.pipes_child`` (data-parallel, :mod:`clipopt_core.runtime.distributed`) on this machine.
 * ``pipes_k8s``: ``dagster_k8s.PipesK8sClient`` runs the same command in a pod of ``image``
   (needs ``dagster-k8s``, not installed by default; see ``deploy/README.md``).
 
-The child gets a :class:`~clipopt_core.stage_job.StageRequest` in ``$CLIPOPT_STAGE_REQUEST``, reads its
+The child gets a :class:`~clipopt_core.train.job.StageRequest` in ``$CLIPOPT_STAGE_REQUEST``, reads its
 inputs from the artifact store, publishes ``models/<asset>`` itself and reports the asset's
 metadata (best_val_score, steps, uri, …) and its logs back over Pipes. S3 credentials of the store
 resource go to the child's environment, never into the request.
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from clipopt_core.models import ModelSpec
-from clipopt_core.stage_job import REQUEST_ENV, StageRequest
+from clipopt_core.models.loading import ModelSpec
+from clipopt_core.train.job import REQUEST_ENV, StageRequest
 
 if TYPE_CHECKING:
     from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource

@@ -1,7 +1,7 @@
 """Gallery shards: the static partitions of ``gallery_embeddings`` and the run tags that cover all of them.
 
 The shard count comes from ``CLIPOPT_GALLERY_SHARDS`` (default 4) when the code location loads: an
-image's shard is a stable hash of its id (:func:`clipopt_core.sharding.shard_of`), so images arriving
+image's shard is a stable hash of its id (:func:`clipopt_core.serve.shards.shard_of`), so images arriving
 later land in the existing shards and re-embed only those. Changing the count re-shards the gallery.
 """
 

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from clipopt_core import distributed  # noqa: E402
-from clipopt_core.stage_job import REQUEST_ENV, StageRequest, run_stage  # noqa: E402
+from clipopt_core.runtime import distributed  # noqa: E402
+from clipopt_core.train.job import REQUEST_ENV, StageRequest, run_stage  # noqa: E402
 
 
 def _event_logger(pipes: Any, every: int = 10) -> Callable[[dict[str, float]], None]:

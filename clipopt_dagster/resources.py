@@ -11,7 +11,7 @@ import duckdb
 import polars as pl
 from pydantic import Field, field_validator
 
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.launchers import TrainingLauncher
 
 DEMO = "demo"
@@ -107,7 +107,7 @@ class DataSourceResource(dg.ConfigurableResource):
         """(image source, caption source) as folders or manifest files, building the demo when asked."""
         if DEMO not in (self.images, self.captions):
             return self.images, self.captions
-        from clipopt_core.demo_data import ensure_demo_data
+        from clipopt_core.demo.build import ensure_demo_data
 
         demo = ensure_demo_data(cache_dir / "demo", max_emoji_classes=self.demo_max_emoji_classes,
                                 max_caption_images=self.demo_max_caption_images, progress=log)

@@ -8,9 +8,9 @@ import dagster as dg
 import pytest
 import torch
 
-from clipopt_core import cli
-from clipopt_core.models import ModelSpec, load_model
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.cli import main as cli
+from clipopt_core.models.loading import ModelSpec, load_model
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.definitions import ASSET_CHECKS, ASSETS
 from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from tests.pipeline.conftest import tiny_resources, tiny_run_config
@@ -75,7 +75,7 @@ def test_train_command_runs_each_stage_and_exports_a_loadable_checkpoint(filled_
         store.read_parquet("data/caption_pairs.parquet").write_parquet(config["pairs"])
         config["stage_options"] = {"last_blocks": 1}
     (tmp_path / "run.json").write_text(json.dumps(config))
-    completed = subprocess.run([sys.executable, "-m", "clipopt_core.cli", "train", "--stage", stage, "--config",
+    completed = subprocess.run([sys.executable, "-m", "clipopt_core.cli.main", "train", "--stage", stage, "--config",
                                 str(tmp_path / "run.json")], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     summary = json.loads(completed.stdout)

@@ -6,11 +6,11 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from clipopt_core.embed import embed_images
+from clipopt_core.models.encode import embed_images
 from clipopt_core.layout import Keys
-from clipopt_core.report import VARIANTS
-from clipopt_core.serving import SearchService
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.evaluate.report import VARIANTS
+from clipopt_core.serve.search import SearchService
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.assets_serving import faiss_index, gallery_embeddings
 from clipopt_dagster.checks import index_recall
 from clipopt_dagster.definitions import defs

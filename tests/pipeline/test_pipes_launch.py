@@ -14,9 +14,9 @@ import dagster as dg
 import pytest
 
 from clipopt_core.layout import Keys
-from clipopt_core.models import ModelSpec, checkpoint_spec, load_model
-from clipopt_core.stage_job import StageRequest
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.models.loading import ModelSpec, checkpoint_spec, load_model
+from clipopt_core.train.job import StageRequest
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.assets_data import base_model, caption_corpus, image_manifest, image_splits, raw_images
 from clipopt_dagster.assets_training import realigned_2sft, retrieval_encoder
 from clipopt_dagster.launchers import TrainingLauncher, launcher_from_env
@@ -121,7 +121,7 @@ def test_stage_request_round_trips_and_checks_its_stage() -> None:
 def test_clipopt_core_imports_neither_dagster_nor_dagster_pipes() -> None:
     """Only running ``clipopt_dagster.pipes_child`` as a program imports ``dagster_pipes``; nothing imports dagster."""
     code = ("import importlib, pkgutil, sys, clipopt_core\n"
-            "for m in pkgutil.iter_modules(clipopt_core.__path__): importlib.import_module(f'clipopt_core.{m.name}')\n"
+            "for m in pkgutil.walk_packages(clipopt_core.__path__, 'clipopt_core.'): importlib.import_module(m.name)\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('dagster', 'dagster_pipes')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})

@@ -45,7 +45,7 @@ def _materialize(args: argparse.Namespace) -> int:
 
 def _hold_lock(args: argparse.Namespace) -> int:
     """Hold the work-folder lock of ``--work`` for ``--seconds`` (touching ``--ready`` once held)."""
-    from clipopt_core.locks import work_dir_lock
+    from clipopt_core.runtime.locks import work_dir_lock
 
     with work_dir_lock(Path(args.work)):
         Path(args.ready).write_text(json.dumps({"pid": os.getpid(), "release_at": time.time() + args.seconds}))
@@ -92,7 +92,7 @@ def _store_write(args: argparse.Namespace) -> int:
 
     ``--mode loop``: no hanging; publish versions 1, 2, 3 … of a large payload forever (killed at a random moment).
     """
-    from clipopt_core.storage import ArtifactStore
+    from clipopt_core.runtime.storage import ArtifactStore
 
     store = ArtifactStore(args.store)
     ready = Path(args.ready)

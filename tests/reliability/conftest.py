@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipopt_core.training import TrainConfig
+from clipopt_core.train.config import TrainConfig
 from tests.pipeline.conftest import TINY_TRAIN, tiny_resources, tiny_run_config
 from tests.system.conftest import s3, s3_server, wait_for  # noqa: F401  (fixtures re-exported)
 

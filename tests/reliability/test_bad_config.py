@@ -14,8 +14,8 @@ import dagster as dg
 import pydantic
 import pytest
 
-from clipopt_core.models import ModelSpec, export_checkpoint, load_model
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.models.loading import ModelSpec, export_checkpoint, load_model
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.configs import McipSettings, RealignSettings, RetrievalSettings
 from tests.reliability.conftest import assets_named, failure_text, materialize
 from tests.pipeline.conftest import tiny_resources

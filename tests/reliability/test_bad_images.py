@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.runtime.storage import ArtifactStore
 from tests.conftest import write_shapes_source
 from tests.reliability.conftest import DATA_ASSETS, failure_text, materialize, metadata
 

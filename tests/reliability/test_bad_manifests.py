@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.runtime.storage import ArtifactStore
 from tests.conftest import draw_shape, write_shapes_source
 from tests.reliability.conftest import DATA_ASSETS, failure_text, materialize, metadata
 

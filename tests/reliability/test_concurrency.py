@@ -10,9 +10,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from clipopt_core.locks import WorkDirLocked, work_dir_lock
-from clipopt_core.storage import COMPLETE_MARKER, ArtifactStore
-from clipopt_core.training import TrainConfig, fit
+from clipopt_core.runtime.locks import WorkDirLocked, work_dir_lock
+from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore
+from clipopt_core.train.loop import fit
+from clipopt_core.train.config import TrainConfig
 from clipopt_dagster.resources import CatalogBusyError, CatalogResource
 from tests.conftest import write_shapes_source
 from tests.reliability.conftest import (SLOW_TRAIN, TRAIN_ASSETS, ToyTask, kill_group, wait_for_file, worker,

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipopt_core.storage import COMPLETE_MARKER, ArtifactStore, StorageError
-from clipopt_core.training import LAST_DIR, TrainConfig, fit
+from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore, StorageError
+from clipopt_core.train.loop import LAST_DIR, fit
+from clipopt_core.train.config import TrainConfig
 from tests.conftest import write_shapes_source
 from tests.reliability.conftest import (SLOW_TRAIN, TRAIN_ASSETS, ToyTask, kill_group, materialize, metadata,
                                         wait_for_file, worker, worker_json)

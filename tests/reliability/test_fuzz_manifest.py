@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipopt_core.manifest import ManifestError, ingest
+from clipopt_core.data.manifest import ManifestError, ingest
 
 COLUMNS = ("path", "label", "caption", "category", "source")
 HEADERS = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP",

@@ -17,11 +17,11 @@ import polars as pl
 import pytest
 import torch
 
-from clipopt_core import index as index_lib
+from clipopt_core.serve import index as index_lib
 from clipopt_core.layout import Keys
-from clipopt_core.models import ModelSpec, load_model
-from clipopt_core.serving import SearchService
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.models.loading import ModelSpec, load_model
+from clipopt_core.serve.search import SearchService
+from clipopt_core.runtime.storage import ArtifactStore
 from tests.reliability.conftest import failure_text, materialize
 
 COUNT, DIM = 10, 32  # the tiny model embeds in 32 dims

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clipopt_core.storage import COMPLETE_MARKER, StorageError
+from clipopt_core.runtime.storage import COMPLETE_MARKER, StorageError
 from clipopt_dagster.resources import ArtifactStoreResource
 from tests.reliability.conftest import SLOW_TRAIN, failure_text, materialize, metadata, wait_for_file
 from tests.system.conftest import S3Server

@@ -8,8 +8,8 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from clipopt_core.report import VARIANTS
-from clipopt_core.storage import COMPLETE_MARKER, ArtifactStore, StorageError, configure_s3_defaults
+from clipopt_core.evaluate.report import VARIANTS
+from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore, StorageError, configure_s3_defaults
 from clipopt_dagster.definitions import ASSETS
 from clipopt_dagster.resources import ArtifactStoreResource
 from tests.pipeline.conftest import tiny_resources, tiny_run_config

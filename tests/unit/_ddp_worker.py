@@ -22,11 +22,13 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from clipopt_core import distributed
-from clipopt_core.data import ImageDataset, encode_labels, train_transform
-from clipopt_core.models import ModelSpec, load_model
-from clipopt_core.stages import RealignConfig, RealignTask, RetrievalConfig, RetrievalTask
-from clipopt_core.training import TrainConfig, fit
+from clipopt_core.runtime import distributed
+from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
+from clipopt_core.models.loading import ModelSpec, load_model
+from clipopt_core.train.tasks import RealignTask, RetrievalTask
+from clipopt_core.train.config import RealignConfig, RetrievalConfig
+from clipopt_core.train.loop import fit
+from clipopt_core.train.config import TrainConfig
 
 BASE = dict(epochs=1, batch_size=8, lr=3e-3, lr_floor=1e-4, weight_decay=0.01, precision="fp32", max_steps=4,
             eval_every_steps=2, checkpoint_every_steps=2, validate_at_start=False, grad_clip=1.0)

@@ -1,5 +1,5 @@
-"""Unit tests for image decoding (clipopt_core.images), manifests (clipopt_core.manifest) and
-datasets / batch order (clipopt_core.data). All images are made in the tests."""
+"""Unit tests for image decoding (clipopt_core.data.images), manifests (clipopt_core.data.manifest) and
+datasets / batch order (clipopt_core.data.datasets). All images are made in the tests."""
 from __future__ import annotations
 
 import io
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipopt_core.data import (
+from clipopt_core.data.datasets import (
     EpochBatches,
     ImageDataset,
     encode_labels,
@@ -26,8 +26,8 @@ from clipopt_core.data import (
     sample_seed,
     train_transform,
 )
-from clipopt_core.images import ImageRejected, decode_image
-from clipopt_core.manifest import ManifestError, class_stats, ingest, scan_source, split_by_class
+from clipopt_core.data.images import ImageRejected, decode_image
+from clipopt_core.data.manifest import ManifestError, class_stats, ingest, scan_source, split_by_class
 
 from tests.conftest import write_shapes_source
 

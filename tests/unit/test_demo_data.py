@@ -1,4 +1,4 @@
-"""Tests for clipopt_core.demo_data: pure helpers on hand-written inputs, plus one slow real build."""
+"""Tests for clipopt_core.demo.build: pure helpers on hand-written inputs, plus one slow real build."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 from PIL import Image, PngImagePlugin
 
-from clipopt_core import _demo_sources as src
-from clipopt_core import demo_data
-from clipopt_core.demo_data import DemoData, ensure_demo_data
+from clipopt_core.demo import _sources as src
+from clipopt_core.demo import build as demo_data
+from clipopt_core.demo.build import DemoData, ensure_demo_data
 
 
 # ---------------------------------------------------------------- emoji

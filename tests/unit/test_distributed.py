@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (clipopt_core.distributed) equals one process on the same global batch.
+"""Data-parallel training under torchrun (clipopt_core.runtime.distributed) equals one process on the same global batch.
 
 Two gloo ranks (``torchrun --standalone``, a free local port) and one plain process run the same
 scenarios of ``_ddp_worker.py`` with global batch 8: stage 1 (ArcMargin; BatchNorm frozen in eval,
@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipopt_core import distributed
-from clipopt_core.data import EpochBatches
-from clipopt_core.manifest import ingest, scan_source
-from clipopt_core.models import ModelSpec, load_model
+from clipopt_core.runtime import distributed
+from clipopt_core.data.datasets import EpochBatches
+from clipopt_core.data.manifest import ingest, scan_source
+from clipopt_core.models.loading import ModelSpec, load_model
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 DDP_SCENARIOS = ("stage1", "mcip", "realign", "resume")
@@ -114,7 +114,7 @@ def test_torchrun_cli_train_exports_one_checkpoint(tmp_path: Path, rows: pl.Data
               "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32", "max_steps": 3,
                         "eval_every_steps": 100, "validate_at_start": False}}
     (tmp_path / "run.json").write_text(json.dumps(config))
-    done = torchrun("-m", "clipopt_core.cli", "train", "--stage", "retrieval", "--config", str(tmp_path / "run.json"))
+    done = torchrun("-m", "clipopt_core.cli.main", "train", "--stage", "retrieval", "--config", str(tmp_path / "run.json"))
     summary = json.loads(done.stdout)  # exactly one JSON document: only rank 0 prints
     assert summary["steps"] == 3 and summary["best_step"] == 3
     sidecar = json.loads((Path(summary["checkpoint"]) / "clipopt.json").read_text())

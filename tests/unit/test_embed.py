@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 import torch
 
-from clipopt_core.embed import MicroBatcher, autocast, default_workers, embed_images, embed_texts
-from clipopt_core.models import ModelSpec, load_model
+from clipopt_core.models.encode import MicroBatcher, autocast, default_workers, embed_images, embed_texts
+from clipopt_core.models.loading import ModelSpec, load_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Unit tests for clipopt_core.index (faiss inner-product indexes on unit vectors)."""
+"""Unit tests for clipopt_core.serve.index (faiss inner-product indexes on unit vectors)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from clipopt_core.index import (
+from clipopt_core.serve.index import (
     IndexSpec,
     _auto_nlist,
     _auto_pq_m,

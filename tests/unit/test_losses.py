@@ -1,4 +1,4 @@
-"""Unit tests for clipopt_core.losses, checked against values computed with plain python math."""
+"""Unit tests for clipopt_core.train.losses, checked against values computed with plain python math."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipopt_core.losses import (
+from clipopt_core.train.losses import (
     ArcMarginLoss,
     MultiCaptionArcMarginLoss,
     SymmetricInfoNCE,

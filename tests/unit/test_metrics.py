@@ -1,4 +1,4 @@
-"""Unit tests for clipopt_core.metrics: hand-computed 2-D cases, ties, sklearn agreement, chunking."""
+"""Unit tests for clipopt_core.evaluate.metrics: hand-computed 2-D cases, ties, sklearn agreement, chunking."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from clipopt_core.metrics import (
+from clipopt_core.evaluate.metrics import (
     _per_query_ap,
     group_means,
     image_to_image_map,
@@ -228,7 +228,7 @@ def test_map_by_query_source_ranks_against_the_whole_set():
 
 
 def test_stable_topk_matches_stable_sort_with_many_ties():
-    from clipopt_core.metrics import _stable_topk
+    from clipopt_core.evaluate.metrics import _stable_topk
 
     g = torch.Generator().manual_seed(3)
     sims = torch.randint(0, 4, (50, 30), generator=g).float()  # heavy ties everywhere

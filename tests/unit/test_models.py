@@ -1,5 +1,5 @@
-"""Unit tests for clipopt_core.models (loading, export, offline errors, unsafe checkpoints) and
-clipopt_core.towers (which parameters each stage trains), on the tiny registered model."""
+"""Unit tests for clipopt_core.models.loading (loading, export, offline errors, unsafe checkpoints) and
+clipopt_core.models.towers (which parameters each stage trains), on the tiny registered model."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from clipopt_core import towers
-from clipopt_core.models import (
+from clipopt_core.models import towers
+from clipopt_core.models.loading import (
     CONFIG_FILE,
     SIDECAR_FILE,
     WEIGHTS_FILE,

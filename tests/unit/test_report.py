@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipopt_core.report import gallery_image, report_frame, teaser_plot, to_markdown
+from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, to_markdown
 
 METRICS = {
     "baseline": {"i2i_map": 0.20, "i2i_r1": 0.30, "knn_top1": 0.5, "zs_top1": 0.10, "t2i_r1": 0.1, "t2i_r5": 0.2,

@@ -1,4 +1,4 @@
-"""Sharded embeddings and the index built from shards (clipopt_core.sharding, ``clipopt index-shards``).
+"""Sharded embeddings and the index built from shards (clipopt_core.serve.shards, ``clipopt index-shards``).
 
 4 shards of synthetic clustered unit vectors (an embedding function looked up by uri) are embedded
 through a local ArtifactStore, then indexed: flat must return exactly the unsharded results (mapped
@@ -17,9 +17,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from clipopt_core import cli, sharding
-from clipopt_core.index import IndexSpec, build_index, read_index, recall_at_k_vs_exact
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.cli import main as cli
+
+from clipopt_core.serve import shards as sharding
+from clipopt_core.serve.index import IndexSpec, build_index, read_index, recall_at_k_vs_exact
+from clipopt_core.runtime.storage import ArtifactStore
 
 N, DIM, SHARDS = 6000, 32, 4
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +169,7 @@ def test_hnsw_is_built_over_the_concatenated_shards(store: ArtifactStore, galler
 
 def test_index_shards_cli_embeds_with_the_model_and_builds(tmp_path: Path, shapes_source: Path, capsys) -> None:
     from clipopt_core.layout import Keys
-    from clipopt_core.manifest import ingest, scan_source
+    from clipopt_core.data.manifest import ingest, scan_source
 
     store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
     store.write_parquet(Keys.manifest, ingest(str(shapes_source), scan_source(str(shapes_source))).accepted)

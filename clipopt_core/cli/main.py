@@ -2,7 +2,7 @@
 
 Commands:
   clipopt train --stage {retrieval,mcip,realign} --config run.json   train one stage
-      (data-parallel: torchrun --nproc-per-node N -m clipopt_core.cli train …)
+      (data-parallel: torchrun --nproc-per-node N -m clipopt_core.cli.main train …)
   clipopt search --store URL (--image PATH | --text "…") [-k 10]     query the served index
   clipopt report [--store URL]                                        print the latest evaluation report
   clipopt index-shards {embed,build} --num-shards N [--store URL] …   sharded embeddings + index (big galleries)
@@ -18,7 +18,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from clipopt_core import cli_shards  # noqa: E402 - argparse only; its heavy imports are lazy
+from clipopt_core.cli import shards as cli_shards  # noqa: E402 - argparse only; its heavy imports are lazy
 
 
 def default_store_url() -> str:
@@ -73,10 +73,12 @@ def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any] | None:
     import polars as pl
     from tqdm import tqdm
 
-    from clipopt_core import distributed, pipeline
-    from clipopt_core.models import ModelSpec
-    from clipopt_core.stages import RealignConfig, RetrievalConfig
-    from clipopt_core.training import TrainConfig
+    from clipopt_core.runtime import distributed
+
+    from clipopt_core.train import runner as pipeline
+    from clipopt_core.models.loading import ModelSpec
+    from clipopt_core.train.config import RealignConfig, RetrievalConfig
+    from clipopt_core.train.config import TrainConfig
 
     spec = ModelSpec(**config["model"])
     splits = pl.read_parquet(config["splits"])
@@ -112,15 +114,15 @@ def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any] | None:
 
 def run_search(store_url: str, *, image: str | None = None, text: str | None = None, k: int = 10) -> list[dict[str, Any]]:
     """Top-``k`` gallery images for an image or text query, using the served variant's model and index."""
-    from clipopt_core.serving import SearchService
-    from clipopt_core.storage import ArtifactStore
+    from clipopt_core.serve.search import SearchService
+    from clipopt_core.runtime.storage import ArtifactStore
 
     service = SearchService.from_store(ArtifactStore(store_url))
     return service.search_image(image, k) if image else service.search_text(text or "", k)
 
 
 def run_report(store_url: str) -> str:
-    from clipopt_core.storage import ArtifactStore
+    from clipopt_core.runtime.storage import ArtifactStore
 
     store = ArtifactStore(store_url)
     if not store.exists("reports/evaluation.md"):

@@ -172,7 +172,7 @@ def checkpoint_spec(folder: Path, image_size: int | None = None) -> ModelSpec:
 def _resolve(spec: ModelSpec, cache_dir: Path) -> tuple[str, str | None]:
     """Map a spec to the (open_clip name, pretrained) pair, checking availability up front."""
     if spec.name == STARTER:
-        from clipopt_core.starter import ensure_starter_model
+        from clipopt_core.models.starter import ensure_starter_model
 
         return f"local-dir:{ensure_starter_model(cache_dir / 'models')}", None
     schema, identifier = open_clip.factory.parse_model_name(spec.name)

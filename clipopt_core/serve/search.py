@@ -9,13 +9,13 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import polars as pl
 
-from clipopt_core import index as index_lib
-from clipopt_core.data import eval_transform, load_image
-from clipopt_core.embed import embed_images, embed_texts
+from clipopt_core.serve import index as index_lib
+from clipopt_core.data.datasets import eval_transform, load_image
+from clipopt_core.models.encode import embed_images, embed_texts
 from clipopt_core.layout import Keys, variant_spec
-from clipopt_core.models import ClipBundle, load_model
-from clipopt_core.sharding import local_index_file
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.models.loading import ClipBundle, load_model
+from clipopt_core.serve.shards import local_index_file
+from clipopt_core.runtime.storage import ArtifactStore
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _id_table(store: ArtifactStore) -> pl.DataFrame:
 def lazy_image_embedder(store: ArtifactStore, variant: str, cache: Path, *, device: str = "cpu",
                         batch_size: int | Literal["auto"] = "auto") -> Callable[[Sequence[str]], np.ndarray]:
     """``uris → float32 [n, D]`` (rows L2-normalised) with the weights of report ``variant``, for
-    :func:`clipopt_core.sharding.embed_shard`. The model loads on the first call, so a run whose shards
+    :func:`clipopt_core.serve.shards.embed_shard`. The model loads on the first call, so a run whose shards
     are all current never loads it."""
     bundle: ClipBundle | None = None
 

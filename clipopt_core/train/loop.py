@@ -25,40 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clipopt_core import distributed
-from clipopt_core.locks import work_dir_lock
+from clipopt_core.runtime import distributed
+from clipopt_core.train.config import TrainConfig
+from clipopt_core.runtime.locks import work_dir_lock
 
 LAST_DIR = "last"
 BEST_FILE = "best.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings; defaults are METHOD.md's stage-1 recipe.
-
-    ``lr`` is the tower learning rate; each task scales its other groups from it (proxies 100×).
-    ``eval_every_steps`` and ``checkpoint_every_steps`` count optimizer steps.
-    ``patience`` counts evaluations without improvement; ``validate_at_start`` scores the starting
-    weights first, so a run that only makes things worse returns the starting weights. ``precision`` is ``fp32``, ``bf16`` or
-    ``fp16`` (autocast; fp16 uses a gradient scaler); reduced precision is used on CUDA only.
-    """
-
-    epochs: int = 3
-    batch_size: int = 256
-    lr: float = 1e-6
-    lr_floor: float = 1e-7
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    accumulation_steps: int = 1
-    precision: str = "bf16"
-    seed: int = 0
-    eval_every_steps: int = 50
-    patience: int = 50
-    checkpoint_every_steps: int = 100
-    max_steps: int | None = None
-    validate_at_start: bool = True
 
 
 class TrainTask(Protocol):
@@ -104,10 +76,10 @@ def fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.d
 
     On return the task's modules hold the best validated weights (or the last ones if
     validation never ran). ``log`` receives one dict per optimizer step and per validation.
-    The run holds ``work_dir/.lock`` (:func:`clipopt_core.locks.work_dir_lock`): a second run
+    The run holds ``work_dir/.lock`` (:func:`clipopt_core.runtime.locks.work_dir_lock`): a second run
     on the same folder waits up to ``lock_timeout_s`` (default ``$CLIPOPT_LOCK_TIMEOUT_S``, 1 h)
     and then resumes from the first one's checkpoint, or fails with ``WorkDirLocked``.
-    Under ``torchrun`` each rank trains a slice of every global batch (:mod:`clipopt_core.distributed`).
+    Under ``torchrun`` each rank trains a slice of every global batch (:mod:`clipopt_core.runtime.distributed`).
     """
     with work_dir_lock(work_dir, timeout_s=lock_timeout_s):
         distributed.run_on_main(_recover_interrupted_save, work_dir)  # under torchrun only rank 0 touches files

@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 import polars as pl
 import torch
 
-from clipopt_core.data import load_image
-from clipopt_core.evaluation import METRIC_COLUMNS
+from clipopt_core.data.datasets import load_image
+from clipopt_core.evaluate.protocol import METRIC_COLUMNS
 
 VARIANTS = ("baseline", "stage1", "2sft", "mcip", "mcip_realign")
 GROUP_COLUMNS = ("i2i_mean", "knn_mean", "zs_mean", "t2i_mean", "overall_mean")

@@ -7,7 +7,7 @@ gives up after a bounded time with :class:`WorkDirLocked`, naming the holder's p
 
 The kernel drops a ``flock`` when its holder dies (even on SIGKILL), so a crashed run
 never leaves a stale lock behind. The lock is re-entrant within one thread: the Dagster
-asset holds it from training through publishing while :func:`clipopt_core.training.fit`
+asset holds it from training through publishing while :func:`clipopt_core.train.loop.fit`
 takes it again inside. Local filesystems only (``flock`` over NFS is not reliable).
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _follower_rank() -> bool:
     """A non-zero rank of an initialised ``torch.distributed`` group (never imports torch itself)."""
     if "torch.distributed" not in sys.modules:
         return False
-    from clipopt_core.distributed import is_follower
+    from clipopt_core.runtime.distributed import is_follower
 
     return is_follower()
 

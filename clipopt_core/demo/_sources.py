@@ -1,4 +1,4 @@
-"""Private helpers for :mod:`clipopt_core.demo_data`: read, select and store the shipped sources.
+"""Private helpers for :mod:`clipopt_core.demo.build`: read, select and store the shipped sources.
 
 Nothing here downloads or starts a process; everything works on already-unpacked package
 folders, so the parsing and selection rules can be unit-tested on small inline inputs.

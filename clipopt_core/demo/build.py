@@ -30,7 +30,7 @@ from typing import Callable
 
 import polars as pl
 
-from clipopt_core import _demo_sources as src
+from clipopt_core.demo import _sources as src
 
 __all__ = ["DemoData", "ensure_demo_data"]
 

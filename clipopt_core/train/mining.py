@@ -7,24 +7,12 @@ by ``images × chunk`` similarities, whatever the pool size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import faiss
 import numpy as np
 import polars as pl
 import torch
 
-
-@dataclass(frozen=True)
-class MiningConfig:
-    """``threshold``: a cosine, or ``None`` to take the ``threshold_quantile`` of the top-1
-    similarities (the right value depends on the model's similarity range: DATA.md saw
-    0.25 → 13.6 captions/image and 0.35 → 0.6 on the starter model)."""
-
-    top_k: int = 20
-    threshold: float | None = 0.27
-    threshold_quantile: float = 0.5
-    chunk_size: int = 65536
+from clipopt_core.train.config import MiningConfig
 
 
 def dedupe_texts(texts: list[str]) -> list[str]:

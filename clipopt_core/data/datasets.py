@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from clipopt_core.images import decode_image
+from clipopt_core.data.images import decode_image
 
 RESIZE_RATIO = 1.125  # METHOD.md: resize to 1.125·S, then crop S
 

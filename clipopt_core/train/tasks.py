@@ -1,4 +1,4 @@
-"""The training stages of METHOD.md as :class:`~clipopt_core.training.TrainTask` s.
+"""The training stages of METHOD.md as :class:`~clipopt_core.train.loop.TrainTask` s.
 
 * :class:`RetrievalTask` — stage 1 (ArcMargin on the image tower) and, with caption
   embeddings, MCIP (0.75·ArcMargin + 0.25·MCArcMargin against the frozen text tower).
@@ -8,52 +8,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from clipopt_core import distributed, towers
-from clipopt_core.data import EpochBatches, ImageDataset
-from clipopt_core.losses import ArcMarginLoss, MultiCaptionArcMarginLoss, SymmetricInfoNCE
-from clipopt_core.models import ClipBundle
-from clipopt_core.training import TrainConfig
+from clipopt_core.runtime import distributed
 
+from clipopt_core.models import towers
+from clipopt_core.data.datasets import EpochBatches, ImageDataset
+from clipopt_core.train.losses import ArcMarginLoss, MultiCaptionArcMarginLoss, SymmetricInfoNCE
+from clipopt_core.models.loading import ClipBundle
+from clipopt_core.train.config import RealignConfig, RetrievalConfig, TrainConfig
 
-@dataclass(frozen=True)
-class RetrievalConfig:
-    """Stage-1 / MCIP settings (defaults: METHOD.md).
-
-    ``mc_weight`` = 0 gives stage 1; MCIP uses 0.25 (ArcMargin then weighs ``1 - mc_weight``).
-    ``projector``: ``train`` keeps the projector in the joint space and trains it; ``reattach``
-    trains the trunk on pre-projection features and keeps the original projector.
-    """
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    proxy_lr_multiplier: float = 100.0
-    arc_scale: float = 30.0
-    arc_margin: float = 0.1
-    mc_weight: float = 0.0
-    max_negative_weight: float = 0.1
-    freeze_norm: bool = True
-    projector: Literal["train", "reattach"] = "train"
-    num_workers: int = 0
-
-
-REALIGN_TRAIN_DEFAULTS = TrainConfig(lr=1e-5, lr_floor=0.0, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, epochs=10,
-                                     batch_size=32768, eval_every_steps=100)
-
-
-@dataclass(frozen=True)
-class RealignConfig:
-    """Stage-2 settings (METHOD.md: AdamW 0.9/0.98, eps 1e-6, LR 1e-5, wd 0.2 off norms/biases/scale)."""
-
-    train: TrainConfig = field(default_factory=lambda: REALIGN_TRAIN_DEFAULTS)
-    last_blocks: int = 1
-    max_logit_scale: float = 100.0
 
 
 class RetrievalTask:

@@ -18,10 +18,10 @@ import polars as pl
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from clipopt_core import metrics
-from clipopt_core.data import encode_labels
-from clipopt_core.embed import embed_images, embed_texts, zero_shot_classifier
-from clipopt_core.models import ClipBundle
+from clipopt_core.evaluate import metrics
+from clipopt_core.data.datasets import encode_labels
+from clipopt_core.models.encode import embed_images, embed_texts, zero_shot_classifier
+from clipopt_core.models.loading import ClipBundle
 
 OPENAI_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 METRIC_COLUMNS = ("i2i_map", "i2i_r1", "knn_top1", "zs_top1", "t2i_r1", "t2i_r5", "t2i_r10")

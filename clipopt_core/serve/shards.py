@@ -12,14 +12,14 @@
    (``add_with_ids``; independent, parallelisable), and merges them (``merge_from``; or serves them with
    :func:`serve_shards` = ``faiss.IndexShards``). Ids are global row numbers in shard order (shard ``s``
    starts at the sum of the earlier shards' sizes), so ``<prefix>/index/ids.parquet`` row ``i`` is id ``i``,
-   the convention of :class:`clipopt_core.serving.SearchService`. ``nprobe`` is tuned and recall@10 measured
+   the convention of :class:`clipopt_core.serve.search.SearchService`. ``nprobe`` is tuned and recall@10 measured
    against exact search computed shard by shard.
-4. The merged index is saved as a file that :func:`clipopt_core.index.read_index` memory-maps
+4. The merged index is saved as a file that :func:`clipopt_core.serve.index.read_index` memory-maps
    (``faiss.IO_FLAG_MMAP``): the inverted lists stay on disk and the page cache holds the hot ones, so
    an index larger than RAM can be served.
 
 An HNSW graph cannot be assembled from independently built shards: ``kind="hnsw"`` concatenates the
-shards on one machine and builds the graph there (:func:`clipopt_core.index.build_index`).
+shards on one machine and builds the graph there (:func:`clipopt_core.serve.index.build_index`).
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ import faiss
 import numpy as np
 import polars as pl
 
-from clipopt_core import index as index_lib
-from clipopt_core.storage import ArtifactStore
+from clipopt_core.serve import index as index_lib
+from clipopt_core.runtime.storage import ArtifactStore
 
 DEFAULT_PREFIX = "serving"
 META_COLUMNS = ("image_id", "uri", "label", "caption", "source")
@@ -286,7 +286,7 @@ def _put_index(store: ArtifactStore, key: str, index: faiss.Index) -> None:
 
 
 def local_index_file(store: ArtifactStore, key: str, cache_dir: Path) -> Path:
-    """A local path of ``key`` for :func:`clipopt_core.index.read_index` (the file itself in a local store, else a cached download)."""
+    """A local path of ``key`` for :func:`clipopt_core.serve.index.read_index` (the file itself in a local store, else a cached download)."""
     if store.is_local:
         return Path(store.path(key))
     target = cache_dir / key

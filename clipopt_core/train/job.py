@@ -3,7 +3,7 @@
 What a launched child runs (:mod:`clipopt_dagster.pipes_child` under Dagster Pipes; the same code in
 a subprocess, under ``torchrun`` or in a Kubernetes pod): it needs only a :class:`StageRequest`
 (JSON, in ``$CLIPOPT_STAGE_REQUEST`` or a file) and access to the store. It reads the splits (and
-the pseudo-captions or caption pairs) from the store, trains through :mod:`clipopt_core.pipeline`
+the pseudo-captions or caption pairs) from the store, trains through :mod:`clipopt_core.train.runner`
 exactly like the in-process asset, publishes ``models/<asset>`` and returns the asset's metadata.
 
 Store credentials never travel in the request: S3 keys come from the environment (``AWS_*``).
@@ -18,13 +18,13 @@ from typing import Any, Callable
 
 import polars as pl
 
-from clipopt_core import distributed
+from clipopt_core.runtime import distributed
 from clipopt_core.layout import Keys, stage_spec
-from clipopt_core.models import ModelSpec
-from clipopt_core.pipeline import StageOutput, realign_pairs, train_realign, train_retrieval
-from clipopt_core.stages import RealignConfig, RetrievalConfig
-from clipopt_core.storage import ArtifactStore
-from clipopt_core.training import TrainConfig
+from clipopt_core.models.loading import ModelSpec
+from clipopt_core.train.runner import StageOutput, realign_pairs, train_realign, train_retrieval
+from clipopt_core.train.config import RealignConfig, RetrievalConfig
+from clipopt_core.runtime.storage import ArtifactStore
+from clipopt_core.train.config import TrainConfig
 
 REQUEST_ENV = "CLIPOPT_STAGE_REQUEST"
 STAGES = ("retrieval", "mcip", "realign")

@@ -16,15 +16,17 @@ from typing import Any, Callable, Iterator
 import polars as pl
 import torch
 
-from clipopt_core import distributed
-from clipopt_core.captions import MiningConfig, caption_stats, dedupe_texts, mine_pseudo_captions
-from clipopt_core.data import ImageDataset, encode_labels, train_transform
-from clipopt_core.embed import embed_images, embed_texts
-from clipopt_core.evaluation import validation_map, validation_t2i
-from clipopt_core.locks import work_dir_lock
-from clipopt_core.models import ClipBundle, ModelSpec, export_checkpoint, load_model
-from clipopt_core.stages import RealignConfig, RealignTask, RetrievalConfig, RetrievalTask, group_captions_by_text
-from clipopt_core.training import FitResult, fit
+from clipopt_core.runtime import distributed
+from clipopt_core.train.mining import caption_stats, dedupe_texts, mine_pseudo_captions
+from clipopt_core.train.config import MiningConfig
+from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
+from clipopt_core.models.encode import embed_images, embed_texts
+from clipopt_core.evaluate.protocol import validation_map, validation_t2i
+from clipopt_core.runtime.locks import work_dir_lock
+from clipopt_core.models.loading import ClipBundle, ModelSpec, export_checkpoint, load_model
+from clipopt_core.train.tasks import RealignTask, RetrievalTask, group_captions_by_text
+from clipopt_core.train.config import RealignConfig, RetrievalConfig
+from clipopt_core.train.loop import FitResult, fit
 
 EventLog = Callable[[dict[str, float]], None]
 

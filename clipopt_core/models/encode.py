@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from clipopt_core.data import ImageDataset, eval_geometry, normalize_batch
-from clipopt_core.models import ClipBundle
+from clipopt_core.data.datasets import ImageDataset, eval_geometry, normalize_batch
+from clipopt_core.models.loading import ClipBundle
 
 Progress = Callable[[int, int], None]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

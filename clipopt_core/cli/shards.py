@@ -1,4 +1,4 @@
-"""``clipopt index-shards``: sharded gallery embeddings and the index built from them (see :mod:`clipopt_core.sharding`).
+"""``clipopt index-shards``: sharded gallery embeddings and the index built from them (see :mod:`clipopt_core.serve.shards`).
 
   clipopt index-shards embed --store URL --num-shards 64 [--shard I …] [--variant V] [--device cuda]
   clipopt index-shards build --store URL --num-shards 64 [--kind ivf_pq] [--target-recall 0.95]
@@ -53,16 +53,16 @@ def _batch_size(text: str) -> int | str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``index-shards embed`` or ``build``; returns the JSON summary."""
-    from clipopt_core.storage import ArtifactStore
+    from clipopt_core.runtime.storage import ArtifactStore
 
     store = ArtifactStore(args.store)
     return _embed(store, args) if args.action == "embed" else _build(store, args)
 
 
 def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from clipopt_core import sharding
+    from clipopt_core.serve import shards as sharding
     from clipopt_core.layout import Keys, served_model_key
-    from clipopt_core.serving import lazy_image_embedder
+    from clipopt_core.serve.search import lazy_image_embedder
 
     if not store.exists(Keys.manifest):
         raise FileNotFoundError(f"{store.url(Keys.manifest)} is missing; materialise image_manifest first")
@@ -81,8 +81,8 @@ def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _build(store: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from clipopt_core import sharding
-    from clipopt_core.index import IndexSpec
+    from clipopt_core.serve import shards as sharding
+    from clipopt_core.serve.index import IndexSpec
 
     spec = IndexSpec(kind=args.kind, target_recall=args.target_recall, nlist=args.nlist,
                      memory_budget_bytes=int(args.memory_budget_gib * 2**30))
