@@ -32,7 +32,9 @@ from clipopt_core.serve import shards as sharding
 from clipopt_core.models.encode import embed_images
 from clipopt_core.evaluate.protocol import evaluate_model
 from clipopt_core.models.loading import checkpoint_spec, load_model
-from clipopt_core.train.runner import caption_pool, mine_captions, realign_pairs, train_realign, train_retrieval
+from clipopt_core.data.captions import caption_pool, realign_pairs
+from clipopt_core.train.mining import mine_captions
+from clipopt_core.train.runner import train_realign, train_retrieval
 from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, to_markdown
 from clipopt_core.runtime.storage import ArtifactStore
 

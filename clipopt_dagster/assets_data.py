@@ -7,7 +7,9 @@ import polars as pl
 
 from clipopt_core.data import manifest as mf
 from clipopt_core.models.loading import load_model
-from clipopt_core.train.runner import caption_pool, frame_hash, mine_captions
+from clipopt_core.data.captions import caption_pool
+from clipopt_core.train.mining import mine_captions
+from clipopt_core.train.runner import frame_hash
 from clipopt_core.train.mining import similarity_histogram
 from clipopt_core.layout import Keys, base_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table

@@ -5,7 +5,8 @@ import polars as pl
 
 from clipopt_core.runtime.locks import work_dir_lock
 from clipopt_core.models.loading import ModelSpec
-from clipopt_core.train.runner import StageOutput, config_hash, realign_pairs, train_realign, train_retrieval
+from clipopt_core.data.captions import realign_pairs
+from clipopt_core.train.runner import StageOutput, config_hash, train_realign, train_retrieval
 from clipopt_core.runtime.storage import COMPLETE_MARKER
 from clipopt_core.layout import Keys, base_spec, stage_spec
 from clipopt_dagster._helpers import GPU_POOL, TRAINING_RETRY, md_table, step_logger

@@ -21,7 +21,8 @@ import polars as pl
 from clipopt_core.runtime import distributed
 from clipopt_core.layout import Keys, stage_spec
 from clipopt_core.models.loading import ModelSpec
-from clipopt_core.train.runner import StageOutput, realign_pairs, train_realign, train_retrieval
+from clipopt_core.data.captions import realign_pairs
+from clipopt_core.train.runner import StageOutput, train_realign, train_retrieval
 from clipopt_core.train.config import RealignConfig, RetrievalConfig
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.train.config import TrainConfig

@@ -12,17 +12,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from clipopt_core.data.captions import dedupe_texts
+from clipopt_core.models.encode import embed_images, embed_texts
+from clipopt_core.models.loading import ClipBundle
 from clipopt_core.train.config import MiningConfig
-
-
-def dedupe_texts(texts: list[str]) -> list[str]:
-    """Distinct non-empty texts (whitespace-normalised, case kept), in first-seen order."""
-    seen: dict[str, None] = {}
-    for text in texts:
-        clean = " ".join(str(text).split())
-        if clean:
-            seen.setdefault(clean, None)
-    return list(seen)
 
 
 def top_k_chunked(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, k: int,
@@ -107,3 +100,13 @@ def similarity_histogram(table: pl.DataFrame, bins: int = 10) -> list[tuple[floa
         return []
     counts, edges = np.histogram(table["similarity"].to_numpy(), bins=bins)
     return [(round(float(edge), 3), int(count)) for edge, count in zip(edges[:-1], counts)]
+
+
+def mine_captions(base: ClipBundle, train: pl.DataFrame, pool: list[str], config: MiningConfig, *,
+                  device: str = "cpu") -> tuple[pl.DataFrame, dict[str, float]]:
+    """Pseudo-captions for the training images from ``pool`` with the unmodified base model."""
+    pool = dedupe_texts(pool)
+    image_embeddings = embed_images(base, train["uri"].to_list(), device=device)
+    text_embeddings = embed_texts(base, pool, device=device)
+    table, threshold = mine_pseudo_captions(train["image_id"].to_list(), image_embeddings, pool, text_embeddings, config)
+    return table, {**caption_stats(table, train.height, threshold), "pool_size": len(pool)}

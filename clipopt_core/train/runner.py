@@ -17,8 +17,6 @@ import polars as pl
 import torch
 
 from clipopt_core.runtime import distributed
-from clipopt_core.train.mining import caption_stats, dedupe_texts, mine_pseudo_captions
-from clipopt_core.train.config import MiningConfig
 from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
 from clipopt_core.models.encode import embed_images, embed_texts
 from clipopt_core.evaluate.protocol import validation_map, validation_t2i
@@ -60,16 +58,6 @@ def config_hash(*parts: Any) -> str:
 def frame_hash(frame: pl.DataFrame) -> str:
     """Content hash of a frame (row order included)."""
     return hashlib.sha256(frame.hash_rows(seed=0).to_numpy().tobytes()).hexdigest()[:16]
-
-
-def mine_captions(base: ClipBundle, train: pl.DataFrame, pool: list[str], config: MiningConfig, *,
-                  device: str = "cpu") -> tuple[pl.DataFrame, dict[str, float]]:
-    """Pseudo-captions for the training images from ``pool`` with the unmodified base model."""
-    pool = dedupe_texts(pool)
-    image_embeddings = embed_images(base, train["uri"].to_list(), device=device)
-    text_embeddings = embed_texts(base, pool, device=device)
-    table, threshold = mine_pseudo_captions(train["image_id"].to_list(), image_embeddings, pool, text_embeddings, config)
-    return table, {**caption_stats(table, train.height, threshold), "pool_size": len(pool)}
 
 
 def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: RetrievalConfig, work_dir: Path, *,
@@ -118,21 +106,6 @@ def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFram
         result = fit(task, config.train, work_dir, device=device, log=log)
         task.finish()
         return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
-
-
-def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
-    """Realignment corpus: caption-source pairs + training images that have a caption (``uri``, ``caption``, ``origin``)."""
-    train = splits.filter((pl.col("split") == "train") & pl.col("caption").is_not_null())
-    return pl.concat([
-        caption_pairs.select("uri", "caption").with_columns(pl.lit("caption_source").alias("origin")),
-        train.select("uri", "caption").with_columns(pl.lit("train_split").alias("origin")),
-    ])
-
-
-def caption_pool(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
-    """Mining pool: caption-source texts + captions of training images (never val/test captions)."""
-    train = splits.filter(pl.col("split") == "train")
-    return dedupe_texts(caption_pairs["caption"].to_list() + [c for c in train["caption"].to_list() if c])
 
 
 def _caption_matrix(bundle: ClipBundle, train: pl.DataFrame, pseudo: pl.DataFrame,

@@ -12,14 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipopt_core.train.mining import (
-    MiningConfig,
-    caption_stats,
-    dedupe_texts,
-    mine_pseudo_captions,
-    similarity_histogram,
-    top_k_chunked,
-)
+from clipopt_core.data.captions import dedupe_texts
+from clipopt_core.train.config import MiningConfig
+from clipopt_core.train.mining import caption_stats, mine_pseudo_captions, similarity_histogram, top_k_chunked
 from clipopt_core.evaluate.protocol import METRIC_COLUMNS, EvalConfig, evaluate_model
 from clipopt_core.data.manifest import ingest, scan_source, split_by_class
 from clipopt_core.models.loading import ModelSpec, load_model

@@ -18,6 +18,7 @@ from torch import nn
 
 from clipopt_core.train import runner as pipeline
 from clipopt_core.train.config import MiningConfig
+from clipopt_core.train.mining import mine_captions
 from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
 from clipopt_core.models.encode import embed_images
 from clipopt_core.evaluate.protocol import validation_map, validation_t2i
@@ -365,7 +366,7 @@ def test_stage1_reattach_keeps_projector(tmp_path: Path, shapes_rows: pl.DataFra
 def test_mcip_trains_image_tower_with_caption_term(tmp_path: Path, shapes_rows: pl.DataFrame, caption_rows: pl.DataFrame,
                                                    cache_dir: Path):
     pool = caption_rows["caption"].to_list() + [f"a {label}" for label in shapes_rows["label"].unique().to_list()]
-    table, stats = pipeline.mine_captions(fresh_bundle(cache_dir), shapes_rows, pool,
+    table, stats = mine_captions(fresh_bundle(cache_dir), shapes_rows, pool,
                                           MiningConfig(top_k=3, threshold=-1.0))
     assert table.height == 3 * shapes_rows.height and stats["images_without_captions"] == 0
     captions = pipeline._caption_matrix(fresh_bundle(cache_dir), shapes_rows, table, "cpu")
