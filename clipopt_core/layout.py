@@ -3,14 +3,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from clipopt_core.models.loading import ModelSpec, checkpoint_spec
+from clipopt_core.registry import BASELINE, STAGES, get_stage
 from clipopt_core.serve.shards import index_key
 from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore
 
-VARIANT_MODELS = {"stage1": "retrieval_encoder", "2sft": "realigned_2sft", "mcip": "mcip_encoder",
-                  "mcip_realign": "realigned_mcip"}
+VARIANT_MODELS = {stage.variant: stage.asset for stage in STAGES}
+
+
+def default_cache_dir() -> str:
+    """``$CLIPOPT_CACHE``, else ``~/.cache/clipopt``: models, demo data, work folders, the catalogue."""
+    return os.environ.get("CLIPOPT_CACHE", str(Path.home() / ".cache" / "clipopt"))
+
+
+def default_store_url() -> str:
+    """``$CLIPOPT_ARTIFACTS``, else the ``artifacts`` folder of the cache."""
+    return os.environ.get("CLIPOPT_ARTIFACTS", f"file://{default_cache_dir()}/artifacts")
 
 
 class Keys:
@@ -50,18 +61,16 @@ def stage_spec(store: ArtifactStore, name: str, cache: Path, image_size: int | N
 
 
 def variant_spec(store: ArtifactStore, variant: str, cache: Path) -> ModelSpec:
-    """Spec of a report variant: ``baseline`` or one of :data:`VARIANT_MODELS`."""
+    """Spec of a report variant: ``baseline`` or a registered stage's variant (or asset) name."""
     base = base_spec(store)
-    if variant == "baseline":
+    if variant == BASELINE:
         return base
-    if variant not in VARIANT_MODELS:
-        raise ValueError(f"unknown variant {variant!r}; one of baseline, {', '.join(VARIANT_MODELS)}")
-    return stage_spec(store, VARIANT_MODELS[variant], cache, base.image_size)
+    return stage_spec(store, get_stage(variant).asset, cache, base.image_size)
 
 
 def served_model_key(store: ArtifactStore, variant: str) -> str:
     """``<variant>:<16 hex>``: names the exact weights of ``variant`` (hash of its published checkpoint
     manifest, or of the base model record), so embeddings of other weights are never reused."""
-    source = Keys.base_model if variant == "baseline" else f"{Keys.model(VARIANT_MODELS.get(variant, variant))}/{COMPLETE_MARKER}"
+    source = Keys.base_model if variant == BASELINE else f"{Keys.model(get_stage(variant).asset)}/{COMPLETE_MARKER}"
     digest = hashlib.sha256(json.dumps(store.read_json(source), sort_keys=True).encode()).hexdigest()
     return f"{variant}:{digest[:16]}"

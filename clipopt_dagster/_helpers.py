@@ -1,23 +1,20 @@
-"""Small shared pieces of the asset modules: store keys, model loading, metadata formatting."""
+"""Small shared pieces of the asset modules: pools, retry policy, metadata formatting."""
 
 import base64
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import dagster as dg
 import polars as pl
 
+from clipopt_core.runtime.text import format_event, is_loggable, markdown_table
 
 GPU_POOL = "clipopt_gpu"
 TRAINING_RETRY = dg.RetryPolicy(max_retries=2, delay=5)
 
 
 def md_table(rows: list[Mapping[str, Any]] | pl.DataFrame, digits: int = 3) -> dg.MetadataValue:
-    frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(rows)
-    if frame.is_empty():
-        return dg.MetadataValue.md("(empty)")
-    header = "| " + " | ".join(frame.columns) + " |\n" + "|---" * len(frame.columns) + "|\n"
-    body = "\n".join("| " + " | ".join(_fmt(v, digits) for v in row) + " |" for row in frame.iter_rows())
-    return dg.MetadataValue.md(header + body)
+    """A markdown metadata table of ``rows`` (a frame or a list of dicts)."""
+    return dg.MetadataValue.md(markdown_table(rows.to_dicts() if isinstance(rows, pl.DataFrame) else rows, digits))
 
 
 def png_markdown(png: bytes, title: str) -> dg.MetadataValue:
@@ -25,13 +22,9 @@ def png_markdown(png: bytes, title: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def _fmt(value: Any, digits: int) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def step_logger(context: dg.AssetExecutionContext, every: int = 10):
+def step_logger(context: dg.AssetExecutionContext, every: int = 10) -> Callable[[dict[str, float]], None]:
     """Event sink for training: every ``every`` steps and every validation go to the run log."""
     def _log(event: dict[str, float]) -> None:
-        if "val_score" in event or int(event.get("step", 0)) % every == 0:
-            context.log.info(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items()))
+        if is_loggable(event, every):
+            context.log.info(format_event(event))
     return _log

@@ -9,7 +9,7 @@ from clipopt_core.data import manifest as mf
 from clipopt_core.models.loading import load_model
 from clipopt_core.data.captions import caption_pool
 from clipopt_core.train.mining import mine_captions
-from clipopt_core.train.runner import frame_hash
+from clipopt_core.train.identity import frame_digest, weights_digest
 from clipopt_core.train.mining import similarity_histogram
 from clipopt_core.layout import Keys, base_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table
@@ -55,7 +55,7 @@ def image_manifest(context: dg.AssetExecutionContext, store: ArtifactStoreResour
         metadata={**mf.class_stats(result.accepted), "rejected": result.rejected.height,
                   "rejected_by_reason": md_table(reasons), "uri": artifacts.url(Keys.manifest),
                   "per_source": md_table(result.accepted.group_by("source").len().sort("source"))},
-        data_version=dg.DataVersion(frame_hash(result.accepted)),
+        data_version=dg.DataVersion(frame_digest(result.accepted)),
     )
 
 
@@ -72,7 +72,7 @@ def image_splits(config: SplitConfig, store: ArtifactStoreResource) -> dg.Materi
     artifacts.write_parquet(Keys.splits, splits)
     counts = splits.group_by("split").agg(pl.len().alias("images"), pl.col("label").n_unique().alias("classes"))
     return dg.MaterializeResult(metadata={"splits": md_table(counts.sort("split")), "uri": artifacts.url(Keys.splits)},
-                                data_version=dg.DataVersion(frame_hash(splits)))
+                                data_version=dg.DataVersion(frame_digest(splits)))
 
 
 @dg.asset(group_name=GROUP, deps=[image_splits], code_version="1", kinds={"polars"})
@@ -100,11 +100,13 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, compu
     """The pretrained model every variant starts from (checked loadable here, offline)."""
     bundle = load_model(config.spec(), cache_dir=compute.cache)
     parameters = sum(p.numel() for p in bundle.model.parameters())
-    store.store().write_json(Keys.base_model, {"spec": asdict(config.spec()), "open_clip_name": bundle.open_clip_name})
+    weights = weights_digest(bundle.model)  # the stages' identities start from the weights' content
+    store.store().write_json(Keys.base_model, {"spec": asdict(config.spec()), "open_clip_name": bundle.open_clip_name,
+                                               "weights_sha256": weights})
     return dg.MaterializeResult(metadata={"name": config.name, "pretrained": str(config.pretrained),
                                           "image_size": bundle.image_size, "embed_dim": bundle.embed_dim,
-                                          "parameters_millions": round(parameters / 1e6, 2)},
-                                data_version=dg.DataVersion(f"{config.name}:{config.pretrained}:{config.image_size}"))
+                                          "parameters_millions": round(parameters / 1e6, 2), "weights_sha256": weights},
+                                data_version=dg.DataVersion(f"{weights[:24]}:{config.image_size}"))
 
 
 @dg.asset(group_name=GROUP, deps=[base_model, image_splits, caption_corpus], code_version="1", pool=GPU_POOL,

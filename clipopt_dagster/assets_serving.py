@@ -13,12 +13,12 @@ from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plo
 from clipopt_core.serve.search import lazy_image_embedder
 from clipopt_core.layout import VARIANT_MODELS, Keys, served_model_key, variant_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
-from clipopt_dagster.assets_training import mcip_encoder, realigned_2sft, realigned_mcip, retrieval_encoder
+from clipopt_dagster.assets_training import TRAINING_ASSETS
 from clipopt_dagster.configs import EvalSettings, IndexSettings
 from clipopt_dagster.partitions import GALLERY_SHARDS, SHARD_COUNT
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource
 
-@dg.asset(group_name="evaluation", deps=[retrieval_encoder, realigned_2sft, mcip_encoder, realigned_mcip],
+@dg.asset(group_name="evaluation", deps=TRAINING_ASSETS,
           code_version="1", pool=GPU_POOL, kinds={"pytorch", "duckdb"})
 def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, compute: ComputeResource,
                       store: ArtifactStoreResource, catalog: CatalogResource) -> dg.MaterializeResult:

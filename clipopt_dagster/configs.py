@@ -1,20 +1,25 @@
-"""Run configuration users edit in the launchpad. Defaults are METHOD.md's recipes.
+"""Run configuration users edit in the launchpad.
 
-Each config validates its fields (errors name the field and the allowed values) and
-converts itself to the core library's frozen dataclasses.
+The training and mining settings are *derived* from the core dataclasses
+(:mod:`clipopt_core.train.config`): same fields, same defaults (the paper's recipe, see
+docs/method.md), same ranges (:data:`clipopt_core.train.schema.RANGES`), and ``core()`` converts
+through the one validating :func:`~clipopt_core.train.schema.stage_config`. Nothing here restates a default.
 """
 
-from typing import Literal
+import dataclasses
+import typing
+from typing import Any, ClassVar, Literal
 
 import dagster as dg
+import pydantic
 from pydantic import Field, model_validator
 
-from clipopt_core.train.config import MiningConfig
 from clipopt_core.evaluate.protocol import OPENAI_TEMPLATES, EvalConfig
-from clipopt_core.serve.index import IndexSpec
 from clipopt_core.models.loading import ModelSpec
-from clipopt_core.train.config import RealignConfig, RetrievalConfig
-from clipopt_core.train.config import TrainConfig
+from clipopt_core.serve.index import IndexSpec
+from clipopt_core.train.config import MiningConfig, TrainConfig
+from clipopt_core.train.schema import (RANGES, StageConfig, default_config, field_types, flat_defaults, mining_config,
+                                       stage_config)
 
 SHORT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an icon of {}.")
 
@@ -42,73 +47,62 @@ class SplitConfig(dg.Config):
         return self
 
 
-class MiningSettings(dg.Config):
-    """Caption mining; ``threshold`` None picks the ``threshold_quantile`` of top-1 similarities."""
+def _launchpad_type(annotation: Any) -> Any:
+    """The launchpad's type for a core field type: tuples become lists (Dagster config has no tuples)."""
+    if typing.get_origin(annotation) is tuple:
+        return list[typing.get_args(annotation)[0]]
+    return annotation
 
-    top_k: int = Field(default=20, ge=1, le=1000)
-    threshold: float | None = Field(default=0.27, ge=-1.0, le=1.0)
-    threshold_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
 
+def _derived(name: str, core_type: type, defaults: dict[str, Any], doc: str, base: type[dg.Config]) -> type[dg.Config]:
+    """A launchpad config class whose fields, types, defaults and ranges are the core dataclass's own."""
+    types_ = field_types(core_type) | field_types(TrainConfig)
+    fields = {field: (_launchpad_type(types_[field]),
+                      Field(default=list(value) if isinstance(value, tuple) else value, **RANGES.get(field, {})))
+              for field, value in defaults.items()}
+    return pydantic.create_model(name, __base__=base, __doc__=doc, __module__=__name__, **fields)
+
+
+class _StageSettingsBase(dg.Config):
+    """Base of the generated stage settings: ``core()`` is the one conversion (:func:`stage_config`)."""
+
+    kind: ClassVar[str]
+
+    def settings(self) -> dict[str, Any]:
+        """The flat settings as the core takes them (a :class:`~clipopt_core.train.job.StageRequest`'s)."""
+        return self.model_dump()
+
+    def core(self) -> StageConfig:
+        return stage_config(self.kind, self.settings())
+
+    @model_validator(mode="after")
+    def _valid_in_core(self) -> "_StageSettingsBase":
+        self.core()  # cross-field rules live in the core; the launchpad shows the same error
+        return self
+
+
+class _MiningSettingsBase(dg.Config):
     def core(self) -> MiningConfig:
-        return MiningConfig(self.top_k, self.threshold, self.threshold_quantile)
+        return mining_config(self.model_dump())
 
 
-class _TrainSettings(dg.Config):
-    epochs: int = Field(default=3, ge=1)
-    batch_size: int = Field(default=256, ge=2)
-    lr: float = Field(default=1e-6, gt=0.0)
-    lr_floor: float = Field(default=1e-7, ge=0.0)
-    weight_decay: float = Field(default=0.01, ge=0.0)
-    grad_clip: float = Field(default=1.0, gt=0.0)
-    accumulation_steps: int = Field(default=1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    seed: int = 0
-    eval_every_steps: int = Field(default=50, ge=1)
-    patience: int = Field(default=50, ge=1)
-    checkpoint_every_steps: int = Field(default=100, ge=1)
-    validate_at_start: bool = True
-
-    def train(self, **overrides: object) -> TrainConfig:
-        fields = {name: getattr(self, name) for name in _TrainSettings.model_fields}
-        return TrainConfig(**{**fields, **overrides})
+def _stage_settings(kind: str, name: str, doc: str) -> type[dg.Config]:
+    core_type = type(default_config(kind))
+    cls = _derived(name, core_type, flat_defaults(kind), doc, _StageSettingsBase)
+    cls.kind = kind
+    return cls
 
 
-class RetrievalSettings(_TrainSettings):
-    """Stage 1 (ArcMargin); ``mc_weight`` > 0 only for MCIP."""
-
-    proxy_lr_multiplier: float = Field(default=100.0, gt=0.0)
-    arc_scale: float = Field(default=30.0, gt=0.0)
-    arc_margin: float = Field(default=0.1, ge=0.0, lt=1.5)
-    freeze_norm: bool = True
-    projector: Literal["train", "reattach"] = "train"
-    num_workers: int = Field(default=0, ge=0)
-
-    def core(self, mc_weight: float = 0.0, max_negative_weight: float = 0.1) -> RetrievalConfig:
-        return RetrievalConfig(self.train(), self.proxy_lr_multiplier, self.arc_scale, self.arc_margin, mc_weight,
-                               max_negative_weight, self.freeze_norm, self.projector, self.num_workers)
-
-
-class McipSettings(RetrievalSettings):
-    mc_weight: float = Field(default=0.25, gt=0.0, lt=1.0)
-    max_negative_weight: float = Field(default=0.1, ge=0.0)
-
-    def core(self, mc_weight: float | None = None, max_negative_weight: float | None = None) -> RetrievalConfig:
-        return super().core(self.mc_weight, self.max_negative_weight)
-
-
-class RealignSettings(_TrainSettings):
-    """Stage 2 (METHOD.md: LR 1e-5, wd 0.2, β 0.9/0.98, eps 1e-6; authors' batch 32k)."""
-
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=32768, ge=2)
-    lr: float = Field(default=1e-5, gt=0.0)
-    lr_floor: float = Field(default=0.0, ge=0.0)
-    weight_decay: float = Field(default=0.2, ge=0.0)
-    eval_every_steps: int = Field(default=100, ge=1)
-    last_blocks: int = Field(default=1, ge=0)
-
-    def core(self) -> RealignConfig:
-        return RealignConfig(self.train(betas=(0.9, 0.98), eps=1e-6), self.last_blocks)
+RetrievalSettings = _stage_settings("retrieval", "RetrievalSettings", "Stage 1 (ArcMargin): the paper's recipe by default.")
+McipSettings = _stage_settings("mcip", "McipSettings", "MCIP (0.75·ArcMargin + 0.25·MCArcMargin): the paper's recipe.")
+RealignSettings = _stage_settings("realign", "RealignSettings",
+                                  "Stage 2 realignment (LR 1e-5, wd 0.2, β 0.9/0.98, eps 1e-6; authors' batch 32k).")
+STAGE_SETTINGS: dict[str, type[dg.Config]] = {"retrieval": RetrievalSettings, "mcip": McipSettings,
+                                              "realign": RealignSettings}
+MiningSettings = _derived("MiningSettings", MiningConfig, {f.name: getattr(MiningConfig(), f.name)
+                                                           for f in dataclasses.fields(MiningConfig)},
+                          "Caption mining; ``threshold`` null picks the ``threshold_quantile`` of top-1 similarities.",
+                          _MiningSettingsBase)
 
 
 class EvalSettings(dg.Config):

@@ -1,34 +1,31 @@
 """How the training assets run a stage: in the Dagster process (default) or as a Dagster Pipes child.
 
-``ComputeResource(launcher=TrainingLauncher(...))`` switches the four training assets:
+``ComputeResource(launcher=TrainingLauncher(...))`` switches every training asset; each builds a
+:class:`~clipopt_core.train.job.StageRequest` and :meth:`TrainingLauncher.run` decides only *where*
+:func:`~clipopt_core.train.job.run_stage` runs:
 
-* ``in_process`` (default, also when ``launcher`` is unset): the asset trains itself, as before.
+* ``in_process`` (default, also when ``launcher`` is unset): in the asset's own process.
 * ``pipes_subprocess``: ``dg.PipesSubprocessClient`` runs ``python -m clipopt_dagster.pipes_child`` or, with
   ``nproc_per_node`` > 1, ``python -m torch.distributed.run --standalone --nproc-per-node N -m
   clipopt_dagster.pipes_child`` (data-parallel, :mod:`clipopt_core.runtime.distributed`) on this machine.
 * ``pipes_k8s``: ``dagster_k8s.PipesK8sClient`` runs the same command in a pod of ``image``
   (needs ``dagster-k8s``, not installed by default; see ``deploy/README.md``).
 
-The child gets a :class:`~clipopt_core.train.job.StageRequest` in ``$CLIPOPT_STAGE_REQUEST``, reads its
-inputs from the artifact store, publishes ``models/<asset>`` itself and reports the asset's
-metadata (best_val_score, steps, uri, …) and its logs back over Pipes. S3 credentials of the store
-resource go to the child's environment, never into the request.
+A child gets the request in ``$CLIPOPT_STAGE_REQUEST``, reads its inputs from the artifact store,
+publishes ``models/<asset>`` itself and reports the asset's metadata (identity, best_val_score,
+steps, uri, …) and its logs back over Pipes. S3 credentials of the store resource go to the
+child's environment, never into the request.
 """
 
 import os
 import sys
-from dataclasses import asdict
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
 
-from clipopt_core.models.loading import ModelSpec
-from clipopt_core.train.job import REQUEST_ENV, StageRequest
-
-if TYPE_CHECKING:
-    from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource
+from clipopt_core.train.job import REQUEST_ENV, StageRequest, run_stage
+from clipopt_dagster._helpers import md_table, step_logger
 
 PIPES_CHILD = "clipopt_dagster.pipes_child"
 LAUNCHER_ENV = "CLIPOPT_LAUNCHER"
@@ -64,25 +61,27 @@ class TrainingLauncher(dg.ConfigurableResource):
         return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc_per_node}",
                 "-m", PIPES_CHILD]
 
-    def child_env(self, request: StageRequest, store: "ArtifactStoreResource") -> dict[str, str]:
-        env = {REQUEST_ENV: request.to_json(), "OMP_WAIT_POLICY": "PASSIVE"}
-        if store.aws_access_key_id:
-            env.update(AWS_ACCESS_KEY_ID=store.aws_access_key_id, AWS_SECRET_ACCESS_KEY=store.aws_secret_access_key or "")
-        return {**env, **self.env}
+    def child_env(self, request: StageRequest, credentials: dict[str, str]) -> dict[str, str]:
+        """The child's environment: the request, the store's ``AWS_*`` credentials, then ``env``."""
+        return {REQUEST_ENV: request.to_json(), "OMP_WAIT_POLICY": "PASSIVE", **credentials, **self.env}
 
-    def launch(self, context: dg.AssetExecutionContext, request: StageRequest,
-               store: "ArtifactStoreResource") -> dg.MaterializeResult:
-        """Run ``request`` in a Pipes child; the materialisation carries the metadata the child reported."""
+    def run(self, context: dg.AssetExecutionContext, request: StageRequest,
+            credentials: dict[str, str]) -> dg.MaterializeResult:
+        """Run ``request`` where this launcher says; the materialisation carries the stage's metadata."""
+        if not self.launches:
+            metadata = run_stage(request, log=step_logger(context), on_wait=context.log.warning)
+            return dg.MaterializeResult(metadata={**metadata, "validation_history": md_table(
+                metadata["validation_history"], 4)}, data_version=dg.DataVersion(metadata["identity"]))
         command = self.command()
         context.log.info(f"launching {request.asset} ({self.mode}): {' '.join(command)}")
-        env = self.child_env(request, store)
+        env = self.child_env(request, credentials)
         if self.mode == "pipes_subprocess":
             invocation = dg.PipesSubprocessClient(cwd=os.getcwd()).run(context=context, command=command, env=env)
         elif self.mode == "pipes_k8s":
             invocation = self._k8s_client().run(context=context, image=self.image, command=command, env=env,
                                                 namespace=self.namespace, base_pod_spec=self._pod_spec())
         else:
-            raise ValueError("launch() is for the pipes_* modes; in_process training runs in the asset itself")
+            raise ValueError(f"unknown launcher mode {self.mode!r}")
         return invocation.get_materialize_result()
 
     def _k8s_client(self) -> Any:
@@ -110,13 +109,3 @@ def launcher_from_env() -> TrainingLauncher | None:
         return None
     return TrainingLauncher(mode=mode, nproc_per_node=int(os.environ.get(NPROC_ENV, "1")),
                             image=os.environ.get("CLIPOPT_TRAIN_IMAGE"))
-
-
-def stage_request(stage: str, asset: str, store: "ArtifactStoreResource", compute: "ComputeResource", config: Any,
-                  work_dir: Path, *, model: ModelSpec | None = None, encoder: str | None = None,
-                  image_size: int | None = None) -> StageRequest:
-    """The request for ``asset`` (``config``: the core :class:`RetrievalConfig` / :class:`RealignConfig`)."""
-    return StageRequest(stage=stage, asset=asset, store_url=store.base_url, endpoint_url=store.endpoint_url,
-                        config=asdict(config), work_dir=str(work_dir), cache_dir=str(compute.cache),
-                        model=asdict(model) if model else None, encoder=encoder, image_size=image_size,
-                        device=compute.device)

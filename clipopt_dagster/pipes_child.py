@@ -19,30 +19,22 @@ from typing import Any, Callable
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from clipopt_core.runtime import distributed  # noqa: E402
+from clipopt_core.runtime.text import format_event, is_loggable, markdown_table  # noqa: E402
 from clipopt_core.train.job import REQUEST_ENV, StageRequest, run_stage  # noqa: E402
 
 
 def _event_logger(pipes: Any, every: int = 10) -> Callable[[dict[str, float]], None]:
     """Validations and every ``every``-th step go to the Dagster run log."""
     def _log(event: dict[str, float]) -> None:
-        if "val_score" in event or int(event.get("step", 0)) % every == 0:
-            pipes.log.info(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items()))
+        if is_loggable(event, every):
+            pipes.log.info(format_event(event))
     return _log
-
-
-def _markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(empty)"
-    columns = list(rows[0])
-    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
-                      *("| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows)])
 
 
 def pipes_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """Metadata in the Pipes wire form (the validation history as a markdown table)."""
     history = metadata.get("validation_history", [])
-    return {**metadata, "validation_history": {"raw_value": _markdown_table(history), "type": "md"},
+    return {**metadata, "validation_history": {"raw_value": markdown_table(history, 4), "type": "md"},
             "launched_by": {"raw_value": "dagster-pipes", "type": "text"}}
 
 
@@ -51,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--request", default=None, help=f"request JSON file (default: ${REQUEST_ENV})")
     request = StageRequest.load(parser.parse_args(argv).request)
-    distributed.setup(request.device)  # know the rank before opening the channel
+    request.join_ranks()  # know the rank before opening the channel
     if not distributed.is_main():
         run_stage(request)
         return 0
@@ -60,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:  # pragma: no cover - dagster-pipes ships with the project
         raise SystemExit(f"clipopt_dagster.pipes_child needs the dagster-pipes package: {exc}") from exc
     with open_dagster_pipes() as pipes:
-        pipes.log.info(f"training {request.asset} ({request.stage}) on {distributed.world_size()} rank(s), "
-                       f"device {request.device}, work folder {request.work_dir}")
+        pipes.log.info(f"training {request.asset} ({request.stage.kind}) on {distributed.world_size()} rank(s), "
+                       f"device {request.device}, cache {request.cache_dir}")
         metadata = run_stage(request, log=_event_logger(pipes))
-        pipes.report_asset_materialization(metadata=pipes_metadata(metadata or {}))
+        pipes.report_asset_materialization(metadata=pipes_metadata(metadata or {}),
+                                           data_version=(metadata or {}).get("identity"))
     return 0
 
 

@@ -1,6 +1,5 @@
 """Resources: artifact store, compute settings, data sources and the DuckDB catalogue."""
 
-import os
 import random
 import time
 from pathlib import Path
@@ -11,14 +10,11 @@ import duckdb
 import polars as pl
 from pydantic import Field, field_validator
 
+from clipopt_core.layout import default_cache_dir, default_store_url
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.launchers import TrainingLauncher
 
 DEMO = "demo"
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("CLIPOPT_CACHE", str(Path.home() / ".cache" / "clipopt"))
 
 
 class ArtifactStoreResource(dg.ConfigurableResource):
@@ -28,7 +24,7 @@ class ArtifactStoreResource(dg.ConfigurableResource):
     ``dg.EnvVar``) or the standard AWS environment; they are never logged.
     """
 
-    base_url: str = Field(default_factory=lambda: os.environ.get("CLIPOPT_ARTIFACTS", f"file://{default_cache_dir()}/artifacts"))
+    base_url: str = Field(default_factory=default_store_url)
     endpoint_url: str | None = None
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
@@ -39,6 +35,12 @@ class ArtifactStoreResource(dg.ConfigurableResource):
         if not value.startswith(("file://", "s3://", "/")):
             raise ValueError(f"base_url must start with file://, s3:// or /, got {value!r}")
         return value
+
+    def credentials_env(self) -> dict[str, str]:
+        """``AWS_*`` variables for a child process that opens the same store (empty when none are set)."""
+        if not self.aws_access_key_id:
+            return {}
+        return {"AWS_ACCESS_KEY_ID": self.aws_access_key_id, "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key or ""}
 
     def store(self) -> ArtifactStore:
         options: dict[str, Any] = {}

@@ -1,8 +1,8 @@
 """``clipopt`` command line: the same core code as the Dagster assets, without Dagster.
 
 Commands:
-  clipopt train --stage {retrieval,mcip,realign} --config run.json   train one stage
-      (data-parallel: torchrun --nproc-per-node N -m clipopt_core.cli.main train …)
+  clipopt train --stage NAME [--store URL] [--settings FILE.json]    train one registered stage from the
+      store's inputs, as its asset does (data-parallel: torchrun --nproc-per-node N -m clipopt_core.cli.main train …)
   clipopt search --store URL (--image PATH | --text "…") [-k 10]     query the served index
   clipopt report [--store URL]                                        print the latest evaluation report
   clipopt index-shards {embed,build} --num-shards N [--store URL] …   sharded embeddings + index (big galleries)
@@ -19,19 +19,21 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from clipopt_core.cli import shards as cli_shards  # noqa: E402 - argparse only; its heavy imports are lazy
-
-
-def default_store_url() -> str:
-    cache = os.environ.get("CLIPOPT_CACHE", str(Path.home() / ".cache" / "clipopt"))
-    return os.environ.get("CLIPOPT_ARTIFACTS", f"file://{cache}/artifacts")
+from clipopt_core.layout import default_cache_dir, default_store_url  # noqa: E402
+from clipopt_core.registry import STAGES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clipopt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train one stage from a JSON config (see README)")
-    train.add_argument("--stage", choices=("retrieval", "mcip", "realign"), required=True)
-    train.add_argument("--config", type=Path, required=True)
+    train = commands.add_parser("train", help="train one stage from the store's inputs (see README)")
+    train.add_argument("--stage", choices=[name for stage in STAGES for name in (stage.asset, stage.variant)],
+                       required=True, help="a registered stage, by asset or variant name")
+    train.add_argument("--store", default=default_store_url())
+    train.add_argument("--settings", type=Path, default=None,
+                       help="JSON file of settings over the stage's defaults (the launchpad's fields)")
+    train.add_argument("--cache", default=default_cache_dir())
+    train.add_argument("--device", default=os.environ.get("CLIPOPT_DEVICE", "cpu"))
     search = commands.add_parser("search", help="query the served faiss index")
     search.add_argument("--store", default=default_store_url())
     query = search.add_mutually_exclusive_group(required=True)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            summary = run_train(args.stage, json.loads(args.config.read_text()))
+            settings = json.loads(args.settings.read_text()) if args.settings else {}
+            summary = run_train(args.stage, args.store, settings, cache_dir=args.cache, device=args.device)
             if summary is not None:  # None on the ranks > 0 of a torchrun group
                 print(json.dumps(summary, indent=2))
         elif args.command == "search":
@@ -60,33 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any] | None:
-    """Train ``stage`` as ``config`` says; returns the checkpoint folder and the fit summary.
+def run_train(stage: str, store_url: str, settings: dict[str, Any], *, cache_dir: str,
+              device: str = "cpu") -> dict[str, Any] | None:
+    """Train (or reuse) ``stage`` through :func:`clipopt_core.train.job.run_stage`; returns its metadata.
 
-    Config keys: ``model`` ({name, pretrained, image_size}), ``splits`` (parquet with uri,
-    label, caption, split, image_id), ``work_dir``, ``cache_dir``, ``train`` (TrainConfig
-    fields), stage fields (RetrievalConfig / RealignConfig), and for MCIP
-    ``pseudo_captions`` (parquet), for realign ``pairs`` (parquet with uri, caption); ``device``
-    (``cpu`` default, ``cuda``: under torchrun ``cuda:$LOCAL_RANK``). Under torchrun every rank trains a
-    slice of each global batch and only rank 0 writes and returns the summary (others return ``None``).
+    The store must hold the stage's inputs (``data/splits.parquet``, ``models/base/spec.json``, and
+    ``captions/pseudo_captions.parquet`` for MCIP or ``data/caption_pairs.parquet`` + the encoder's
+    checkpoint for realignment), as the Dagster data assets write them. ``S3`` endpoints come from
+    ``$CLIPOPT_S3_ENDPOINT``. Under torchrun only rank 0 returns the metadata (others ``None``).
     """
-    import polars as pl
     from tqdm import tqdm
 
     from clipopt_core.runtime import distributed
+    from clipopt_core.train.job import StageRequest, run_stage
 
-    from clipopt_core.train import runner as pipeline
-    from clipopt_core.models.loading import ModelSpec
-    from clipopt_core.train.config import RealignConfig, RetrievalConfig
-    from clipopt_core.train.config import TrainConfig
-
-    spec = ModelSpec(**config["model"])
-    splits = pl.read_parquet(config["splits"])
-    work_dir, cache_dir = Path(config["work_dir"]), Path(config.get("cache_dir", Path.home() / ".cache" / "clipopt"))
-    train_config = TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in config.get("train", {}).items()})
-    options = config.get("stage_options", {})
-    device = distributed.setup(config.get("device", "cpu"))  # joins the torchrun group, if any
-    bar = tqdm(desc=f"{stage}", unit="step", disable=not distributed.is_main())
+    request = StageRequest(asset=stage, store_url=store_url, cache_dir=cache_dir, settings=settings, device=device,
+                           endpoint_url=os.environ.get("CLIPOPT_S3_ENDPOINT"))
+    request.join_ranks()
+    bar = tqdm(desc=request.asset, unit="step", disable=not distributed.is_main())
 
     def _log(event: dict[str, float]) -> None:
         if "val_score" in event:
@@ -95,21 +89,9 @@ def run_train(stage: str, config: dict[str, Any]) -> dict[str, Any] | None:
             bar.update(1)
             bar.set_postfix(loss=f"{event['loss']:.4f}")
 
-    if stage == "realign":
-        output = pipeline.train_realign(spec, pl.read_parquet(config["pairs"]), splits.filter(pl.col("split") == "val"),
-                                        RealignConfig(train=train_config, **options), work_dir, cache_dir=cache_dir,
-                                        stage=stage, device=device, log=_log)
-    else:
-        captions = pl.read_parquet(config["pseudo_captions"]) if stage == "mcip" else None
-        options = {"mc_weight": 0.25, **options} if stage == "mcip" else options
-        output = pipeline.train_retrieval(spec, splits, RetrievalConfig(train=train_config, **options), work_dir,
-                                          cache_dir=cache_dir, stage=stage, pseudo_captions=captions, device=device,
-                                          log=_log)
+    metadata = run_stage(request, log=_log, on_wait=lambda message: print(message, file=sys.stderr))
     bar.close()
-    if not distributed.is_main():
-        return None
-    return {"checkpoint": str(output.checkpoint), "best_val_score": output.fit.best_score,
-            "best_step": output.fit.best_step, "steps": output.fit.steps, "seconds": round(output.fit.seconds, 1)}
+    return metadata
 
 
 def run_search(store_url: str, *, image: str | None = None, text: str | None = None, k: int = 10) -> list[dict[str, Any]]:

@@ -27,8 +27,7 @@ group, gloo on CPU, nccl on CUDA):
   rank (statistically, not bitwise, the single-process run; the recipes use dropout 0).
 
 ArcMargin proxies are replicated: ``C×D×4`` bytes of weights plus as much again for their gradient
-and twice that for AdamW's two moments, i.e. ``16·C·D`` bytes per rank (:func:`proxy_memory_bytes`;
-1 M classes × 512 dims = 8.2 GB per rank). Past a few GiB they should be sharded by class across
+and twice that for AdamW's two moments, i.e. ``16·C·D`` bytes per rank (1 M classes × 512 dims = 8.2 GB per rank). Past a few GiB they should be sharded by class across
 ranks
 (model-parallel softmax, "partial FC"): each rank keeps ``C/W`` proxies and their Adam state, the
 features are gathered with :func:`gather_rows`, and the softmax denominator / target logit are
@@ -51,6 +50,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 T = TypeVar("T")
 BUCKET_BYTES = 25 * 2**20
 TIMEOUT_ENV = "CLIPOPT_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 # -- group state ---------------------------------------------------------------------------------
@@ -92,12 +92,11 @@ def setup(device: str = "cpu", *, timeout_s: float | None = None) -> str:
     """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1; returns the device this rank uses.
 
     ``device`` ``cuda`` (or ``cuda:N``) becomes ``cuda:$LOCAL_RANK`` with the nccl backend; otherwise
-    gloo on CPU (``$CLIPOPT_DIST_BACKEND`` overrides). The collective timeout (``$CLIPOPT_DIST_TIMEOUT_S``)
-    defaults to the work-folder lock wait + 10 min, at least 30 min: the other ranks wait in the first
-    collective while rank 0 waits for the lock. Outside ``torchrun`` this does nothing.
+    gloo on CPU (``$CLIPOPT_DIST_BACKEND`` overrides). The collective timeout is ``timeout_s``, else
+    ``$CLIPOPT_DIST_TIMEOUT_S``, else 30 min; a stage passes its work-folder lock wait + 10 min, since the
+    other ranks wait in the first collective while rank 0 waits for the lock. Outside ``torchrun`` this
+    does nothing.
     """
-    from clipopt_core.runtime.locks import lock_timeout_s
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -108,7 +107,7 @@ def setup(device: str = "cpu", *, timeout_s: float | None = None) -> str:
     if is_initialized():
         return device
     backend = os.environ.get("CLIPOPT_DIST_BACKEND") or ("nccl" if cuda else "gloo")
-    seconds = float(os.environ.get(TIMEOUT_ENV) or max(1800.0, lock_timeout_s() + 600.0))
+    seconds = float(timeout_s if timeout_s is not None else os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
     dist.init_process_group(backend, timeout=timedelta(seconds=seconds))
     atexit.register(teardown)
     return device
@@ -208,11 +207,6 @@ def broadcast_float(value: float) -> float:
     staged = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.broadcast(staged, src=0)
     return float(staged.item())
-
-
-def proxy_memory_bytes(num_classes: int, dim: int, *, optimizer_states: int = 2, with_grad: bool = True) -> int:
-    """Bytes per rank of replicated fp32 ArcMargin proxies ``[C, D]``: weights (+grad) + AdamW moments."""
-    return num_classes * dim * 4 * (1 + int(with_grad) + optimizer_states)
 
 
 # -- batches -------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""A training stage as a self-contained job: inputs from the artifact store, the checkpoint published back.
+"""The one way a training stage runs: :func:`run_stage` takes a :class:`StageRequest` from inputs in the
+artifact store to a published checkpoint.
 
-What a launched child runs (:mod:`clipopt_dagster.pipes_child` under Dagster Pipes; the same code in
-a subprocess, under ``torchrun`` or in a Kubernetes pod): it needs only a :class:`StageRequest`
-(JSON, in ``$CLIPOPT_STAGE_REQUEST`` or a file) and access to the store. It reads the splits (and
-the pseudo-captions or caption pairs) from the store, trains through :mod:`clipopt_core.train.runner`
-exactly like the in-process asset, publishes ``models/<asset>`` and returns the asset's metadata.
+The Dagster assets (in process or through a Pipes child, under ``torchrun`` or in a Kubernetes pod) and
+the CLI all build a request and call :func:`run_stage`; where it runs is the launcher's only concern.
+A run is *input-addressed* (:mod:`clipopt_core.train.identity`): when the checkpoint already published
+for the stage has the same identity it is reused without training; otherwise training starts in a
+fresh work folder named by the identity (resuming there if an earlier attempt was interrupted).
 
 Store credentials never travel in the request: S3 keys come from the environment (``AWS_*``).
 """
@@ -12,52 +13,58 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
 
-from clipopt_core.runtime import distributed
-from clipopt_core.layout import Keys, stage_spec
-from clipopt_core.models.loading import ModelSpec
 from clipopt_core.data.captions import realign_pairs
+from clipopt_core.layout import Keys, base_spec, stage_spec
+from clipopt_core.models.loading import SIDECAR_FILE, WEIGHTS_FILE, ModelSpec
+from clipopt_core.registry import Stage, get_stage
+from clipopt_core.runtime import distributed
+from clipopt_core.runtime.locks import lock_timeout_s, work_dir_lock
+from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore
+from clipopt_core.train.identity import stage_identity
 from clipopt_core.train.runner import StageOutput, train_realign, train_retrieval
-from clipopt_core.train.config import RealignConfig, RetrievalConfig
-from clipopt_core.runtime.storage import ArtifactStore
-from clipopt_core.train.config import TrainConfig
+from clipopt_core.train.schema import StageConfig, stage_config
 
 REQUEST_ENV = "CLIPOPT_STAGE_REQUEST"
-STAGES = ("retrieval", "mcip", "realign")
+EventLog = Callable[[dict[str, float]], None]
 
 
 @dataclass(frozen=True)
 class StageRequest:
-    """Everything a child needs to train one stage.
+    """Everything needed to train one registered stage.
 
-    ``model``: :class:`ModelSpec` fields of the base model (retrieval, mcip). ``encoder``: the asset
-    whose published checkpoint realign starts from (with ``image_size``). ``config``: the fields of
-    :class:`RetrievalConfig` / :class:`RealignConfig` (``train`` nested). ``work_dir``/``cache_dir``:
-    local to the child (resumable, named by the config hash as in-process).
+    ``asset``: a stage of :data:`clipopt_core.registry.STAGES` (asset or variant name). ``settings``: flat
+    settings over the kind's defaults (:func:`clipopt_core.train.schema.stage_config`, validated here).
+    ``cache_dir``: local to the process that trains (model cache, resumable work folders).
     """
 
-    stage: str
     asset: str
     store_url: str
-    config: dict[str, Any]
-    work_dir: str
     cache_dir: str
-    model: dict[str, Any] | None = None
-    encoder: str | None = None
-    image_size: int | None = None
-    endpoint_url: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {self.stage!r}")
-        if (self.stage == "realign") != (self.encoder is not None) or (self.stage != "realign") != (self.model is not None):
-            raise ValueError("retrieval/mcip requests need 'model', realign requests need 'encoder' (and not the other)")
+        object.__setattr__(self, "asset", get_stage(self.asset).asset)
+        self.config()  # fail at request time, naming the bad field
+
+    @property
+    def stage(self) -> Stage:
+        return get_stage(self.asset)
+
+    def config(self) -> StageConfig:
+        return stage_config(self.stage.kind, self.settings)
+
+    def join_ranks(self) -> str:
+        """Join the ``torchrun`` group, if any (collective timeout = the work-folder lock wait + 10 min,
+        since followers wait in the first collective while rank 0 waits for the lock); returns the device."""
+        return distributed.setup(self.device, timeout_s=lock_timeout_s() + 600.0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -82,48 +89,85 @@ class StageRequest:
         return ArtifactStore(self.store_url, options)
 
 
-def train_config(fields: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(**{k: tuple(v) if k == "betas" else v for k, v in fields.items()})
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage reads: the model it starts from, that model's weights hash, and its data frames."""
+
+    start: ModelSpec
+    start_weights: str
+    splits: pl.DataFrame
+    pseudo_captions: pl.DataFrame | None = None
+    pairs: pl.DataFrame | None = None
+
+    def frames(self) -> dict[str, pl.DataFrame | None]:
+        return {"splits": self.splits, "pseudo_captions": self.pseudo_captions, "pairs": self.pairs}
 
 
-def retrieval_config(fields: dict[str, Any]) -> RetrievalConfig:
-    return RetrievalConfig(**{**fields, "train": train_config(fields.get("train", {}))})
-
-
-def realign_config(fields: dict[str, Any]) -> RealignConfig:
-    return RealignConfig(**{**fields, "train": train_config(fields.get("train", {}))})
-
-
-def run_stage(request: StageRequest, *, log: Callable[[dict[str, float]], None] = lambda event: None) -> dict[str, Any] | None:
-    """Train ``request``'s stage and publish its checkpoint; returns the asset metadata on rank 0, else ``None``."""
-    device = distributed.setup(request.device)
-    store = request.store()
-    work, cache = Path(request.work_dir), Path(request.cache_dir)
+def load_inputs(stage: Stage, store: ArtifactStore, cache: Path) -> StageInputs:
+    """Read a stage's inputs from the store (for realign: download the encoder checkpoint once per node)."""
     splits = store.read_parquet(Keys.splits)
-    if request.stage == "realign":
-        distributed.run_on_main(stage_spec, store, request.encoder, cache, request.image_size)  # one download per node
-        spec = stage_spec(store, request.encoder, cache, request.image_size)
-        pairs = realign_pairs(store.read_parquet(Keys.caption_pairs), splits)
-        output = train_realign(spec, pairs, splits.filter(pl.col("split") == "val"), realign_config(request.config), work,
-                               cache_dir=cache, stage=request.asset, device=device, log=log)
-    else:
-        captions = store.read_parquet(Keys.pseudo_captions) if request.stage == "mcip" else None
-        output = train_retrieval(ModelSpec(**request.model), splits, retrieval_config(request.config), work,
-                                 cache_dir=cache, stage=request.asset, pseudo_captions=captions, device=device, log=log)
-    if not distributed.is_main():
+    if stage.kind != "realign":
+        base = store.read_json(Keys.base_model)
+        captions = store.read_parquet(Keys.pseudo_captions) if stage.kind == "mcip" else None
+        return StageInputs(base_spec(store), base.get("weights_sha256", ""), splits, pseudo_captions=captions)
+    image_size = base_spec(store).image_size
+    distributed.run_on_main(stage_spec, store, stage.encoder, cache, image_size)
+    spec = stage_spec(store, stage.encoder, cache, image_size)
+    weights = store.read_json(f"{Keys.model(stage.encoder)}/{COMPLETE_MARKER}")["files"][WEIGHTS_FILE]
+    return StageInputs(spec, weights, splits, pairs=realign_pairs(store.read_parquet(Keys.caption_pairs), splits))
+
+
+def published_record(store: ArtifactStore, asset: str) -> dict[str, Any] | None:
+    """The sidecar of the checkpoint published for ``asset`` (``None`` if there is no complete one)."""
+    key = Keys.model(asset)
+    if not store.exists(f"{key}/{COMPLETE_MARKER}") or not store.exists(f"{key}/{SIDECAR_FILE}"):
         return None
-    hashes = store.put_dir(output.checkpoint, Keys.model(request.asset))
-    return {**stage_metadata(store, request.asset, output, hashes), "world_size": distributed.world_size()}
+    return {**store.read_json(f"{key}/{SIDECAR_FILE}"),
+            "weights_sha256": store.read_json(f"{key}/{COMPLETE_MARKER}")["files"].get(WEIGHTS_FILE, "")}
 
 
-def stage_metadata(store: ArtifactStore, asset: str, output: StageOutput, hashes: dict[str, str]) -> dict[str, Any]:
-    """The metadata the training assets report (``validation_history``: the last 20 validations as rows)."""
-    return {
-        "uri": store.url(Keys.model(asset)),
-        "weights_sha256": hashes.get("open_clip_model.safetensors", ""),
-        "best_val_score": round(output.fit.best_score, 4), "best_step": output.fit.best_step,
-        "steps": output.fit.steps, "stopped_early": output.fit.stopped_early,
-        "train_seconds": round(output.fit.seconds, 1),
-        "validation_history": [{"step": e["step"], "val_score": e["val_score"]} for e in output.fit.history][-20:],
-        **{k: v for k, v in output.summary.items() if isinstance(v, (int, str))},
-    }
+def run_stage(request: StageRequest, *, log: EventLog = lambda event: None,
+              on_wait: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """Train ``request``'s stage (or reuse its published checkpoint) and publish it.
+
+    Returns the asset metadata on rank 0 (``reused`` says whether training was skipped), ``None`` on
+    other ranks. ``on_wait`` hears about a same-identity run elsewhere holding the work folder.
+    """
+    stage, config = request.stage, request.config()
+    device = request.join_ranks()
+    store, cache = request.store(), Path(request.cache_dir).expanduser()
+    inputs = load_inputs(stage, store, cache)
+    identity = stage_identity(stage.kind, config, start_weights=inputs.start_weights, inputs=inputs.frames())
+    published = published_record(store, stage.asset)
+    if published is not None and published.get("identity") == identity:
+        return _reused_metadata(store, stage, published) if distributed.is_main() else None
+    work = cache / "work" / stage.asset / identity[:16]
+    with work_dir_lock(work, on_wait=on_wait):  # a same-identity run elsewhere: wait, then resume its checkpoint
+        output = _train(stage, config, inputs, work, cache=cache, device=device, log=log, identity=identity)
+        if not distributed.is_main():
+            return None
+        hashes = store.put_dir(output.checkpoint, Keys.model(stage.asset))
+    return {**stage_metadata(store, stage, output.summary), "weights_sha256": hashes.get(WEIGHTS_FILE, ""),
+            "train_seconds": round(output.fit.seconds, 1), "reused": False, "world_size": distributed.world_size()}
+
+
+def _train(stage: Stage, config: StageConfig, inputs: StageInputs, work: Path, *, cache: Path, device: str,
+           log: EventLog, identity: str) -> StageOutput:
+    common = dict(cache_dir=cache, stage=stage.asset, device=device, log=log, identity=identity)
+    if stage.kind == "realign":
+        val = inputs.splits.filter(pl.col("split") == "val")
+        return train_realign(inputs.start, inputs.pairs, val, config, work, **common)
+    return train_retrieval(inputs.start, inputs.splits, config, work, pseudo_captions=inputs.pseudo_captions, **common)
+
+
+def stage_metadata(store: ArtifactStore, stage: Stage, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """The metadata the training assets report, from a checkpoint's sidecar (scalars + the last 20 validations)."""
+    history = [{"step": e["step"], "val_score": e["val_score"]} for e in sidecar.get("validation_history", [])][-20:]
+    scalars = {k: v for k, v in sidecar.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return {**scalars, "uri": store.url(Keys.model(stage.asset)), "variant": stage.variant,
+            "stopped_early": bool(sidecar.get("stopped_early", False)), "validation_history": history}
+
+
+def _reused_metadata(store: ArtifactStore, stage: Stage, published: dict[str, Any]) -> dict[str, Any]:
+    return {**stage_metadata(store, stage, published), "weights_sha256": published["weights_sha256"], "reused": True,
+            "world_size": distributed.world_size()}

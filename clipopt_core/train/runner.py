@@ -1,13 +1,12 @@
-"""Stage runners shared by the CLI and the Dagster assets.
+"""Train one stage from loaded inputs: model, datasets, task, :func:`~clipopt_core.train.loop.fit`, export.
 
-Each runner loads a model, builds its datasets, trains through :func:`training.fit`
-(resuming from ``work_dir`` when an earlier attempt was interrupted) and exports a
-checkpoint folder that plain open_clip loads. No orchestration code lives here.
+Called by :func:`clipopt_core.train.job.run_stage` (which reads the inputs from the store, names the
+work folder by the stage's identity, holds its lock and publishes the result). Each function
+resumes from ``work_dir`` when an earlier attempt was interrupted and exports a checkpoint folder
+that plain open_clip loads. No orchestration code lives here.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from clipopt_core.runtime import distributed
 from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
 from clipopt_core.models.encode import embed_images, embed_texts
 from clipopt_core.evaluate.protocol import validation_map, validation_t2i
-from clipopt_core.runtime.locks import work_dir_lock
 from clipopt_core.models.loading import ClipBundle, ModelSpec, export_checkpoint, load_model
 from clipopt_core.train.tasks import RealignTask, RetrievalTask, group_captions_by_text
 from clipopt_core.train.config import RealignConfig, RetrievalConfig
@@ -49,21 +47,13 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def config_hash(*parts: Any) -> str:
-    """Stable short hash of configs and data versions (names resumable work folders)."""
-    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def frame_hash(frame: pl.DataFrame) -> str:
-    """Content hash of a frame (row order included)."""
-    return hashlib.sha256(frame.hash_rows(seed=0).to_numpy().tobytes()).hexdigest()[:16]
-
-
 def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: RetrievalConfig, work_dir: Path, *,
                     cache_dir: Path, stage: str, pseudo_captions: pl.DataFrame | None = None,
-                    device: str = "cpu", log: EventLog = lambda e: None) -> StageOutput:
-    """Stage 1 (``mc_weight`` 0) or MCIP (``mc_weight`` > 0, needs ``pseudo_captions``)."""
+                    device: str = "cpu", log: EventLog = lambda e: None, identity: str = "") -> StageOutput:
+    """Stage 1 (``mc_weight`` 0) or MCIP (``mc_weight`` > 0, needs ``pseudo_captions`` for the training images).
+
+    ``identity`` (:func:`clipopt_core.train.identity.stage_identity`) is recorded in the checkpoint's sidecar.
+    """
     bundle = load_model(base_spec, cache_dir=cache_dir, device=device)
     train = splits.filter(pl.col("split") == "train")
     val = splits.filter(pl.col("split") == "val")
@@ -72,21 +62,19 @@ def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: Retrieva
                            train_transform(bundle.image_size, bundle.mean, bundle.std, bundle.interpolation))
     caption_embeddings, captions_of = None, None
     if config.mc_weight:
-        if pseudo_captions is None:
-            raise ValueError("MCIP needs pseudo_captions")
         caption_embeddings, captions_of = _caption_matrix(bundle, train, pseudo_captions, device)
     with seeded(config.train.seed):  # the ArcMargin proxies' init must not depend on the process' RNG state
         task = RetrievalTask(bundle, dataset, len(class_names), config, validation_map(val, device=device),
                              caption_embeddings, captions_of)
     summary = {"stage": stage, "train_images": train.height, "train_classes": len(class_names),
-               "val_images": val.height, "config": asdict(config), "data_hash": frame_hash(splits)}
-    with work_dir_lock(work_dir):  # training and export: one run at a time per work folder
-        result = fit(task, config.train, work_dir, device=device, log=log)
-        return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
+               "val_images": val.height, "config": asdict(config), "identity": identity}
+    result = fit(task, config.train, work_dir, device=device, log=log)
+    return _export(bundle, work_dir, summary, result)
 
 
 def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFrame, config: RealignConfig, work_dir: Path, *,
-                  cache_dir: Path, stage: str, device: str = "cpu", log: EventLog = lambda e: None) -> StageOutput:
+                  cache_dir: Path, stage: str, device: str = "cpu", log: EventLog = lambda e: None,
+                  identity: str = "") -> StageOutput:
     """Stage 2 on top of a fine-tuned image tower: pairs (``uri``, ``caption``) → realigned text tail.
 
     Image embeddings of the pairs are computed once here with the frozen tower (eval
@@ -101,16 +89,27 @@ def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFram
         task = RealignTask(bundle, grouped, texts, config,
                            validation_t2i(val_embeddings, val["caption"].to_list(), device=device))
     summary = {"stage": stage, "pairs": pairs.height, "distinct_captions": len(texts), "val_images": val.height,
-               "config": asdict(config), "data_hash": frame_hash(pairs)}
-    with work_dir_lock(work_dir):  # training and export: one run at a time per work folder
-        result = fit(task, config.train, work_dir, device=device, log=log)
-        task.finish()
-        return StageOutput(_export(bundle, work_dir, summary, result), result, summary)
+               "config": asdict(config), "identity": identity}
+    result = fit(task, config.train, work_dir, device=device, log=log)
+    task.finish()
+    return _export(bundle, work_dir, summary, result)
 
 
-def _caption_matrix(bundle: ClipBundle, train: pl.DataFrame, pseudo: pl.DataFrame,
+def _caption_matrix(bundle: ClipBundle, train: pl.DataFrame, pseudo: pl.DataFrame | None,
                     device: str) -> tuple[torch.Tensor, list[list[int]]]:
-    """Frozen text embeddings [P, D] of the distinct pseudo-captions + each train row's caption ids."""
+    """Frozen text embeddings [P, D] of the distinct pseudo-captions + each train row's caption ids.
+
+    Raises ``ValueError`` when no training image has a pseudo-caption: MCIP would silently train as
+    stage 1 (with a 0.75-weighted loss), so the error says which mining settings to change.
+    """
+    owners = set(train["image_id"].to_list())
+    pseudo = (pseudo if pseudo is not None else pl.DataFrame(schema={"image_id": pl.String, "caption": pl.String,
+                                                                      "rank": pl.Int64}))
+    pseudo = pseudo.filter(pl.col("image_id").is_in(owners))
+    if pseudo.height == 0:
+        raise ValueError("MCIP has no pseudo-captions for any of its training images: lower pseudo_captions' "
+                         "threshold (or set it to null to take threshold_quantile), raise top_k, or give "
+                         "the mining pool more captions, then re-materialise pseudo_captions")
     texts = sorted(set(pseudo["caption"].to_list()))
     lookup = {text: number for number, text in enumerate(texts)}
     owned: dict[str, list[int]] = {}
@@ -120,10 +119,11 @@ def _caption_matrix(bundle: ClipBundle, train: pl.DataFrame, pseudo: pl.DataFram
     return embeddings, [owned.get(image_id, []) for image_id in train["image_id"].to_list()]
 
 
-def _export(bundle: ClipBundle, work_dir: Path, summary: dict[str, Any], result: FitResult) -> Path:
+def _export(bundle: ClipBundle, work_dir: Path, summary: dict[str, Any], result: FitResult) -> StageOutput:
     # no wall-clock fields: re-running a finished stage must publish the same bytes (the next
-    # stage's work folder is named by this checkpoint's hashes, so it would retrain from scratch)
+    # stage's identity includes this checkpoint's weights hash)
+    history = [{"step": e["step"], "val_score": e["val_score"]} for e in result.history]
     sidecar = {**summary, "best_val_score": result.best_score, "best_step": result.best_step, "steps": result.steps,
-               "stopped_early": result.stopped_early}
+               "stopped_early": result.stopped_early, "validation_history": history}
     distributed.run_on_main(export_checkpoint, bundle, work_dir / "export", sidecar)  # rank 0 writes under torchrun
-    return work_dir / "export"
+    return StageOutput(work_dir / "export", result, sidecar)

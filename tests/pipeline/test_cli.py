@@ -1,8 +1,8 @@
 """The `clipopt` CLI against a store filled by a real materialisation of the whole graph."""
 import json
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -10,6 +10,7 @@ import torch
 
 from clipopt_core.cli import main as cli
 from clipopt_core.models.loading import ModelSpec, load_model
+from clipopt_core.registry import get_stage
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.definitions import ASSET_CHECKS, ASSETS
 from clipopt_dagster.partitions import ALL_SHARDS_TAGS
@@ -57,45 +58,44 @@ def test_search_without_index_names_the_missing_artifact(tmp_path, capsys):
     assert "materialise faiss_index" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("stage", ["retrieval", "mcip", "realign"])
-def test_train_command_runs_each_stage_and_exports_a_loadable_checkpoint(filled_store, tmp_path, stage):
+TRAIN_SETTINGS = {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32", "eval_every_steps": 2,
+                  "validate_at_start": False}
+
+
+@pytest.mark.parametrize("stage", ["stage1", "mcip", "2sft"])
+def test_train_command_runs_each_stage_kind_and_publishes_a_loadable_checkpoint(filled_store, tmp_path, stage):
     tmp, url = filled_store
-    store = ArtifactStore(url)
-    splits = tmp_path / "splits.parquet"
-    store.read_parquet("data/splits.parquet").write_parquet(splits)
-    config = {"model": {"name": "clipopt-tiny"}, "splits": str(splits), "work_dir": str(tmp_path / "run"),
-              "cache_dir": str(tmp / "cache"),
-              "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32", "eval_every_steps": 2,
-                        "validate_at_start": False}}
-    if stage == "mcip":
-        config["pseudo_captions"] = str(tmp_path / "pseudo.parquet")
-        store.read_parquet("captions/pseudo_captions.parquet").write_parquet(config["pseudo_captions"])
-    if stage == "realign":
-        config["pairs"] = str(tmp_path / "pairs.parquet")
-        store.read_parquet("data/caption_pairs.parquet").write_parquet(config["pairs"])
-        config["stage_options"] = {"last_blocks": 1}
-    (tmp_path / "run.json").write_text(json.dumps(config))
-    completed = subprocess.run([sys.executable, "-m", "clipopt_core.cli.main", "train", "--stage", stage, "--config",
-                                str(tmp_path / "run.json")], capture_output=True, text=True, timeout=300)
+    store_dir = tmp_path / "store"
+    shutil.copytree(tmp / "artifacts", store_dir)  # the module's store stays as the graph left it
+    (tmp_path / "settings.json").write_text(json.dumps(TRAIN_SETTINGS))
+    completed = subprocess.run([sys.executable, "-m", "clipopt_core.cli.main", "train", "--stage", stage, "--store",
+                                f"file://{store_dir}", "--settings", str(tmp_path / "settings.json"),
+                                "--cache", str(tmp / "cache")], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     summary = json.loads(completed.stdout)
-    assert summary["steps"] >= 1
-    checkpoint = Path(summary["checkpoint"])
+    assert summary["steps"] >= 1 and summary["reused"] is False and summary["variant"] == stage
+    asset = get_stage(stage).asset
+    checkpoint = ArtifactStore(f"file://{store_dir}").get_dir(f"models/{asset}", tmp_path / "download")
     sidecar = json.loads((checkpoint / "clipopt.json").read_text())
-    assert sidecar["stage"] == stage
+    assert sidecar["stage"] == asset and sidecar["identity"] == summary["identity"]
     trained = load_model(ModelSpec(f"local-dir:{checkpoint}"), cache_dir=tmp / "cache").model
-    base = load_model(ModelSpec("clipopt-tiny"), cache_dir=tmp / "cache").model
+    start = (ModelSpec("clipopt-tiny") if get_stage(stage).kind != "realign" else
+             ModelSpec(f"local-dir:{ArtifactStore(url).get_dir('models/retrieval_encoder', tmp_path / 'encoder')}"))
+    base = load_model(start, cache_dir=tmp / "cache").model
     changed = {name for name, tensor in trained.state_dict().items() if not torch.equal(tensor, base.state_dict()[name])}
-    assert changed and (all(n.startswith("visual.") for n in changed) if stage != "realign"
+    assert changed and (all(n.startswith("visual.") for n in changed) if get_stage(stage).kind != "realign"
                         else not any(n.startswith("visual.") for n in changed))
 
 
-def test_train_command_reports_unknown_model_with_close_matches(filled_store, tmp_path, capsys):
-    _, url = filled_store
-    splits = tmp_path / "splits.parquet"
-    ArtifactStore(url).read_parquet("data/splits.parquet").write_parquet(splits)
-    (tmp_path / "run.json").write_text(json.dumps({"model": {"name": "ViT-B-23"}, "splits": str(splits),
-                                                   "work_dir": str(tmp_path / "run")}))
-    assert cli.main(["train", "--stage", "retrieval", "--config", str(tmp_path / "run.json")]) == 2
+def test_train_command_names_a_bad_setting_and_an_unknown_model(filled_store, tmp_path, capsys):
+    tmp, _ = filled_store
+    (tmp_path / "settings.json").write_text(json.dumps({"lr": -1}))
+    assert cli.main(["train", "--stage", "stage1", "--store", f"file://{tmp / 'artifacts'}",
+                     "--settings", str(tmp_path / "settings.json")]) == 2
+    assert "TrainConfig.lr must be > 0.0; got -1" in capsys.readouterr().err
+    store = tmp_path / "store"
+    shutil.copytree(tmp / "artifacts", store)
+    ArtifactStore(f"file://{store}").write_json("models/base/spec.json", {"spec": {"name": "ViT-B-23"}})
+    assert cli.main(["train", "--stage", "stage1", "--store", f"file://{store}", "--cache", str(tmp / "cache")]) == 2
     error = capsys.readouterr().err
     assert "unknown model name 'ViT-B-23'" in error and "ViT-B-32" in error

@@ -144,9 +144,3 @@ def test_sharded_batches_split_each_global_batch_into_disjoint_contiguous_slices
     for step, global_batch in enumerate(batches):
         assert [item for rank in range(4) for item in slices[rank][step]] == global_batch
     assert all(len(part) == len(batches) for part in slices)
-
-
-def test_proxy_memory_note() -> None:
-    # weights + gradient + AdamW's two moments, fp32: 16 bytes per proxy coordinate per rank
-    assert distributed.proxy_memory_bytes(1_000_000, 512) == 16 * 512 * 1_000_000  # 8.2 GB
-    assert distributed.proxy_memory_bytes(1000, 512, with_grad=False) == 1000 * 512 * 4 * 3

@@ -1,0 +1,61 @@
+"""Input-addressed work: a stage's identity is the hash of the *content* of everything it reads.
+
+Two runs with the same identity would train the same weights, so a finished run is reused; any
+change in an input (an image's bytes, a label, the split seed, a pseudo-caption, a caption pair,
+the base or encoder weights, any setting) gives a new identity, hence a fresh work folder and a
+fresh training run. Paths and URIs are left out: moving the same data elsewhere keeps the identity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Mapping
+
+import polars as pl
+import torch
+
+IDENTITY_VERSION = 1  # bump when the meaning of a stage's inputs changes (e.g. a new training semantics)
+LOCATION_COLUMNS = frozenset({"uri", "path", "root"})
+
+
+def frame_digest(frame: pl.DataFrame | None) -> str:
+    """sha256 of a frame's content (row order kept, location columns left out); ``"none"`` for ``None``.
+
+    Rows are serialised as CSV with sorted column names, so the digest is stable across
+    processes and polars versions (unlike ``hash_rows``).
+    """
+    if frame is None:
+        return "none"
+    columns = sorted(c for c in frame.columns if c not in LOCATION_COLUMNS)
+    digest = hashlib.sha256(",".join(columns).encode())
+    for start in range(0, frame.height, 100_000):  # bounded memory for large frames
+        digest.update(frame.select(columns).slice(start, 100_000).write_csv(include_header=False).encode())
+    return digest.hexdigest()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in key order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def stage_identity(kind: str, config: Any, *, start_weights: str, inputs: Mapping[str, pl.DataFrame | None]) -> str:
+    """The identity (64 hex) of a stage run.
+
+    Args:
+        kind: the stage kind (``retrieval``, ``mcip``, ``realign``).
+        config: the stage's frozen config dataclass (every field counts, seeds included).
+        start_weights: sha256 of the weights training starts from (base model or encoder).
+        inputs: named data frames the stage reads (splits, pseudo-captions, caption pairs, …).
+    """
+    record = {
+        "version": IDENTITY_VERSION, "kind": kind, "start_weights": start_weights,
+        "config": dataclasses.asdict(config),
+        "inputs": {name: frame_digest(frame) for name, frame in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
