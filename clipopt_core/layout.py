@@ -12,6 +12,7 @@ from clipopt_core.serve.shards import index_key
 from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore
 
 VARIANT_MODELS = {stage.variant: stage.asset for stage in STAGES}
+MODEL_ROOT = "models"
 
 
 def default_cache_dir() -> str:
@@ -40,14 +41,17 @@ class Keys:
     report_md = "reports/evaluation.md"
     teaser = "reports/teaser.png"
     gallery = "reports/gallery.png"
+    seed_report = "reports/seeds.parquet"
+    seed_report_md = "reports/seeds.md"
     serving = "serving"  # prefix of the gallery embedding shards and the served index (clipopt_core.serve.shards)
     index = index_key(serving, "merged.faiss")
     index_ids = index_key(serving, "ids.parquet")
     index_info = index_key(serving, "info.json")
 
     @staticmethod
-    def model(name: str) -> str:
-        return f"models/{name}"
+    def model(name: str, root: str = MODEL_ROOT) -> str:
+        """A stage's checkpoint folder: ``models/<asset>``, or under another ``root`` (e.g. a seed sweep's)."""
+        return f"{root}/{name}"
 
 
 def base_spec(store: ArtifactStore) -> ModelSpec:
@@ -55,17 +59,19 @@ def base_spec(store: ArtifactStore) -> ModelSpec:
     return ModelSpec(**store.read_json(Keys.base_model)["spec"])
 
 
-def stage_spec(store: ArtifactStore, name: str, cache: Path, image_size: int | None) -> ModelSpec:
+def stage_spec(store: ArtifactStore, name: str, cache: Path, image_size: int | None,
+               root: str = MODEL_ROOT) -> ModelSpec:
     """Download the checkpoint folder of stage ``name`` (skipped when cached, same hashes) and return its spec."""
-    return checkpoint_spec(store.get_dir(Keys.model(name), cache / "checkpoints" / name), image_size)
+    local = cache / "checkpoints" / root.replace("/", "-") / name
+    return checkpoint_spec(store.get_dir(Keys.model(name, root), local), image_size)
 
 
-def variant_spec(store: ArtifactStore, variant: str, cache: Path) -> ModelSpec:
+def variant_spec(store: ArtifactStore, variant: str, cache: Path, root: str = MODEL_ROOT) -> ModelSpec:
     """Spec of a report variant: ``baseline`` or a registered stage's variant (or asset) name."""
     base = base_spec(store)
     if variant == BASELINE:
         return base
-    return stage_spec(store, get_stage(variant).asset, cache, base.image_size)
+    return stage_spec(store, get_stage(variant).asset, cache, base.image_size, root)
 
 
 def served_model_key(store: ArtifactStore, variant: str) -> str:

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from clipopt_core.evaluate.protocol import OPENAI_TEMPLATES, EvalConfig
 from clipopt_core.models.loading import ModelSpec
+from clipopt_core.registry import STAGES
 from clipopt_core.serve.index import IndexSpec
 from clipopt_core.train.config import MiningConfig, TrainConfig
 from clipopt_core.train.schema import (RANGES, StageConfig, default_config, field_types, flat_defaults, mining_config,
@@ -119,7 +120,7 @@ class EvalSettings(dg.Config):
     min_i2i_gain: float = Field(default=0.0, ge=-1.0, le=1.0)
 
     def core(self) -> EvalConfig:
-        return EvalConfig(templates=OPENAI_TEMPLATES if self.templates == "openai80" else SHORT_TEMPLATES)
+        return EvalConfig(templates=_templates(self.templates))
 
 
 class IndexSettings(dg.Config):
@@ -130,3 +131,26 @@ class IndexSettings(dg.Config):
     def core(self) -> IndexSpec:
         return IndexSpec(kind=self.kind, memory_budget_bytes=int(self.memory_budget_gib * 2**30),
                          target_recall=self.target_recall)
+
+
+def _templates(name: str) -> tuple[str, ...]:
+    return OPENAI_TEMPLATES if name == "openai80" else SHORT_TEMPLATES
+
+
+class _SeedSweepBase(dg.Config):
+    """Seeds to train, the zero-shot prompts, and (fields named after the stages) each stage's settings."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    templates: Literal["openai80", "short"] = "openai80"
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(templates=_templates(self.templates))
+
+    def stage_settings(self, asset: str, seed: int) -> dict[str, Any]:
+        """``asset``'s settings with its training seed replaced by ``seed``."""
+        return {**getattr(self, asset).settings(), "seed": seed}
+
+
+SeedSweepSettings = pydantic.create_model(
+    "SeedSweepSettings", __base__=_SeedSweepBase, __module__=__name__,
+    **{stage.asset: (STAGE_SETTINGS[stage.kind], Field(default_factory=STAGE_SETTINGS[stage.kind])) for stage in STAGES})

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import polars as pl
 
 from clipopt_core.data.captions import realign_pairs
-from clipopt_core.layout import Keys, base_spec, stage_spec
+from clipopt_core.layout import MODEL_ROOT, Keys, base_spec, stage_spec
 from clipopt_core.models.loading import SIDECAR_FILE, WEIGHTS_FILE, ModelSpec
 from clipopt_core.registry import Stage, get_stage
 from clipopt_core.runtime import distributed
@@ -41,6 +41,8 @@ class StageRequest:
     ``asset``: a stage of :data:`clipopt_core.registry.STAGES` (asset or variant name). ``settings``: flat
     settings over the kind's defaults (:func:`clipopt_core.train.schema.stage_config`, validated here).
     ``cache_dir``: local to the process that trains (model cache, resumable work folders).
+    ``model_root``: the store folder of the checkpoints it reads (realign's encoder) and publishes
+    (``models``; a seed sweep uses one root per seed).
     """
 
     asset: str
@@ -49,6 +51,7 @@ class StageRequest:
     settings: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     endpoint_url: str | None = None
+    model_root: str = MODEL_ROOT
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "asset", get_stage(self.asset).asset)
@@ -103,7 +106,7 @@ class StageInputs:
         return {"splits": self.splits, "pseudo_captions": self.pseudo_captions, "pairs": self.pairs}
 
 
-def load_inputs(stage: Stage, store: ArtifactStore, cache: Path) -> StageInputs:
+def load_inputs(stage: Stage, store: ArtifactStore, cache: Path, root: str = MODEL_ROOT) -> StageInputs:
     """Read a stage's inputs from the store (for realign: download the encoder checkpoint once per node)."""
     splits = store.read_parquet(Keys.splits)
     if stage.kind != "realign":
@@ -111,15 +114,14 @@ def load_inputs(stage: Stage, store: ArtifactStore, cache: Path) -> StageInputs:
         captions = store.read_parquet(Keys.pseudo_captions) if stage.kind == "mcip" else None
         return StageInputs(base_spec(store), base.get("weights_sha256", ""), splits, pseudo_captions=captions)
     image_size = base_spec(store).image_size
-    distributed.run_on_main(stage_spec, store, stage.encoder, cache, image_size)
-    spec = stage_spec(store, stage.encoder, cache, image_size)
-    weights = store.read_json(f"{Keys.model(stage.encoder)}/{COMPLETE_MARKER}")["files"][WEIGHTS_FILE]
+    distributed.run_on_main(stage_spec, store, stage.encoder, cache, image_size, root)
+    spec = stage_spec(store, stage.encoder, cache, image_size, root)
+    weights = store.read_json(f"{Keys.model(stage.encoder, root)}/{COMPLETE_MARKER}")["files"][WEIGHTS_FILE]
     return StageInputs(spec, weights, splits, pairs=realign_pairs(store.read_parquet(Keys.caption_pairs), splits))
 
 
-def published_record(store: ArtifactStore, asset: str) -> dict[str, Any] | None:
-    """The sidecar of the checkpoint published for ``asset`` (``None`` if there is no complete one)."""
-    key = Keys.model(asset)
+def published_record(store: ArtifactStore, key: str) -> dict[str, Any] | None:
+    """The sidecar of the checkpoint published at ``key`` (``None`` if there is no complete one)."""
     if not store.exists(f"{key}/{COMPLETE_MARKER}") or not store.exists(f"{key}/{SIDECAR_FILE}"):
         return None
     return {**store.read_json(f"{key}/{SIDECAR_FILE}"),
@@ -136,18 +138,19 @@ def run_stage(request: StageRequest, *, log: EventLog = lambda event: None,
     stage, config = request.stage, request.config()
     device = request.join_ranks()
     store, cache = request.store(), Path(request.cache_dir).expanduser()
-    inputs = load_inputs(stage, store, cache)
+    inputs = load_inputs(stage, store, cache, request.model_root)
     identity = stage_identity(stage.kind, config, start_weights=inputs.start_weights, inputs=inputs.frames())
-    published = published_record(store, stage.asset)
+    key = Keys.model(stage.asset, request.model_root)
+    published = published_record(store, key)
     if published is not None and published.get("identity") == identity:
-        return _reused_metadata(store, stage, published) if distributed.is_main() else None
+        return _reused_metadata(store, key, stage, published) if distributed.is_main() else None
     work = cache / "work" / stage.asset / identity[:16]
     with work_dir_lock(work, on_wait=on_wait):  # a same-identity run elsewhere: wait, then resume its checkpoint
         output = _train(stage, config, inputs, work, cache=cache, device=device, log=log, identity=identity)
         if not distributed.is_main():
             return None
-        hashes = store.put_dir(output.checkpoint, Keys.model(stage.asset))
-    return {**stage_metadata(store, stage, output.summary), "weights_sha256": hashes.get(WEIGHTS_FILE, ""),
+        hashes = store.put_dir(output.checkpoint, key)
+    return {**stage_metadata(store, key, stage, output.summary), "weights_sha256": hashes.get(WEIGHTS_FILE, ""),
             "train_seconds": round(output.fit.seconds, 1), "reused": False, "world_size": distributed.world_size()}
 
 
@@ -160,14 +163,14 @@ def _train(stage: Stage, config: StageConfig, inputs: StageInputs, work: Path, *
     return train_retrieval(inputs.start, inputs.splits, config, work, pseudo_captions=inputs.pseudo_captions, **common)
 
 
-def stage_metadata(store: ArtifactStore, stage: Stage, sidecar: dict[str, Any]) -> dict[str, Any]:
+def stage_metadata(store: ArtifactStore, key: str, stage: Stage, sidecar: dict[str, Any]) -> dict[str, Any]:
     """The metadata the training assets report, from a checkpoint's sidecar (scalars + the last 20 validations)."""
     history = [{"step": e["step"], "val_score": e["val_score"]} for e in sidecar.get("validation_history", [])][-20:]
     scalars = {k: v for k, v in sidecar.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    return {**scalars, "uri": store.url(Keys.model(stage.asset)), "variant": stage.variant,
+    return {**scalars, "uri": store.url(key), "variant": stage.variant,
             "stopped_early": bool(sidecar.get("stopped_early", False)), "validation_history": history}
 
 
-def _reused_metadata(store: ArtifactStore, stage: Stage, published: dict[str, Any]) -> dict[str, Any]:
-    return {**stage_metadata(store, stage, published), "weights_sha256": published["weights_sha256"], "reused": True,
+def _reused_metadata(store: ArtifactStore, key: str, stage: Stage, published: dict[str, Any]) -> dict[str, Any]:
+    return {**stage_metadata(store, key, stage, published), "weights_sha256": published["weights_sha256"], "reused": True,
             "world_size": distributed.world_size()}
