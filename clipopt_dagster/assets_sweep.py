@@ -42,7 +42,7 @@ def seed_sweep(context: dg.AssetExecutionContext, config: SeedSweepSettings, com
             request = StageRequest(asset=stage.asset, store_url=store.base_url, endpoint_url=store.endpoint_url,
                                    settings=config.stage_settings(stage.asset, seed), cache_dir=str(compute.cache),
                                    device=compute.device, model_root=seed_root(seed))
-            metadata = run_stage(request, log=step_logger(context), on_wait=context.log.warning)
+            metadata = run_stage(request, store=artifacts, log=step_logger(context), on_wait=context.log.warning)
             runs.append({"seed": seed, "stage": stage.asset, "reused": metadata["reused"],
                          "best_val_score": metadata.get("best_val_score", float("nan"))})
         per_seed[seed] = {stage.variant: evaluate(stage.variant, seed_root(seed)) for stage in STAGES}

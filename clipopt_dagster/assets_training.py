@@ -37,7 +37,7 @@ def training_asset(stage: Stage) -> dg.AssetsDefinition:
         request = StageRequest(asset=stage.asset, store_url=store.base_url, endpoint_url=store.endpoint_url,
                                settings=config.settings(), cache_dir=str(compute.cache), device=compute.device)
         context.log.info(f"{stage.asset}: {stage.kind} stage, variant {stage.variant!r}")
-        return (compute.launcher or TrainingLauncher()).run(context, request, store.credentials_env())
+        return (compute.launcher or TrainingLauncher()).run(context, request, store.store(), store.credentials_env())
 
     return _train
 

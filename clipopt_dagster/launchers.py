@@ -24,6 +24,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.train.job import REQUEST_ENV, StageRequest, run_stage
 from clipopt_dagster._helpers import md_table, step_logger
 
@@ -65,11 +66,14 @@ class TrainingLauncher(dg.ConfigurableResource):
         """The child's environment: the request, the store's ``AWS_*`` credentials, then ``env``."""
         return {REQUEST_ENV: request.to_json(), "OMP_WAIT_POLICY": "PASSIVE", **credentials, **self.env}
 
-    def run(self, context: dg.AssetExecutionContext, request: StageRequest,
+    def run(self, context: dg.AssetExecutionContext, request: StageRequest, store: ArtifactStore,
             credentials: dict[str, str]) -> dg.MaterializeResult:
-        """Run ``request`` where this launcher says; the materialisation carries the stage's metadata."""
+        """Run ``request`` where this launcher says; the materialisation carries the stage's metadata.
+
+        ``store`` serves the in-process run; a child opens the request's store itself, with ``credentials``.
+        """
         if not self.launches:
-            metadata = run_stage(request, log=step_logger(context), on_wait=context.log.warning)
+            metadata = run_stage(request, store=store, log=step_logger(context), on_wait=context.log.warning)
             return dg.MaterializeResult(metadata={**metadata, "validation_history": md_table(
                 metadata["validation_history"], 4)}, data_version=dg.DataVersion(metadata["identity"]))
         command = self.command()

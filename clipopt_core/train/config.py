@@ -29,7 +29,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     accumulation_steps: int = 1
-    precision: str = "bf16"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 0
     eval_every_steps: int = 50
     patience: int = 50

@@ -128,16 +128,18 @@ def published_record(store: ArtifactStore, key: str) -> dict[str, Any] | None:
             "weights_sha256": store.read_json(f"{key}/{COMPLETE_MARKER}")["files"].get(WEIGHTS_FILE, "")}
 
 
-def run_stage(request: StageRequest, *, log: EventLog = lambda event: None,
+def run_stage(request: StageRequest, *, store: ArtifactStore | None = None, log: EventLog = lambda event: None,
               on_wait: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """Train ``request``'s stage (or reuse its published checkpoint) and publish it.
 
     Returns the asset metadata on rank 0 (``reused`` says whether training was skipped), ``None`` on
-    other ranks. ``on_wait`` hears about a same-identity run elsewhere holding the work folder.
+    other ranks. ``store``: an already configured store of ``request.store_url`` (in process, with the
+    resource's credentials and retry settings); else :meth:`StageRequest.store` (credentials from
+    ``AWS_*``). ``on_wait`` hears about a same-identity run elsewhere holding the work folder.
     """
     stage, config = request.stage, request.config()
     device = request.join_ranks()
-    store, cache = request.store(), Path(request.cache_dir).expanduser()
+    store, cache = store or request.store(), Path(request.cache_dir).expanduser()
     inputs = load_inputs(stage, store, cache, request.model_root)
     identity = stage_identity(stage.kind, config, start_weights=inputs.start_weights, inputs=inputs.frames())
     key = Keys.model(stage.asset, request.model_root)

@@ -27,6 +27,10 @@ def tiny_run_config(**overrides: dict) -> dict:
         "evaluation_report": {"config": {"templates": "short", "serve_variant": "mcip_realign",
                                          "alignment_tolerance": 1.0, "min_i2i_gain": -1.0}},
         "faiss_index": {"config": {"kind": "auto", "target_recall": 0.9}},
+        # one seed with the stages' own settings: the sweep reuses their work folders (same identities)
+        "seed_sweep": {"config": {"seeds": [0], "templates": "short", "retrieval_encoder": TINY_TRAIN,
+                                  "mcip_encoder": TINY_TRAIN, "realigned_2sft": {**TINY_TRAIN, "batch_size": 16},
+                                  "realigned_mcip": {**TINY_TRAIN, "batch_size": 16}}},
     }
     ops.update(overrides)
     return {"ops": ops}

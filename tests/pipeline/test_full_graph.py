@@ -62,7 +62,7 @@ def test_full_graph_materialises_with_reports(tmp_path, shapes_source, caption_s
     assert dg.materialize([faiss_index, index_recall], resources=resources,
                           run_config={"ops": {"faiss_index": tiny_run_config()["ops"]["faiss_index"]}}).success
     assert_served_index_equals_unsharded(store, tmp_path / "cache")
-    sidecar = json.loads((tmp_path / "cache" / "checkpoints" / "realigned_mcip" / "clipopt.json").read_text())
+    sidecar = json.loads((tmp_path / "cache" / "checkpoints" / "models" / "realigned_mcip" / "clipopt.json").read_text())
     assert sidecar["stage"] == "realigned_mcip" and sidecar["base_model"]["name"].startswith("local-dir:")
 
 

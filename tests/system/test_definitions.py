@@ -30,10 +30,11 @@ GRAPH = {
     "caption_corpus": (["image_splits"], "data", [], None, "1"),
     "base_model": ([], "models", [], None, "1"),
     "pseudo_captions": (["base_model", "caption_corpus", "image_splits"], "data", [], GPU, "1"),
-    "retrieval_encoder": (["base_model", "image_splits"], "training", [], GPU, "1"),
-    "mcip_encoder": (["base_model", "image_splits", "pseudo_captions"], "training", [], GPU, "1"),
-    "realigned_2sft": (["caption_corpus", "retrieval_encoder"], "training", [], GPU, "1"),
-    "realigned_mcip": (["caption_corpus", "mcip_encoder"], "training", [], GPU, "1"),
+    "retrieval_encoder": (["base_model", "image_splits"], "training", [], GPU, "2"),
+    "mcip_encoder": (["base_model", "image_splits", "pseudo_captions"], "training", [], GPU, "2"),
+    "realigned_2sft": (["caption_corpus", "image_splits", "retrieval_encoder"], "training", [], GPU, "2"),
+    "realigned_mcip": (["caption_corpus", "image_splits", "mcip_encoder"], "training", [], GPU, "2"),
+    "seed_sweep": (["base_model", "caption_corpus", "image_splits", "pseudo_captions"], "evaluation", [], GPU, "1"),
     "evaluation_report": (["mcip_encoder", "realigned_2sft", "realigned_mcip", "retrieval_encoder"], "evaluation",
                           ["alignment_preserved", "retrieval_improved"], GPU, "1"),
     "gallery_embeddings": (["evaluation_report"], "serving", [], GPU, "2"),
@@ -41,7 +42,7 @@ GRAPH = {
 }
 BLOCKING_CHECKS = {"manifest_valid": True, "alignment_preserved": True, "retrieval_improved": True,
                    "index_recall": True}
-JOBS = ["retraining_job"]
+JOBS = ["retraining_job", "seed_sweep_job"]
 SCHEDULES = {"weekly_retraining": ("0 3 * * 1", "UTC", "retraining_job")}
 SENSORS = {"new_images_sensor": ("retraining_job", 300)}
 TRAINING_RETRIES = {"retrieval_encoder", "mcip_encoder", "realigned_2sft", "realigned_mcip"}
@@ -92,7 +93,7 @@ def test_checks_jobs_schedules_sensors_snapshot(defs):
     assert new_images_sensor.default_status == dg.DefaultSensorStatus.STOPPED
 
     job = defs.resolve_job_def("retraining_job")
-    assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} == set(GRAPH)
+    assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} == set(GRAPH) - {"seed_sweep"}
     retried = {key.to_user_string(): assets.op.retry_policy for assets in ASSETS for key in assets.keys
                if assets.op.retry_policy}
     assert set(retried) == TRAINING_RETRIES and all(policy.max_retries >= 1 for policy in retried.values())

@@ -26,6 +26,7 @@ from clipopt_core.runtime import distributed
 from clipopt_core.data.datasets import EpochBatches
 from clipopt_core.data.manifest import ingest, scan_source
 from clipopt_core.models.loading import ModelSpec, load_model
+from clipopt_core.runtime.storage import ArtifactStore
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 DDP_SCENARIOS = ("stage1", "mcip", "realign", "resume")
@@ -104,22 +105,24 @@ def test_only_rank_zero_writes_the_work_folder(runs: tuple[Path, Path]) -> None:
     assert json.loads((work / ".lock").read_text())["pid"] > 0  # one holder: rank 0
 
 
-def test_torchrun_cli_train_exports_one_checkpoint(tmp_path: Path, rows: pl.DataFrame) -> None:
+def test_torchrun_cli_train_publishes_one_checkpoint(tmp_path: Path, rows: pl.DataFrame) -> None:
     labels = sorted(set(rows["label"].to_list()))
     splits = rows.with_columns(pl.when(pl.col("label").is_in(labels[:12])).then(pl.lit("train")).otherwise(pl.lit("val"))
                                .alias("split"))
-    splits.write_parquet(tmp_path / "splits.parquet")
-    config = {"model": {"name": "clipopt-tiny"}, "splits": str(tmp_path / "splits.parquet"),
-              "work_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
-              "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32", "max_steps": 3,
-                        "eval_every_steps": 100, "validate_at_start": False}}
-    (tmp_path / "run.json").write_text(json.dumps(config))
-    done = torchrun("-m", "clipopt_core.cli.main", "train", "--stage", "retrieval", "--config", str(tmp_path / "run.json"))
+    store = ArtifactStore(f"file://{tmp_path / 'store'}")
+    store.write_parquet("data/splits.parquet", splits)
+    store.write_json("models/base/spec.json", {"spec": {"name": "clipopt-tiny"}, "weights_sha256": "tiny"})
+    (tmp_path / "settings.json").write_text(json.dumps({"epochs": 1, "batch_size": 8, "lr": 1e-3, "precision": "fp32",
+                                                        "max_steps": 3, "eval_every_steps": 100,
+                                                        "validate_at_start": False}))
+    done = torchrun("-m", "clipopt_core.cli.main", "train", "--stage", "stage1", "--store", store.url(""),
+                    "--settings", str(tmp_path / "settings.json"), "--cache", str(tmp_path / "cache"))
     summary = json.loads(done.stdout)  # exactly one JSON document: only rank 0 prints
-    assert summary["steps"] == 3 and summary["best_step"] == 3
-    sidecar = json.loads((Path(summary["checkpoint"]) / "clipopt.json").read_text())
-    assert sidecar["stage"] == "retrieval" and sidecar["steps"] == 3
-    trained = load_model(ModelSpec(f"local-dir:{summary['checkpoint']}"), cache_dir=tmp_path / "cache").model
+    assert summary["steps"] == 3 and summary["best_step"] == 3 and summary["world_size"] == 2
+    checkpoint = store.get_dir("models/retrieval_encoder", tmp_path / "download")
+    sidecar = json.loads((checkpoint / "clipopt.json").read_text())
+    assert sidecar["stage"] == "retrieval_encoder" and sidecar["steps"] == 3
+    trained = load_model(ModelSpec(f"local-dir:{checkpoint}"), cache_dir=tmp_path / "cache").model
     base = load_model(ModelSpec("clipopt-tiny"), cache_dir=tmp_path / "cache").model
     changed = {n for n, t in trained.state_dict().items() if not torch.equal(t, base.state_dict()[n])}
     assert changed and all(n.startswith("visual.") for n in changed)
