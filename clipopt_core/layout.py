@@ -29,6 +29,7 @@ class Keys:
     report_md = "reports/evaluation.md"
     teaser = "reports/teaser.png"
     gallery = "reports/gallery.png"
+    gallery_t2i = "reports/gallery_t2i.png"
     serving = "serving"  # prefix of the gallery embedding shards and the served index (clipopt_core.serve.shards)
     index = index_key(serving, "merged.faiss")
     index_ids = index_key(serving, "ids.parquet")
