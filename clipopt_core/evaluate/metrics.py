@@ -282,15 +282,8 @@ def text_to_image_recall(
     return {k: mean_of_scores(h) for k, h in hits.items()}
 
 
-def text_to_image_hits(
-    text_embeddings: Tensor,
-    image_embeddings: Tensor,
-    text_groups: Tensor,
-    image_groups: Tensor,
-    *,
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 1024,
-) -> dict[int, Tensor]:
+def text_to_image_hits(text_embeddings: Tensor, image_embeddings: Tensor, text_groups: Tensor, image_groups: Tensor, *,
+                       ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[int, Tensor]:
     """Per-text hits of :func:`text_to_image_recall` (same arguments): ``{K: [T] float64 1/0}``, ``nan`` where skipped."""
     t, tg = _prep(text_embeddings, text_groups)
     _, ig = _prep(image_embeddings, image_groups)
@@ -298,14 +291,8 @@ def text_to_image_hits(
     return _t2i_hits(t, image_embeddings, lambda s, e: tg[s:e, None] == ig[None, :], ks, chunk_size)
 
 
-def caption_hits(
-    text_embeddings: Tensor,
-    image_embeddings: Tensor,
-    relevant: Sequence[Sequence[int]],
-    *,
-    ks: Sequence[int] = (1, 5, 10),
-    chunk_size: int = 1024,
-) -> dict[int, Tensor]:
+def caption_hits(text_embeddings: Tensor, image_embeddings: Tensor, relevant: Sequence[Sequence[int]], *,
+                 ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[int, Tensor]:
     """Per-caption text→image hits with explicit relevant sets: ``{K: [T] float64 1/0}``, ``nan`` where skipped.
 
     ``text_embeddings [T, D]``, ``image_embeddings [M, D]``; ``relevant[t]``: the indices (into the
