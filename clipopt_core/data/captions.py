@@ -98,10 +98,10 @@ def caption_test_pairs(caption_pairs: pl.DataFrame) -> pl.DataFrame:
 def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
     """Realignment corpus (``uri``, ``caption``, ``origin``): train caption pairs + training images with a caption.
 
-    A caption whose normalised text is a val/test caption is left out wherever it comes from, so
-    no held-out caption is ever trained on.
+    A caption whose normalised text is held out (:func:`held_out_texts`) is left out wherever it
+    comes from, so no held-out caption or class name is ever trained on.
     """
-    held_out = _held_out_texts(caption_pairs)
+    held_out = held_out_texts(caption_pairs, splits)
     train = splits.filter((pl.col("split") == "train") & pl.col("caption").is_not_null())
     corpus = pl.concat([
         caption_split(caption_pairs, "train").with_columns(pl.lit("caption_source").alias("origin")),
@@ -111,13 +111,19 @@ def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataF
 
 
 def caption_pool(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
-    """Mining pool: train caption texts + captions of training images, never a val/test caption."""
-    held_out = set(_held_out_texts(caption_pairs))
+    """Mining pool: train caption texts + captions of training images, never a held-out text (:func:`held_out_texts`)."""
+    held_out = set(held_out_texts(caption_pairs, splits))
     train = splits.filter(pl.col("split") == "train")
     texts = caption_split(caption_pairs, "train")["caption"].to_list() + [c for c in train["caption"].to_list() if c]
     return [text for text in dedupe_texts(texts) if normalise_caption(text) not in held_out]
 
 
-def _held_out_texts(caption_pairs: pl.DataFrame) -> list[str]:
-    held = caption_pairs.filter(pl.col("split") != "train") if "split" in caption_pairs.columns else caption_pairs.clear()
-    return sorted({normalise_caption(c) for c in held["caption"].to_list()})
+def held_out_texts(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
+    """Normalised texts no training stage may see: captions of val/test caption pairs, and captions and
+    class names of val/test images (an openclipart title "horse" must not teach the held-out class "horse")."""
+    held = caption_split(caption_pairs, "val")["caption"].to_list() + caption_split(caption_pairs, "test")["caption"].to_list()
+    evaluated = splits.filter(pl.col("split") != "train")
+    for column in ("caption", "label"):
+        if column in evaluated.columns:
+            held += [text for text in evaluated[column].to_list() if text]
+    return sorted({normalise_caption(text) for text in held})

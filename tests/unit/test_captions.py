@@ -100,13 +100,16 @@ def test_caption_split_is_seeded_and_stable_when_pairs_are_added():
 def test_realignment_and_pool_never_see_held_out_captions():
     pairs = split_caption_pairs(_pairs(), val_fraction=0.1, test_fraction=0.3, seed=0)
     test_caption = caption_test_pairs(pairs)["caption"][0]
-    splits = pl.DataFrame({"uri": ["/t/a.png", "/t/b.png", "/t/c.png"], "split": ["train", "test", "train"],
-                           "caption": ["a train image", "a test image", test_caption.upper()]})
+    train_caption = pairs.filter(pl.col("split") == "train")["caption"][0]
+    splits = pl.DataFrame({"uri": ["/t/a.png", "/t/b.png", "/t/c.png", "/t/d.png"], "split": ["train", "test", "train", "val"],
+                           "caption": ["a train image", "a test image", test_caption.upper(), None],
+                           "label": ["cat", "dog", "cow", train_caption.title()]})
     corpus = realign_pairs(pairs, splits)
-    train_pairs = pairs.filter(pl.col("split") == "train")
+    # a train caption pair whose text is the class name of a val image is held out too
+    train_pairs = pairs.filter((pl.col("split") == "train") & (pl.col("caption") != train_caption))
     assert corpus.filter(pl.col("origin") == "caption_source").height == train_pairs.height
     assert corpus.filter(pl.col("origin") == "train_split")["caption"].to_list() == ["a train image"]
-    held = {normalise_caption(c) for c in pairs.filter(pl.col("split") != "train")["caption"]}
+    held = {normalise_caption(c) for c in pairs.filter(pl.col("split") != "train")["caption"]} | {"dog", train_caption}
     assert not {normalise_caption(c) for c in corpus["caption"]} & held
     pool = caption_pool(pairs, splits)
     assert "a train image" in pool and "a test image" not in pool
