@@ -361,7 +361,7 @@ def test_real_demo_build(real_demo: tuple[DemoData, Path, float]) -> None:
     captions = pl.read_parquet(data.caption_manifest)
     assert captions.columns == ["path", "caption", "source"] and captions.height >= 2900
     assert set(captions["source"]) == {"openclipart", "emoji"} and captions.filter(pl.col("source") == "emoji").height == 1000
-    assert captions["caption"].str.len_chars().min() >= 3
+    assert captions["caption"].str.len_chars().min() >= 2  # emoji names such as "ox"
     emoji_captions = set(captions.filter(pl.col("source") == "emoji")["caption"].str.to_lowercase())
     assert not emoji_captions & set(emoji["label"].str.to_lowercase())  # other emoji than the labelled ones
     for root, frame in ((data.image_root, images), (data.caption_root, captions)):
