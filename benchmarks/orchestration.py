@@ -32,7 +32,7 @@ from clipopt_core.serve import shards as sharding
 from clipopt_core.models.encode import embed_images
 from clipopt_core.evaluate.protocol import evaluate_model
 from clipopt_core.models.loading import checkpoint_spec, load_model
-from clipopt_core.data.captions import caption_pool, realign_pairs
+from clipopt_core.data.captions import caption_pool, caption_test_pairs, realign_pairs, split_caption_pairs
 from clipopt_core.train.mining import mine_captions
 from clipopt_core.train.runner import train_realign, train_retrieval
 from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, to_markdown
@@ -68,7 +68,9 @@ def direct(tmp: Path, images: Path, captions: Path, run_config: dict, threads: i
     splits = mf.split_by_class(manifest, val_fraction=s["split"].val_fraction, test_fraction=s["split"].test_fraction,
                                seed=s["split"].seed)
     rows = mf.scan_source(str(captions), "manifest", captions_only=True)
-    pairs = mf.ingest(mf.source_root(str(captions)), rows).accepted.select("uri", "caption")
+    pairs = mf.ingest(mf.source_root(str(captions)), rows, captions_only=True).accepted.select("uri", "caption")
+    pairs = split_caption_pairs(pairs, val_fraction=s["split"].caption_val_fraction,
+                                test_fraction=s["split"].caption_test_fraction, seed=s["split"].seed)
     pool = caption_pool(pairs, splits)
     spec = s["base"]
     load_model(spec, cache_dir=cache)  # the base_model step checks it loads
@@ -83,7 +85,8 @@ def direct(tmp: Path, images: Path, captions: Path, run_config: dict, threads: i
         out = train_realign(specs[encoder], corpus, val, s[config], work / name, cache_dir=cache, stage=name)
         specs[name] = checkpoint_spec(out.checkpoint, spec.image_size)
     test = splits.filter(pl.col("split") == "test")
-    results = {v: evaluate_model(load_model(specs[v], cache_dir=cache), test, s["eval"].core())
+    held_out = caption_test_pairs(pairs)
+    results = {v: evaluate_model(load_model(specs[v], cache_dir=cache), test, s["eval"].core(), caption_pairs=held_out)
                for v in ("baseline", "stage1", "2sft", "mcip", "mcip_realign")}
     frame = report_frame({v: r.metrics for v, r in results.items()})
     to_markdown(frame), teaser_plot(frame)

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 from clipopt_core.models.loading import ModelSpec, checkpoint_spec
-from clipopt_core.registry import BASELINE, STAGES, get_stage
+from clipopt_core.registry import BASELINE, get_stage
 from clipopt_core.serve.shards import index_key
 from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore
 
-VARIANT_MODELS = {stage.variant: stage.asset for stage in STAGES}
 MODEL_ROOT = "models"
 
 
@@ -43,6 +42,7 @@ class Keys:
     gallery = "reports/gallery.png"
     seed_report = "reports/seeds.parquet"
     seed_report_md = "reports/seeds.md"
+    gallery_t2i = "reports/gallery_t2i.png"
     serving = "serving"  # prefix of the gallery embedding shards and the served index (clipopt_core.serve.shards)
     index = index_key(serving, "merged.faiss")
     index_ids = index_key(serving, "ids.parquet")

@@ -7,7 +7,7 @@ import polars as pl
 
 from clipopt_core.data import manifest as mf
 from clipopt_core.models.loading import load_model
-from clipopt_core.data.captions import caption_pool
+from clipopt_core.data.captions import caption_pool, split_caption_pairs
 from clipopt_core.train.mining import mine_captions
 from clipopt_core.train.identity import frame_digest, weights_digest
 from clipopt_core.train.mining import similarity_histogram
@@ -75,23 +75,33 @@ def image_splits(config: SplitConfig, store: ArtifactStoreResource) -> dg.Materi
                                 data_version=dg.DataVersion(frame_digest(splits)))
 
 
-@dg.asset(group_name=GROUP, deps=[image_splits], code_version="1", kinds={"polars"})
-def caption_corpus(context: dg.AssetExecutionContext, sources: DataSourceResource, compute: ComputeResource,
-                   store: ArtifactStoreResource) -> dg.MaterializeResult:
-    """Image–caption pairs for realignment and the text pool for mining (never val/test captions)."""
+@dg.asset(group_name=GROUP, deps=[image_splits], code_version="2", kinds={"polars"})
+def caption_corpus(context: dg.AssetExecutionContext, config: SplitConfig, sources: DataSourceResource,
+                   compute: ComputeResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
+    """Image–caption pairs with their own class-free split (train: realignment and the mining pool; val:
+    realignment's selection; test: the report's held-out text→image benchmark), and the mining pool."""
     artifacts = store.store()
     _, captions = sources.resolve(compute.cache, context.log.info)
     splits = artifacts.read_parquet(Keys.splits)
     pairs = pl.DataFrame(schema={"uri": pl.String, "caption": pl.String})
-    rejected = 0
+    rejected = pl.DataFrame(schema={"reason": pl.String})
     if captions:
-        result = mf.ingest(mf.source_root(captions), mf.scan_source(captions, "manifest", captions_only=True))
-        pairs, rejected = result.accepted.select("uri", "caption"), result.rejected.height
+        result = mf.ingest(mf.source_root(captions), mf.scan_source(captions, "manifest", captions_only=True),
+                           captions_only=True)
+        pairs, rejected = result.accepted.select("uri", "caption"), result.rejected
+    pairs = split_caption_pairs(pairs, val_fraction=config.caption_val_fraction,
+                                test_fraction=config.caption_test_fraction, seed=config.seed)
     pool = caption_pool(pairs, splits)
     artifacts.write_parquet(Keys.caption_pairs, pairs)
     artifacts.write_parquet(Keys.caption_pool, pl.DataFrame({"text": pool}))
-    return dg.MaterializeResult(metadata={"caption_pairs": pairs.height, "pool_texts": len(pool),
-                                          "rejected_pairs": rejected, "source": captions or "none"})
+    counts = pairs.group_by("split").agg(pl.len().alias("pairs"), pl.col("uri").n_unique().alias("images"),
+                                         pl.col("caption").n_unique().alias("captions")).sort("split")
+    return dg.MaterializeResult(metadata={
+        "caption_pairs": pairs.height, "pool_texts": len(pool), "splits": md_table(counts),
+        "test_pairs": pairs.filter(pl.col("split") == "test").height, "rejected_pairs": rejected.height,
+        "rejected_by_reason": md_table(rejected.group_by("reason").len().sort("len", descending=True)),
+        "source": captions or "none"},
+        data_version=dg.DataVersion(frame_digest(pairs)))
 
 
 @dg.asset(group_name="models", code_version="1", kinds={"pytorch"})

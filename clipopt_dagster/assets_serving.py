@@ -7,39 +7,49 @@ import numpy as np
 import polars as pl
 
 from clipopt_core.serve import shards as sharding
-from clipopt_core.evaluate.protocol import evaluate_model
-from clipopt_core.models.loading import load_model
-from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, to_markdown
+from clipopt_core.data.captions import caption_test_pairs
+from clipopt_core.evaluate.bootstrap import paired_bootstrap
+from clipopt_core.evaluate.protocol import QUERY_SETS
+from clipopt_core.evaluate.variants import evaluate_variants
+from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, text_gallery_image, to_markdown
 from clipopt_core.serve.search import lazy_image_embedder
-from clipopt_core.layout import VARIANT_MODELS, Keys, served_model_key, variant_spec
+from clipopt_core.layout import Keys, served_model_key
+from clipopt_core.registry import VARIANTS
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
+from clipopt_dagster.assets_data import caption_corpus
 from clipopt_dagster.assets_training import TRAINING_ASSETS
 from clipopt_dagster.configs import EvalSettings, IndexSettings
 from clipopt_dagster.partitions import GALLERY_SHARDS, SHARD_COUNT
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource
 
-@dg.asset(group_name="evaluation", deps=TRAINING_ASSETS,
-          code_version="1", pool=GPU_POOL, kinds={"pytorch", "duckdb"})
+@dg.asset(group_name="evaluation", deps=[*TRAINING_ASSETS, caption_corpus], code_version="2", pool=GPU_POOL,
+          kinds={"pytorch", "duckdb"})
 def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, compute: ComputeResource,
                       store: ArtifactStoreResource, catalog: CatalogResource) -> dg.MaterializeResult:
-    """Every variant × every metric on the held-out test split, with deltas to the baseline."""
+    """Every variant × every metric on the held-out test split and the held-out caption pairs, with
+    paired-bootstrap 95% intervals on every metric and every delta to the baseline."""
     compute.setup_torch()
     artifacts = store.store()
     test = artifacts.read_parquet(Keys.splits).filter(pl.col("split") == "test")
-    metrics, embeddings, per_source = {}, {}, {}
-    for variant in ("baseline", *VARIANT_MODELS):
-        started = time.perf_counter()
-        bundle = load_model(variant_spec(artifacts, variant, compute.cache), cache_dir=compute.cache, device=compute.device)
-        result = evaluate_model(bundle, test, config.core(), device=compute.device)
-        metrics[variant], embeddings[variant], per_source[variant] = result.metrics, result.image_embeddings, result.per_source
-        context.log.info(f"{variant}: {result.metrics} ({time.perf_counter() - started:.1f}s)")
-    frame = report_frame(metrics)
+    pairs = caption_test_pairs(artifacts.read_parquet(Keys.caption_pairs))
+    results = evaluate_variants(artifacts, VARIANTS, test, pairs, config.core(), cache_dir=compute.cache,
+                                device=compute.device, log=context.log.info)
+    metrics = {variant: result.metrics for variant, result in results.items()}
+    embeddings = {variant: result.image_embeddings for variant, result in results.items()}
+    per_source = {variant: result.per_source for variant, result in results.items()}
+    per_query = {variant: result.per_query for variant, result in results.items()}
+    examples = {variant: result.t2i_examples for variant, result in results.items()}
+    intervals = paired_bootstrap(per_query, QUERY_SETS, config=config.bootstrap())
+    frame = report_frame(metrics, intervals)
     run_id = context.run.run_id
     artifacts.write_parquet(Keys.report, frame)
-    artifacts.write_json(Keys.report_json, {"run_id": run_id, "metrics": metrics, "per_source_i2i_map": per_source,
-                                            "serve_variant": config.serve_variant,
-                                            "alignment_tolerance": config.alignment_tolerance,
-                                            "min_i2i_gain": config.min_i2i_gain, "test_images": test.height})
+    artifacts.write_json(Keys.report_json, {
+        "run_id": run_id, "metrics": metrics, "intervals": intervals, "per_source_i2i_map": per_source,
+        "bootstrap": {"resamples": config.bootstrap_resamples, "confidence": config.confidence,
+                      "seed": config.bootstrap_seed, "method": "paired percentile bootstrap over queries"},
+        "serve_variant": config.serve_variant, "alignment_tolerance": config.alignment_tolerance,
+        "min_i2i_gain": config.min_i2i_gain, "test_images": test.height, "test_caption_pairs": pairs.height,
+        "test_caption_queries": len(per_query["baseline"]["t2i_r5"])})
     markdown = to_markdown(frame)
     artifacts.write_bytes(Keys.report_md, markdown.encode())
     teaser = teaser_plot(frame)
@@ -47,15 +57,18 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     queries = np.linspace(0, test.height - 1, num=min(3, test.height)).astype(int).tolist()
     gallery = gallery_image(test["uri"].to_list(), embeddings, queries)
     artifacts.write_bytes(Keys.gallery, gallery)
-    history_rows = catalog.append_report(frame.select([c for c in frame.columns if not c.startswith("delta")])
-                                         .with_columns(pl.lit(run_id).alias("run_id"),
-                                                       pl.lit(time.time()).alias("created_at"),
-                                                       pl.lit(test.height).alias("test_images")))
+    gallery_t2i = text_gallery_image(examples)
+    artifacts.write_bytes(Keys.gallery_t2i, gallery_t2i)
+    history_rows = catalog.append_report(frame.with_columns(
+        pl.lit(run_id).alias("run_id"), pl.lit(time.time()).alias("created_at"), pl.lit(test.height).alias("test_images"),
+        pl.lit(pairs.height).alias("test_caption_pairs")))
     return dg.MaterializeResult(metadata={
         "report": dg.MetadataValue.md(markdown), "teaser": png_markdown(teaser, "I2I vs T2I"),
         "gallery": png_markdown(gallery, "top-5 neighbours per variant"),
+        "gallery_t2i": png_markdown(gallery_t2i, "top-5 images per held-out caption and variant"),
         "per_source_i2i_map": md_table([{"variant": v, **s} for v, s in per_source.items() if s]),
-        "report_uri": artifacts.url(Keys.report_md), "test_images": test.height, "history_rows": history_rows,
+        "report_uri": artifacts.url(Keys.report_md), "test_images": test.height, "test_caption_pairs": pairs.height,
+        "history_rows": history_rows,
     })
 
 

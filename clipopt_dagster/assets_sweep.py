@@ -9,10 +9,10 @@ the training assets: a seed whose inputs did not change is reused, not retrained
 import dagster as dg
 import polars as pl
 
-from clipopt_core.evaluate.protocol import evaluate_model
+from clipopt_core.data.captions import caption_test_pairs
 from clipopt_core.evaluate.seeds import seed_root, seed_summary, summary_markdown
-from clipopt_core.layout import Keys, variant_spec
-from clipopt_core.models.loading import load_model
+from clipopt_core.evaluate.variants import evaluate_variants
+from clipopt_core.layout import Keys
 from clipopt_core.registry import BASELINE, STAGES
 from clipopt_core.train.job import StageRequest, run_stage
 from clipopt_dagster._helpers import GPU_POOL, md_table, step_logger
@@ -29,13 +29,14 @@ def seed_sweep(context: dg.AssetExecutionContext, config: SeedSweepSettings, com
     compute.setup_torch()
     artifacts = store.store()
     test = artifacts.read_parquet(Keys.splits).filter(pl.col("split") == "test")
+    pairs = caption_test_pairs(artifacts.read_parquet(Keys.caption_pairs))
 
-    def evaluate(variant: str, root: str) -> dict[str, float]:
-        bundle = load_model(variant_spec(artifacts, variant, compute.cache, root), cache_dir=compute.cache,
-                            device=compute.device)
-        return evaluate_model(bundle, test, config.eval_config(), device=compute.device).metrics
+    def evaluate(variants: list[str], root: str) -> dict[str, dict[str, float]]:
+        results = evaluate_variants(artifacts, variants, test, pairs, config.eval_config(), cache_dir=compute.cache,
+                                    device=compute.device, root=root, log=context.log.info)
+        return {variant: result.metrics for variant, result in results.items()}
 
-    baseline = evaluate(BASELINE, seed_root(0))
+    baseline = evaluate([BASELINE], seed_root(0))[BASELINE]
     per_seed, runs = {}, []
     for seed in config.seeds:
         for stage in STAGES:  # registry order: an encoder before its realignment
@@ -45,7 +46,7 @@ def seed_sweep(context: dg.AssetExecutionContext, config: SeedSweepSettings, com
             metadata = run_stage(request, store=artifacts, log=step_logger(context), on_wait=context.log.warning)
             runs.append({"seed": seed, "stage": stage.asset, "reused": metadata["reused"],
                          "best_val_score": metadata.get("best_val_score", float("nan"))})
-        per_seed[seed] = {stage.variant: evaluate(stage.variant, seed_root(seed)) for stage in STAGES}
+        per_seed[seed] = evaluate([stage.variant for stage in STAGES], seed_root(seed))
         context.log.info(f"seed {seed}: {per_seed[seed]}")
     summary = seed_summary(baseline, per_seed)
     markdown = summary_markdown(summary)

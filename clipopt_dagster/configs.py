@@ -14,9 +14,10 @@ import dagster as dg
 import pydantic
 from pydantic import Field, model_validator
 
+from clipopt_core.evaluate.bootstrap import BootstrapConfig
 from clipopt_core.evaluate.protocol import OPENAI_TEMPLATES, EvalConfig
 from clipopt_core.models.loading import ModelSpec
-from clipopt_core.registry import STAGES
+from clipopt_core.registry import STAGES, VARIANTS
 from clipopt_core.serve.index import IndexSpec
 from clipopt_core.train.config import MiningConfig, TrainConfig
 from clipopt_core.train.schema import (RANGES, StageConfig, default_config, field_types, flat_defaults, mining_config,
@@ -37,14 +38,23 @@ class BaseModelConfig(dg.Config):
 
 
 class SplitConfig(dg.Config):
+    """Class-disjoint image splits (``val_fraction``, ``test_fraction`` of the classes) and the class-free
+    split of the caption corpus (``caption_val_fraction``, ``caption_test_fraction`` of its image/caption
+    groups: held-out text→image pairs and realignment's selection set). One ``seed`` for both."""
+
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.4, ge=0.0, lt=1.0)
+    caption_val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    caption_test_fraction: float = Field(default=0.3, ge=0.0, lt=1.0)
     seed: int = 0
 
     @model_validator(mode="after")
     def _sum(self) -> "SplitConfig":
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be < 1, got {self.val_fraction + self.test_fraction}")
+        if self.caption_val_fraction + self.caption_test_fraction >= 1:
+            raise ValueError("caption_val_fraction + caption_test_fraction must be < 1, got "
+                             f"{self.caption_val_fraction + self.caption_test_fraction}")
         return self
 
 
@@ -107,20 +117,32 @@ MiningSettings = _derived("MiningSettings", MiningConfig, {f.name: getattr(Minin
 
 
 class EvalSettings(dg.Config):
-    """Report settings and the thresholds of its checks.
+    """Report settings and the thresholds of its checks (they decide on paired-bootstrap intervals).
 
     ``templates``: ``openai80`` (OpenAI's ImageNet prompts) or ``short`` (3 prompts; faster on CPU).
-    ``alignment_tolerance``: how far T2I R@5 / zero-shot top-1 may fall below the baseline.
-    ``min_i2i_gain``: the served variant's I2I mAP must exceed the baseline's by more than this.
+    ``alignment_tolerance``: ``alignment_preserved`` blocks when T2I R@5 or zero-shot top-1 of the served
+    variant falls *significantly* below the baseline (the delta's upper interval bound < 0) *and* by
+    more than this.
+    ``min_i2i_gain``: ``retrieval_improved`` passes when the lower interval bound of the I2I mAP delta
+    exceeds this.
+    ``bootstrap_resamples``/``bootstrap_seed``/``confidence``: the paired bootstrap over queries.
+    ``gallery_queries``: held-out captions shown in the text→image gallery.
     """
 
     templates: Literal["openai80", "short"] = "openai80"
-    serve_variant: Literal["baseline", "stage1", "2sft", "mcip", "mcip_realign"] = "mcip_realign"
+    serve_variant: Literal[VARIANTS] = "mcip_realign"  # type: ignore[valid-type]
     alignment_tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
     min_i2i_gain: float = Field(default=0.0, ge=-1.0, le=1.0)
+    bootstrap_resamples: int = Field(default=1000, ge=1, le=100_000)
+    bootstrap_seed: int = 0
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    gallery_queries: int = Field(default=4, ge=0, le=50)
 
     def core(self) -> EvalConfig:
-        return EvalConfig(templates=_templates(self.templates))
+        return EvalConfig(templates=_templates(self.templates), gallery_queries=self.gallery_queries)
+
+    def bootstrap(self) -> BootstrapConfig:
+        return BootstrapConfig(self.bootstrap_resamples, self.confidence, self.bootstrap_seed)
 
 
 class IndexSettings(dg.Config):

@@ -104,14 +104,17 @@ def run_search(store_url: str, *, image: str | None = None, text: str | None = N
 
 
 def run_report(store_url: str) -> str:
+    from clipopt_core.layout import Keys
     from clipopt_core.runtime.storage import ArtifactStore
 
     store = ArtifactStore(store_url)
-    if not store.exists("reports/evaluation.md"):
+    if not store.exists(Keys.report_md):
         raise FileNotFoundError(f"no evaluation report in {store_url}; materialise evaluation_report first")
-    return (f"Evaluation report: {store.url('reports/evaluation.md')}\n"
-            f"Teaser plot:       {store.url('reports/teaser.png')}\n"
-            f"Gallery:           {store.url('reports/gallery.png')}\n\n" + store.read_bytes("reports/evaluation.md").decode())
+    seeds = f"Seed sweep:        {store.url(Keys.seed_report_md)}\n" if store.exists(Keys.seed_report_md) else ""
+    return (f"Evaluation report: {store.url(Keys.report_md)}\n"
+            f"Teaser plot:       {store.url(Keys.teaser)}\n"
+            f"Gallery (I2I):     {store.url(Keys.gallery)}\n"
+            f"Gallery (T2I):     {store.url(Keys.gallery_t2i)}\n{seeds}\n" + store.read_bytes(Keys.report_md).decode())
 
 
 if __name__ == "__main__":

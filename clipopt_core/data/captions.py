@@ -1,7 +1,17 @@
-"""Caption tables: the realignment corpus and the mining pool, built from image–caption pairs and the splits."""
+"""Caption tables: the held-out split of the image–caption corpus, the realignment corpus and the mining pool.
+
+docs/method.md ("Evaluation"): text→image retrieval is measured on image–caption pairs that
+are separate from the image→image sets and never trained on. The caption corpus therefore gets
+its own split, independent of the class split: ``train`` pairs feed realignment and the mining
+pool, ``val`` pairs select the realignment checkpoint, ``test`` pairs are only for the report.
+"""
 from __future__ import annotations
 
+import hashlib
+
 import polars as pl
+
+CAPTION_SPLITS = ("train", "val", "test")
 
 
 def dedupe_texts(texts: list[str]) -> list[str]:
@@ -14,16 +24,115 @@ def dedupe_texts(texts: list[str]) -> list[str]:
     return list(seen)
 
 
+def normalise_caption(text: str) -> str:
+    """The identity of a caption: lower case, whitespace collapsed ("A  Cat" and "a cat" are one caption)."""
+    return " ".join(str(text).lower().split())
+
+
+def split_caption_pairs(pairs: pl.DataFrame, *, val_fraction: float, test_fraction: float, seed: int = 0) -> pl.DataFrame:
+    """Add a ``split`` column (train / val / test) to image–caption ``pairs`` (columns ``uri``, ``caption``).
+
+    Pairs are split by *group*: the connected components of "same image" and "same normalised
+    caption", so all captions of one image land in one split, and so do all images that carry the
+    same caption -- a test caption (or test image) is never trained on. A group's split depends
+    only on ``(seed, its smallest normalised caption)``, like :func:`clipopt_core.data.manifest.split_by_class`:
+    the fractions hold in expectation over groups, and adding pairs moves no other group.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"caption val_fraction={val_fraction}, test_fraction={test_fraction}: each in [0,1), sum < 1")
+    if pairs.height == 0:
+        return pairs.with_columns(pl.lit(None, dtype=pl.String).alias("split"))
+    texts = [normalise_caption(c) for c in pairs["caption"].to_list()]
+    groups = _group_keys(pairs["uri"].to_list(), texts)
+
+    def _split(key: str) -> str:
+        draw = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / 16**12
+        if draw < test_fraction:
+            return "test"
+        return "val" if draw < test_fraction + val_fraction else "train"
+
+    return pairs.with_columns(pl.Series("split", [_split(key) for key in groups], dtype=pl.String))
+
+
+def _group_keys(uris: list[str], texts: list[str]) -> list[str]:
+    """Per pair, the smallest normalised caption of its component (images and captions joined by pairs)."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for uri, text in zip(uris, texts):
+        a, b = find("i:" + uri), find("t:" + text)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    smallest: dict[str, str] = {}
+    for text in texts:
+        root = find("t:" + text)
+        smallest[root] = min(smallest.get(root, text), text)
+    return [smallest[find("t:" + text)] for text in texts]
+
+
+def caption_split(caption_pairs: pl.DataFrame, split: str) -> pl.DataFrame:
+    """The ``(uri, caption)`` pairs of one caption split; raises when the corpus was never split."""
+    if split not in CAPTION_SPLITS:
+        raise ValueError(f"unknown caption split {split!r}; one of {CAPTION_SPLITS}")
+    if "split" not in caption_pairs.columns:
+        raise ValueError("the caption pairs have no 'split' column: split them with "
+                         "clipopt_core.data.captions.split_caption_pairs (the caption_corpus asset does)")
+    return caption_pairs.filter(pl.col("split") == split).select("uri", "caption")
+
+
+def realign_validation_pairs(caption_pairs: pl.DataFrame) -> pl.DataFrame:
+    """The validation pairs ``(uri, caption)`` that select the realignment checkpoint."""
+    return caption_split(caption_pairs, "val")
+
+
+def caption_test_pairs(caption_pairs: pl.DataFrame) -> pl.DataFrame:
+    """The held-out pairs ``(uri, caption)`` of the report's text→image retrieval."""
+    return caption_split(caption_pairs, "test")
+
+
 def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
-    """Realignment corpus: caption-source pairs + training images that have a caption (``uri``, ``caption``, ``origin``)."""
+    """Realignment corpus (``uri``, ``caption``, ``origin``): train caption pairs + training images with a caption.
+
+    A caption whose normalised text is held out (:func:`held_out_texts`) is left out wherever it
+    comes from, so no held-out caption or class name is ever trained on.
+    """
+    held_out = held_out_texts(caption_pairs, splits)
     train = splits.filter((pl.col("split") == "train") & pl.col("caption").is_not_null())
-    return pl.concat([
-        caption_pairs.select("uri", "caption").with_columns(pl.lit("caption_source").alias("origin")),
+    corpus = pl.concat([
+        caption_split(caption_pairs, "train").with_columns(pl.lit("caption_source").alias("origin")),
         train.select("uri", "caption").with_columns(pl.lit("train_split").alias("origin")),
     ])
+    return corpus.filter(~pl.col("caption").map_elements(normalise_caption, return_dtype=pl.String).is_in(held_out))
 
 
 def caption_pool(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
-    """Mining pool: caption-source texts + captions of training images (never val/test captions)."""
+    """Mining pool: train caption texts + captions of training images, never a held-out text (:func:`held_out_texts`)."""
+    held_out = set(held_out_texts(caption_pairs, splits))
     train = splits.filter(pl.col("split") == "train")
-    return dedupe_texts(caption_pairs["caption"].to_list() + [c for c in train["caption"].to_list() if c])
+    texts = caption_split(caption_pairs, "train")["caption"].to_list() + [c for c in train["caption"].to_list() if c]
+    return [text for text in dedupe_texts(texts) if normalise_caption(text) not in held_out]
+
+
+def realignment_selection_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
+    """Pairs (``uri``, ``caption``) that select the realignment checkpoint: the caption corpus's val pairs,
+    or, when it has none (a small corpus), the val images' own captions (class names of the val split)."""
+    pairs = realign_validation_pairs(caption_pairs)
+    if pairs.height:
+        return pairs
+    return splits.filter((pl.col("split") == "val") & pl.col("caption").is_not_null()).select("uri", "caption")
+
+
+def held_out_texts(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
+    """Normalised texts no training stage may see: captions of val/test caption pairs, and captions and
+    class names of val/test images (an openclipart title "horse" must not teach the held-out class "horse")."""
+    held = caption_split(caption_pairs, "val")["caption"].to_list() + caption_split(caption_pairs, "test")["caption"].to_list()
+    evaluated = splits.filter(pl.col("split") != "train")
+    for column in ("caption", "label"):
+        if column in evaluated.columns:
+            held += [text for text in evaluated[column].to_list() if text]
+    return sorted({normalise_caption(text) for text in held})

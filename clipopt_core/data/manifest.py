@@ -62,53 +62,73 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     raise ManifestError(f"unknown layout {layout!r}; use 'auto', 'folders' or 'manifest'")
 
 
-def ingest(root: str, rows: pl.DataFrame, *, progress: Callable[[int, int], None] | None = None) -> IngestResult:
+def ingest(root: str, rows: pl.DataFrame, *, captions_only: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> IngestResult:
     """Validate ``rows`` of a source: safe paths, labels, decodable images, duplicates.
 
     Never reads a path outside ``root``. The run goes on past bad rows; each lands in
     ``rejected`` with its reason. Raises :class:`ManifestError` when nothing is usable.
+
+    ``captions_only`` (rows from ``scan_source(..., captions_only=True)``): every (image, caption)
+    pair is kept -- several captions per image (COCO/Flickr style) are several rows. Only a
+    repeated (path, caption) pair is a duplicate (``duplicate_pair``); each image is read and
+    decoded once; a file with the same bytes as an earlier one is the same image (its rows take
+    the earlier path's ``uri``). Otherwise a path may appear once, and the same bytes under
+    another label are rejected (``duplicate_content_other_label``).
     """
     fs, base = fsspec.core.url_to_fs(root)
     accepted: list[dict] = []
     rejected: list[dict] = []
-    seen_paths: set[str] = set()
-    content_label: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
+    images: dict[str, tuple[str, tuple[int, int]] | tuple[str, str]] = {}  # path -> (digest, size) | (reason, detail)
+    content_owner: dict[str, tuple[str, str]] = {}  # digest -> (first path, its label)
     for number, row in enumerate(rows.iter_rows(named=True)):
         if progress:
             progress(number, rows.height)
         path = str(row["path"] or "")
-        reason = _row_problem(fs, base, path, row["label"], seen_paths)
+        label = str(row["label"] or "").strip()
+        key = (path, label if captions_only else "")
+        reason = _row_problem(fs, base, path, row["label"], key in seen, captions_only)
         if reason:
             rejected.append({"path": path, "reason": reason[0], "detail": reason[1]})
             continue
-        seen_paths.add(path)
-        try:
-            data = fs.cat_file(f"{base}/{path}")
-            image = decode_image(data, name=path)
-        except ImageRejected as exc:
-            rejected.append({"path": path, "reason": exc.reason, "detail": str(exc)})
+        seen.add(key)
+        if path not in images:
+            images[path] = _read_image(fs, base, path)
+        digest, size = images[path]
+        if not isinstance(size, tuple):  # (reason, detail) of an image that could not be read
+            rejected.append({"path": path, "reason": digest, "detail": size})
             continue
-        except OSError as exc:  # permissions, a file removed meanwhile: this row only, not the run
-            rejected.append({"path": path, "reason": "unreadable", "detail": f"{type(exc).__name__}: {exc}"})
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        label = str(row["label"]).strip()
-        if content_label.setdefault(digest, label) != label:
+        owner_path, owner_label = content_owner.setdefault(digest, (path, label))
+        if not captions_only and owner_label != label:
             rejected.append({"path": path, "reason": "duplicate_content_other_label",
-                             "detail": f"same bytes as an image labelled {content_label[digest]!r}"})
+                             "detail": f"same bytes as an image labelled {owner_label!r}"})
             continue
-        uri = f"{base}/{path}" if _is_local(fs) else f"{_protocol(fs)}://{base}/{path}"
+        stored_path = owner_path if captions_only else path
+        uri = f"{base}/{stored_path}" if _is_local(fs) else f"{_protocol(fs)}://{base}/{stored_path}"
         accepted.append({
-            "image_id": digest[:20], "uri": uri, "path": path, "label": label,
+            "image_id": digest[:20], "uri": uri, "path": stored_path, "label": label,
             "caption": _clean(row.get("caption")), "category": _clean(row.get("category")) or label,
             "source": _clean(row.get("source")) or "default", "sha256": digest,
-            "width": image.size[0], "height": image.size[1],
+            "width": size[0], "height": size[1],
         })
     if not accepted:
         reasons = pl.DataFrame(rejected)["reason"].value_counts().rows() if rejected else []
         raise ManifestError(f"no usable image in {root!r} ({rows.height} rows; rejections: {reasons})")
     frame = pl.DataFrame(accepted).unique(subset=["image_id", "label"], keep="first", maintain_order=True)
     return IngestResult(frame, pl.DataFrame(rejected, schema={"path": pl.String, "reason": pl.String, "detail": pl.String}))
+
+
+def _read_image(fs: fsspec.AbstractFileSystem, base: str, path: str) -> tuple[str, tuple[int, int]] | tuple[str, str]:
+    """``(sha256 hex, (width, height))`` of a decodable image, else ``(reason, detail)`` of its rejection."""
+    try:
+        data = fs.cat_file(f"{base}/{path}")
+        image = decode_image(data, name=path)
+    except ImageRejected as exc:
+        return exc.reason, str(exc)
+    except OSError as exc:  # permissions, a file removed meanwhile: this row only, not the run
+        return "unreadable", f"{type(exc).__name__}: {exc}"
+    return hashlib.sha256(data).hexdigest(), image.size
 
 
 def split_by_class(manifest: pl.DataFrame, *, val_fraction: float, test_fraction: float, seed: int = 0) -> pl.DataFrame:
@@ -160,8 +180,9 @@ def class_stats(manifest: pl.DataFrame) -> dict[str, int]:
     }
 
 
-def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: object, seen: set[str]) -> tuple[str, str] | None:
-    """First reason a row is unusable before its bytes are read, or ``None``."""
+def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: object, repeated: bool,
+                 captions_only: bool) -> tuple[str, str] | None:
+    """First reason a row is unusable before its bytes are read, or ``None`` (``repeated``: its key was seen)."""
     if not path:
         return "missing_path", "empty path"
     if "\x00" in path:  # os.path raises ValueError on it; no real file has one
@@ -169,8 +190,10 @@ def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: obj
     if _escapes_lexically(path):
         return "path_escapes_root", f"{path!r} must be relative to the source root without '..'"
     if label is None or not str(label).strip():
-        return "empty_label", "label is empty"
-    if path in seen:
+        return ("empty_caption", "caption is empty") if captions_only else ("empty_label", "label is empty")
+    if repeated and captions_only:
+        return "duplicate_pair", f"{path!r} with caption {str(label).strip()!r} listed more than once"
+    if repeated:
         return "duplicate_path", f"{path!r} listed more than once"
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         return "not_an_image", f"extension not one of {IMAGE_EXTENSIONS}"

@@ -115,6 +115,21 @@ def _select_emoji(emoji: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str
     return sorted(chosen, key=lambda e: e.sort_order)
 
 
+def _select_spare_emoji(emoji: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str, Path]], chosen: Sequence[Emoji],
+                        max_n: int, seed: int) -> list[tuple[Emoji, str]]:
+    """Up to ``max_n`` ``(emoji, vendor)`` caption pairs from emoji *not* in the labelled set, one seeded vendor each.
+
+    Their names are captions of concepts no labelled split holds, so they can join the held-out
+    text→image benchmark without touching the class split.
+    """
+    taken = {e.key for e in chosen} | {e.label.lower() for e in chosen}
+    spare = [e for e in emoji if e.key not in taken and e.label.lower() not in taken
+             and any(e.key in files for files in vendor_files.values())]
+    rng = random.Random(f"{seed}:spare-emoji")
+    picked = sorted(rng.sample(spare, min(max_n, len(spare))), key=lambda e: e.sort_order)
+    return [(e, rng.choice(sorted(v for v, files in vendor_files.items() if e.key in files))) for e in picked]
+
+
 # ---------------------------------------------------------------- Tux Paint
 def _singular(word: str) -> str:
     """English singular of a directory word (``dogs`` -> ``dog``, ``dishes`` -> ``dish``)."""
@@ -182,7 +197,7 @@ def _title_family(title: str) -> str:
 
 
 def _select_caption_pairs(items: Sequence[tuple[str, str | None]], max_n: int, seed: int, *, max_repeats: int = 3,
-                          max_per_family: int = 1, max_per_dir: int = 50) -> list[tuple[str, str]]:
+                          max_per_family: int = 3, max_per_dir: int = 200) -> list[tuple[str, str]]:
     """Pick up to ``max_n`` ``(path, caption)`` pairs from ``(path, raw title)`` items, seeded.
 
     Titles shared by more than ``max_repeats`` images name a collection ("gramastar": 1375
@@ -317,14 +332,25 @@ def _write_emoji(chosen: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str
     for emoji in chosen:
         for source, files in vendor_files.items():
             src, rel = files.get(emoji.key), f"emoji/{source}/{emoji.key.lower()}.png"
-            if src is None:
-                continue
-            dst = image_root / rel
-            stored = _render_svg(src, dst, OPENMOJI_SIDE) if src.suffix == ".svg" else _store_png(src, dst)
-            if stored:
+            if src is not None and _store_emoji(src, image_root / rel):
                 rows.append({"path": rel, "label": emoji.label, "caption": emoji.label,
                              "category": emoji.subcategory, "source": source})
     return rows
+
+
+def _write_caption_emoji(pairs: Sequence[tuple[Emoji, str]], vendor_files: Mapping[str, Mapping[str, Path]],
+                         caption_root: Path) -> list[dict]:
+    """Store the drawings of :func:`_select_spare_emoji` as ``emoji/<source>/<key>.png``; caption-manifest rows."""
+    rows = []
+    for emoji, source in pairs:
+        rel = f"emoji/{source}/{emoji.key.lower()}.png"
+        if _store_emoji(vendor_files[source][emoji.key], caption_root / rel):
+            rows.append({"path": rel, "caption": emoji.label, "source": "emoji"})
+    return rows
+
+
+def _store_emoji(src: Path, dst: Path) -> bool:
+    return _render_svg(src, dst, OPENMOJI_SIDE) if src.suffix == ".svg" else _store_png(src, dst)
 
 
 def _write_tuxpaint(stamps_root: Path, image_root: Path) -> tuple[list[dict], int]:

@@ -5,7 +5,9 @@ Labelled images (``manifest.parquet``): the same emoji drawn by several vendors
 ``ruby-gemojione``) — one class per emoji, its CLDR name as label and caption, its
 subcategory as category — plus the Debian ``tuxpaint-stamps-default`` stamps (class from
 their folder, English sentence as caption). Image-caption pairs (``captions.parquet``):
-Debian ``openclipart-png`` clip art with its human title, near-duplicate groups filtered.
+Debian ``openclipart-png`` clip art with its human title, near-duplicate groups filtered, plus
+one vendor's drawing of emoji the labelled set does *not* use, with their CLDR name -- enough
+pairs for a held-out text→image benchmark of 2,000+ captions (docs/method.md, "Evaluation").
 
 Needs ``npm``, ``apt-get`` and ``dpkg-deb`` on PATH and access to their registries (about
 440 MB of downloads, deleted after the build); only the images used are kept (~40 MB).
@@ -34,7 +36,7 @@ from clipopt_core.demo import _sources as src
 
 __all__ = ["DemoData", "ensure_demo_data"]
 
-_LAYOUT_VERSION = 1
+_LAYOUT_VERSION = 2
 _MARKER = "READY.json"
 _DOWNLOAD_TIMEOUT_S = 1800.0
 _EXTRACT_TIMEOUT_S = 900.0
@@ -63,18 +65,21 @@ class DemoData:
     caption_manifest: Path  # captions.parquet of image-caption pairs: path, caption, source
 
 
-def ensure_demo_data(cache_dir: Path, *, max_emoji_classes: int = 600, max_caption_images: int = 1500,
-                     seed: int = 0, progress: Callable[[str], None] = print) -> DemoData:
+def ensure_demo_data(cache_dir: Path, *, max_emoji_classes: int = 600, max_caption_images: int = 2500,
+                     max_caption_emoji: int = 1000, seed: int = 0, progress: Callable[[str], None] = print) -> DemoData:
     """Return the demo dataset under ``cache_dir``, downloading and building it on first use.
 
-    ``max_emoji_classes`` emoji (drawn by at least two vendors) and ``max_caption_images``
-    openclipart pairs are sampled with ``seed``; every label keeps at least two images.
+    ``max_emoji_classes`` emoji (drawn by at least two vendors), ``max_caption_images``
+    openclipart pairs (about 2,040 survive the near-duplicate filter) and ``max_caption_emoji``
+    pairs of other emoji are sampled with ``seed``; every label keeps at least two images.
     Raises ``RuntimeError`` naming the tool or package when a tool is missing or a
     download/unpack fails; a failed build leaves nothing behind.
     """
-    if max_emoji_classes < 1 or max_caption_images < 0:
-        raise ValueError(f"max_emoji_classes={max_emoji_classes} must be >= 1, max_caption_images={max_caption_images} >= 0")
-    final = Path(cache_dir) / f"demo-v{_LAYOUT_VERSION}-e{max_emoji_classes}-c{max_caption_images}-s{seed}"
+    if max_emoji_classes < 1 or max_caption_images < 0 or max_caption_emoji < 0:
+        raise ValueError(f"max_emoji_classes={max_emoji_classes} must be >= 1, max_caption_images={max_caption_images} "
+                         f"and max_caption_emoji={max_caption_emoji} >= 0")
+    final = Path(cache_dir) / (f"demo-v{_LAYOUT_VERSION}-e{max_emoji_classes}-c{max_caption_images}"
+                               f"-ce{max_caption_emoji}-s{seed}")
     data = _layout(final)
     if (final / _MARKER).is_file():
         return data
@@ -83,9 +88,9 @@ def ensure_demo_data(cache_dir: Path, *, max_emoji_classes: int = 600, max_capti
     tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=final.parent))
     try:
         started = time.monotonic()
-        stats = _build(tmp, tools, max_emoji_classes, max_caption_images, seed, progress)
+        stats = _build(tmp, tools, (max_emoji_classes, max_caption_images, max_caption_emoji), seed, progress)
         stats.update(seconds=round(time.monotonic() - started, 1), max_emoji_classes=max_emoji_classes,
-                     max_caption_images=max_caption_images, seed=seed)
+                     max_caption_images=max_caption_images, max_caption_emoji=max_caption_emoji, seed=seed)
         (tmp / _MARKER).write_text(json.dumps(stats, indent=2))  # written last: the folder is complete
         _move_into_place(tmp, final)
     finally:
@@ -222,15 +227,20 @@ def _emoji_sources(tools: dict[str, str], downloads: Path, scratch: Path,
     return src._parse_emoji_rows(rows, names), vendor_files
 
 
-def _build(tmp: Path, tools: dict[str, str], max_emoji_classes: int, max_caption_images: int, seed: int,
+def _build(tmp: Path, tools: dict[str, str], limits: tuple[int, int, int], seed: int,
            progress: Callable[[str], None]) -> dict:
-    """Build the whole dataset inside ``tmp``; statistics for the marker file."""
+    """Build the whole dataset inside ``tmp``; ``limits``: (emoji classes, openclipart pairs, emoji caption pairs).
+    Returns statistics for the marker file."""
+    max_emoji_classes, max_caption_images, max_caption_emoji = limits
     data, downloads, scratch = _layout(tmp), tmp / "_downloads", tmp / "_scratch"
     emoji, vendor_files = _emoji_sources(tools, downloads, scratch, progress)
     chosen = src._select_emoji(emoji, vendor_files, max_emoji_classes, seed)
     rows = src._write_emoji(chosen, vendor_files, data.image_root)
+    spare = src._select_spare_emoji(emoji, vendor_files, chosen, max_caption_emoji, seed)
+    emoji_pairs = src._write_caption_emoji(spare, vendor_files, data.caption_root)
     shutil.rmtree(scratch, ignore_errors=True)  # unpacked packages go as soon as they are used
-    progress(f"emoji: {len(rows)} images written ({len(chosen)} of {len(emoji)} emoji, {len(vendor_files)} styles)")
+    progress(f"emoji: {len(rows)} images written ({len(chosen)} of {len(emoji)} emoji, {len(vendor_files)} styles); "
+             f"{len(emoji_pairs)} image-caption pairs of other emoji")
 
     deb = _fetch(tools, "deb", _DEB_TUXPAINT, downloads, progress)
     progress(f"extracting {deb.name}")
@@ -253,6 +263,7 @@ def _build(tmp: Path, tools: dict[str, str], max_emoji_classes: int, max_caption
     deb.unlink()
     pairs = src._write_openclipart(scratch / "openclipart" / _OPENCLIPART_PNG, data.caption_root, max_caption_images, seed)
     progress(f"openclipart: {len(pairs)} image-caption pairs written")
+    pairs += emoji_pairs
     shutil.rmtree(downloads, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
 

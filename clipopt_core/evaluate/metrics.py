@@ -15,12 +15,20 @@ the original order). Top-k selections (Recall@1, kNN, text→image Recall@K) use
 same rule: among tied candidates at the cut-off, the smallest indices are kept.
 Classification argmaxes (kNN votes, zero-shot) break ties towards the smallest class
 index (smallest label value for kNN).
+
+Per-query scores
+----------------
+Each metric is the mean of a per-query score, and each has a ``*_per_query`` (or
+``image_to_image_ap``) function returning that score for every query as a ``[Q]`` float64
+tensor: AP for mAP, hit (1/0) for Recall@K, correct (1/0) for kNN and zero-shot. Queries a
+metric skips are ``nan``. :mod:`clipopt_core.evaluate.bootstrap` resamples these for
+confidence intervals (docs/method.md, "Evaluation").
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,20 +36,29 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_GROUPS",
+    "image_to_image_ap",
     "image_to_image_map",
     "image_to_image_recall_at_1",
+    "image_to_image_hits_at_1",
     "knn_accuracy",
+    "knn_correct_per_query",
     "zero_shot_accuracy",
+    "zero_shot_correct_per_query",
     "text_to_image_recall",
+    "text_to_image_hits",
+    "caption_hits",
+    "mean_of_scores",
     "group_means",
     "map_by_query_source",
 ]
 
+# The paper's columns (docs/method.md, "Evaluation"): one headline column per benchmark kind; T2I is
+# R@5 on held-out image-caption pairs. ``avg`` is the plain mean of these five columns.
 DEFAULT_GROUPS: dict[str, list[str]] = {
     "i2i": ["i2i_map", "i2i_r1"],
     "knn": ["knn_top1"],
     "zs": ["zs_top1"],
-    "t2i": ["t2i_r1", "t2i_r5", "t2i_r10"],
+    "t2i": ["t2i_r5"],
 }
 
 
@@ -99,10 +116,16 @@ def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.gather(1, order), idx.gather(1, order)
 
 
-def _per_query_ap(
+def mean_of_scores(scores: Tensor) -> float:
+    """Mean of the non-``nan`` entries of a per-query score vector ``[Q]``; ``nan`` if none."""
+    kept = scores[~torch.isnan(scores)]
+    return float(kept.mean()) if kept.numel() else float("nan")
+
+
+def image_to_image_ap(
     embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024
 ) -> Tensor:
-    """Average precision of every query: ``[N]`` float64, ``nan`` where the query is skipped."""
+    """Average precision of every query (see :func:`image_to_image_map`): ``[N]`` float64, ``nan`` where skipped."""
     _check_chunk(chunk_size)
     x, y = _prep(embeddings, labels)
     n = x.shape[0]
@@ -145,9 +168,7 @@ def image_to_image_map(
     AP = mean over relevant positions r of precision@r. Queries without any relevant item
     (singleton classes when ``include_query=False``) are skipped; ``nan`` if none remain.
     """
-    ap = _per_query_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size)
-    ap = ap[~torch.isnan(ap)]
-    return float(ap.mean()) if ap.numel() else float("nan")
+    return mean_of_scores(image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size))
 
 
 def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> float:
@@ -156,17 +177,20 @@ def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size
     ``embeddings [N, D]``, ``labels [N]``. Queries of singleton classes are skipped; ``nan``
     if none remain. Ties: the smallest index among equally similar images wins.
     """
+    return mean_of_scores(image_to_image_hits_at_1(embeddings, labels, chunk_size=chunk_size))
+
+
+def image_to_image_hits_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
+    """Per-query hit of :func:`image_to_image_recall_at_1`: ``[N]`` float64 1/0, ``nan`` for singleton classes."""
     _check_chunk(chunk_size)
     x, y = _prep(embeddings, labels)
     _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    valid = counts[inv] > 1
-    hits = 0
+    hits = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
     for s, e, sims in _similarities_without_self(x, chunk_size):
         nearest = sims.argmax(dim=1)  # torch.argmax returns the first (smallest-index) maximum
-        hit = (inv[nearest] == inv[s:e]) & valid[s:e]
-        hits += int(hit.sum())
-    used = int(valid.sum())
-    return hits / used if used else float("nan")
+        hits[s:e] = (inv[nearest] == inv[s:e]).double()
+    hits[counts[inv] <= 1] = float("nan")
+    return hits
 
 
 def knn_accuracy(
@@ -179,17 +203,25 @@ def knn_accuracy(
     the class with the largest summed weight is predicted, ties going to the smallest label.
     All queries count (a singleton class can never be predicted correctly). ``nan`` if N < 2.
     """
+    return mean_of_scores(knn_correct_per_query(embeddings, labels, k=k, temperature=temperature,
+                                                chunk_size=chunk_size))
+
+
+def knn_correct_per_query(
+    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024
+) -> Tensor:
+    """Per-query correctness of :func:`knn_accuracy`: ``[N]`` float64 1/0 (all ``nan`` if N < 2)."""
     _check_chunk(chunk_size)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     x, y = _prep(embeddings, labels)
     n = x.shape[0]
     k_eff = min(k, n - 1)
+    correct = torch.full((n,), float("nan"), dtype=torch.float64, device=x.device)
     if k_eff < 1:
-        return float("nan")
+        return correct
     _, inv = torch.unique(y, return_inverse=True)  # class index = rank of the sorted label
     n_cls = int(inv.max()) + 1
-    correct = 0
     for s, e, sims in _similarities_without_self(x, chunk_size):
         vals, idx = _stable_topk(sims, k_eff)
         vals = vals.double()
@@ -197,8 +229,8 @@ def knn_accuracy(
         w = torch.exp((vals - vals[:, :1]) / temperature)
         votes = torch.zeros(e - s, n_cls, dtype=torch.float64, device=x.device).scatter_add_(1, inv[idx], w)
         pred = votes.argmax(dim=1)  # first maximum = smallest class index
-        correct += int((pred == inv[s:e]).sum())
-    return correct / n
+        correct[s:e] = (pred == inv[s:e]).double()
+    return correct
 
 
 def zero_shot_accuracy(image_embeddings: Tensor, class_embeddings: Tensor, labels: Tensor) -> float:
@@ -208,17 +240,20 @@ def zero_shot_accuracy(image_embeddings: Tensor, class_embeddings: Tensor, label
     normalised prompt embeddings, re-normalised), ``labels [N]`` class indices in ``[0, C)``.
     Ties go to the smallest class index.
     """
+    return mean_of_scores(zero_shot_correct_per_query(image_embeddings, class_embeddings, labels))
+
+
+def zero_shot_correct_per_query(image_embeddings: Tensor, class_embeddings: Tensor, labels: Tensor) -> Tensor:
+    """Per-image correctness of :func:`zero_shot_accuracy`: ``[N]`` float64 1/0."""
     x, y = _prep(image_embeddings, labels)
     c, _ = _prep(class_embeddings.to(x.device))
     if c.shape[1] != x.shape[1]:
         raise ValueError(f"dim mismatch: images {x.shape[1]} vs classes {c.shape[1]}")
-    if x.shape[0] == 0:
-        return float("nan")
-    correct = 0
+    correct = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], 4096):
         pred = (x[s : s + 4096] @ c.to(x.dtype).T).argmax(dim=1)
-        correct += int((pred == y[s : s + 4096]).sum())
-    return correct / x.shape[0]
+        correct[s : s + 4096] = (pred == y[s : s + 4096]).double()
+    return correct
 
 
 def text_to_image_recall(
@@ -242,29 +277,70 @@ def text_to_image_recall(
     hit@K = any relevant image within the top K (tie rule: smallest image index first).
     Texts without a relevant image are skipped. Returns ``{K: recall}`` (``nan`` if no text counts).
     """
-    _check_chunk(chunk_size)
+    hits = text_to_image_hits(text_embeddings, image_embeddings, text_groups, image_groups, ks=ks,
+                              chunk_size=chunk_size)
+    return {k: mean_of_scores(h) for k, h in hits.items()}
+
+
+def text_to_image_hits(text_embeddings: Tensor, image_embeddings: Tensor, text_groups: Tensor, image_groups: Tensor, *,
+                       ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[int, Tensor]:
+    """Per-text hits of :func:`text_to_image_recall` (same arguments): ``{K: [T] float64 1/0}``, ``nan`` where skipped."""
     t, tg = _prep(text_embeddings, text_groups)
-    im, ig = _prep(image_embeddings.to(t.device), image_groups)
+    _, ig = _prep(image_embeddings, image_groups)
+    ig = ig.to(t.device)
+    return _t2i_hits(t, image_embeddings, lambda s, e: tg[s:e, None] == ig[None, :], ks, chunk_size)
+
+
+def caption_hits(text_embeddings: Tensor, image_embeddings: Tensor, relevant: Sequence[Sequence[int]], *,
+                 ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024) -> dict[int, Tensor]:
+    """Per-caption text→image hits with explicit relevant sets: ``{K: [T] float64 1/0}``, ``nan`` where skipped.
+
+    ``text_embeddings [T, D]``, ``image_embeddings [M, D]``; ``relevant[t]``: the indices (into the
+    images) relevant to caption ``t`` -- an image may carry several captions and a caption may
+    belong to several images. Captions with no relevant image are skipped. Same ranking rules as
+    :func:`text_to_image_recall`.
+    """
+    if len(relevant) != text_embeddings.shape[0]:
+        raise ValueError(f"relevant has {len(relevant)} entries but there are {text_embeddings.shape[0]} texts")
+    rows = torch.tensor([t for t, images in enumerate(relevant) for _ in images], dtype=torch.long)
+    cols = torch.tensor([m for images in relevant for m in images], dtype=torch.long)
+    m = image_embeddings.shape[0]
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= m):
+        raise ValueError(f"relevant image indices must be in [0, {m})")
+
+    def _relevance(s: int, e: int) -> Tensor:
+        dense = torch.zeros(e - s, m, dtype=torch.bool)
+        keep = (rows >= s) & (rows < e)
+        dense[rows[keep] - s, cols[keep]] = True
+        return dense.to(text_embeddings.device)
+
+    return _t2i_hits(_prep(text_embeddings)[0], image_embeddings, _relevance, ks, chunk_size)
+
+
+def _t2i_hits(t: Tensor, image_embeddings: Tensor, relevance: Callable[[int, int], Tensor], ks: Sequence[int],
+              chunk_size: int) -> dict[int, Tensor]:
+    """Hits@K of texts ``t [T, D]`` against images; ``relevance(s, e)`` is the ``[e-s, M]`` bool block of texts s..e."""
+    _check_chunk(chunk_size)
+    im, _ = _prep(image_embeddings.to(t.device))
     if im.shape[1] != t.shape[1]:
         raise ValueError(f"dim mismatch: texts {t.shape[1]} vs images {im.shape[1]}")
     ks = tuple(int(k) for k in ks)
     if any(k < 1 for k in ks):
         raise ValueError(f"ks must be >= 1, got {ks}")
     m = im.shape[0]
-    valid = torch.isin(tg, ig)
-    used = int(valid.sum())
-    if used == 0 or m == 0:
-        return {k: float("nan") for k in ks}
+    hits = {k: torch.full((t.shape[0],), float("nan"), dtype=torch.float64, device=t.device) for k in ks}
+    if m == 0:
+        return hits
     kmax = min(max(ks), m)
-    hits = {k: 0 for k in ks}
     im = im.to(t.dtype)
     for s in range(0, t.shape[0], chunk_size):
         e = min(s + chunk_size, t.shape[0])
         _, idx = _stable_topk(t[s:e] @ im.T, kmax)
-        rel = ig[idx] == tg[s:e, None]
+        block = relevance(s, e)
+        rel, valid = block.gather(1, idx), block.any(dim=1)
         for k in ks:
-            hits[k] += int((rel[:, : min(k, kmax)].any(dim=1) & valid[s:e]).sum())
-    return {k: hits[k] / used for k in ks}
+            hits[k][s:e] = torch.where(valid, rel[:, : min(k, kmax)].any(dim=1).double(), float("nan"))
+    return hits
 
 
 def _present(metrics: Mapping[str, float], name: str) -> float | None:
@@ -278,11 +354,11 @@ def _present(metrics: Mapping[str, float], name: str) -> float | None:
 def group_means(
     metrics: Mapping[str, float], groups: Mapping[str, Sequence[str]] = DEFAULT_GROUPS
 ) -> dict[str, float]:
-    """Per-group means ``{"<group>_mean": ...}`` plus ``overall_mean``.
+    """Per-group means ``{"<group>_mean": ...}`` plus ``avg``.
 
-    ``overall_mean`` is the plain mean of every listed column that is present (each column
-    once), not the mean of the group means. Missing or NaN metrics are ignored; a group with
-    no usable metric gets ``nan``.
+    ``avg`` is the plain mean of every listed column that is present (each column once), not
+    the mean of the group means -- the paper's AVG over its benchmark columns. Missing or NaN
+    metrics are ignored; a group with no usable metric gets ``nan``.
     """
     out: dict[str, float] = {}
     seen: dict[str, float] = {}
@@ -294,7 +370,7 @@ def group_means(
                 vals.append(v)
                 seen[name] = v
         out[f"{g}_mean"] = sum(vals) / len(vals) if vals else float("nan")
-    out["overall_mean"] = sum(seen.values()) / len(seen) if seen else float("nan")
+    out["avg"] = sum(seen.values()) / len(seen) if seen else float("nan")
     return out
 
 
@@ -310,7 +386,7 @@ def map_by_query_source(
     """
     if len(sources) != embeddings.shape[0]:
         raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
-    ap = _per_query_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size).cpu()
+    ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size).cpu()
     src_arr = np.asarray(list(sources), dtype=object)
     out: dict[str, float] = {}
     for src in sorted(set(src_arr.tolist())):

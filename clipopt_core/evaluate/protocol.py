@@ -1,41 +1,74 @@
-"""Evaluate one model on a test split with the paper's protocol (METHOD.md "Evaluation").
+"""Evaluate one model with the paper's protocol (docs/method.md, "Evaluation").
 
-The split is a manifest frame (``uri``, ``label``, ``category``, ``caption``, ``source``):
+The labelled test split is a manifest frame (``uri``, ``label``, ``category``, ``caption``, ``source``):
 
 * image→image mAP (query counted as a hit, GPR1200) and R@1 (query excluded) over ``label``;
 * k-NN top-1 (k=21, weight exp(sim/0.1)) over ``category``;
 * zero-shot top-1 over the split's ``label`` names with a prompt-template set;
-* text→image R@1/5/10 with each distinct ``caption`` as a query, relevant to every image
-  carrying that caption;
-* group means (I2I, kNN, ZS, T2I) and the overall mean; per-source I2I mAP.
+* ``t2i_cls_r1/5/10`` (secondary): text→image with each distinct ``caption`` of the split as a
+  query, relevant to every image carrying that caption (class names for most sources).
+
+The held-out caption pairs (``uri``, ``caption``; the caption corpus's test split) give the
+paper's T2I, ``t2i_r1/5/10``: every distinct (normalised) caption is a query whose relevant set
+is every image carrying it. Group means (I2I, kNN, ZS, T2I = R@5) and ``avg``; per-source I2I
+mAP; and per-query scores for the bootstrap (:data:`QUERY_SETS` says which queries each uses).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import polars as pl
 import torch
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from clipopt_core.evaluate import metrics
+from clipopt_core.data.captions import normalise_caption
 from clipopt_core.data.datasets import encode_labels
+from clipopt_core.evaluate import metrics
 from clipopt_core.models.encode import embed_images, embed_texts, zero_shot_classifier
 from clipopt_core.models.loading import ClipBundle
 
 OPENAI_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
-METRIC_COLUMNS = ("i2i_map", "i2i_r1", "knn_top1", "zs_top1", "t2i_r1", "t2i_r5", "t2i_r10")
+T2I_KS = (1, 5, 10)
+METRIC_COLUMNS = ("i2i_map", "i2i_r1", "knn_top1", "zs_top1", *(f"t2i_r{k}" for k in T2I_KS),
+                  *(f"t2i_cls_r{k}" for k in T2I_KS))
+QUERY_SETS = {"i2i_map": "test_images", "i2i_r1": "test_images", "knn_top1": "test_images", "zs_top1": "test_images",
+              **{f"t2i_r{k}": "caption_queries" for k in T2I_KS},
+              **{f"t2i_cls_r{k}": "class_caption_queries" for k in T2I_KS}}
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """``templates``: zero-shot prompts with ``{}`` for the class name (default: OpenAI's 80)."""
+    """``templates``: zero-shot prompts with ``{}`` for the class name (default: OpenAI's 80).
+    ``gallery_queries``: held-out captions whose top-5 images are kept for the text→image gallery."""
 
     templates: tuple[str, ...] = OPENAI_TEMPLATES
     knn_k: int = 21
     knn_temperature: float = 0.1
     batch_size: int = 64
     per_source: bool = True
+    gallery_queries: int = 4
+
+
+@dataclass(frozen=True)
+class CaptionBenchmark:
+    """Held-out text→image queries: ``texts [T]`` (one per normalised caption), ``uris [M]`` (distinct
+    images), ``relevant[t]``: indices into ``uris`` of the images carrying caption ``t``."""
+
+    texts: list[str]
+    uris: list[str]
+    relevant: list[list[int]]
+
+
+@dataclass(frozen=True)
+class T2IExample:
+    """One gallery row: a caption, its top-k image URIs and whether each is relevant."""
+
+    query: str
+    uris: list[str]
+    relevant: list[bool]
 
 
 @dataclass
@@ -43,30 +76,100 @@ class EvalResult:
     metrics: dict[str, float]
     image_embeddings: torch.Tensor  # [N, D] normalised, rows in split order
     per_source: dict[str, float] = field(default_factory=dict)
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> [Q] float64, nan = skipped
+    t2i_examples: list[T2IExample] = field(default_factory=list)
+
+
+class EmbeddingCache:
+    """Embeddings reused across variants whose tower weights are identical (``stage1`` and ``2sft`` share
+    the image tower; ``baseline``, ``stage1`` and ``mcip`` the text tower). Keyed by a hash of the tower's
+    parameters and what was embedded; holds ``[N, D]`` float32 CPU tensors only."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, key: tuple[str, str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._store:
+            self._store[key] = compute()
+        return self._store[key]
+
+
+def tower_fingerprints(bundle: ClipBundle) -> tuple[str, str]:
+    """``(image tower, text tower)`` hashes of the parameters and buffers (image: ``visual.*`` plus the
+    preprocessing; text: everything else, so a realigned text tower hashes differently)."""
+    image, text = hashlib.sha256(), hashlib.sha256()
+    image.update(repr((bundle.image_size, bundle.mean, bundle.std, bundle.interpolation)).encode())
+    for name, tensor in sorted(bundle.model.state_dict().items()):
+        target = image if name.startswith("visual.") else text
+        target.update(name.encode())
+        target.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return image.hexdigest()[:24], text.hexdigest()[:24]
+
+
+def caption_benchmark(pairs: pl.DataFrame) -> CaptionBenchmark:
+    """The queries of ``pairs`` (``uri``, ``caption``): one per normalised caption (first spelling kept)."""
+    uri_index: dict[str, int] = {}
+    texts: dict[str, str] = {}
+    relevant: dict[str, set[int]] = {}
+    for uri, caption in pairs.select("uri", "caption").iter_rows():
+        if not caption or not str(caption).strip():
+            continue
+        key = normalise_caption(caption)
+        texts.setdefault(key, " ".join(str(caption).split()))
+        relevant.setdefault(key, set()).add(uri_index.setdefault(uri, len(uri_index)))
+    return CaptionBenchmark(list(texts.values()), list(uri_index), [sorted(relevant[k]) for k in texts])
 
 
 def evaluate_model(bundle: ClipBundle, split: pl.DataFrame, config: EvalConfig = EvalConfig(), *,
+                   caption_pairs: pl.DataFrame | None = None, cache: EmbeddingCache | None = None,
                    device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """All metrics of ``bundle`` on ``split`` (see module docstring); metric values in [0, 1]."""
+    """All metrics of ``bundle`` on ``split`` and the held-out ``caption_pairs`` (module docstring); values in [0, 1].
+
+    Without ``caption_pairs`` (or with none left) the held-out T2I columns are ``nan``. ``cache``
+    shares embeddings between variants with identical towers.
+    """
     if split.height == 0:
         raise ValueError("the evaluation split is empty; lower test_fraction's granularity or add classes")
-    images = embed_images(bundle, split["uri"].to_list(), batch_size=config.batch_size, device=device, progress=progress)
+    cache = cache or EmbeddingCache()
+    image_tower, text_tower = tower_fingerprints(bundle)
+
+    def images_of(uris: list[str], what: str) -> torch.Tensor:
+        return cache.get((image_tower, what), lambda: embed_images(bundle, uris, batch_size=config.batch_size,
+                                                                  device=device, progress=progress))
+
+    def texts_of(texts: list[str], what: str) -> torch.Tensor:
+        return cache.get((text_tower, what), lambda: embed_texts(bundle, texts, device=device))
+
+    images = images_of(split["uri"].to_list(), "test_images:" + _digest(split["uri"].to_list()))
     label_ids, class_names = encode_labels(split["label"].to_list())
     labels = torch.tensor(label_ids)
-    results = {
-        "i2i_map": metrics.image_to_image_map(images, labels, include_query=True),
-        "i2i_r1": metrics.image_to_image_recall_at_1(images, labels),
-        "knn_top1": metrics.knn_accuracy(images, _ids(split["category"].to_list()), k=config.knn_k,
-                                         temperature=config.knn_temperature),
+    per_query = {
+        "i2i_map": metrics.image_to_image_ap(images, labels, include_query=True),
+        "i2i_r1": metrics.image_to_image_hits_at_1(images, labels),
+        "knn_top1": metrics.knn_correct_per_query(images, _ids(split["category"].to_list()), k=config.knn_k,
+                                                  temperature=config.knn_temperature),
     }
-    classifier = zero_shot_classifier(bundle, class_names, config.templates, device=device)
-    results["zs_top1"] = metrics.zero_shot_accuracy(images, classifier, labels)
-    results.update(_text_to_image(bundle, images, split["caption"].to_list(), device))
+    classifier = cache.get((text_tower, "zs:" + _digest([*class_names, *config.templates])),
+                           lambda: zero_shot_classifier(bundle, class_names, config.templates, device=device))
+    per_query["zs_top1"] = metrics.zero_shot_correct_per_query(images, classifier, labels)
+    class_texts, class_groups, image_groups = _class_caption_queries(split["caption"].to_list())
+    class_hits = metrics.text_to_image_hits(texts_of(class_texts, "cls:" + _digest(class_texts)), images,
+                                            class_groups, image_groups, ks=T2I_KS)
+    per_query.update({f"t2i_cls_r{k}": hits for k, hits in class_hits.items()})
+    benchmark = caption_benchmark(caption_pairs if caption_pairs is not None else pl.DataFrame(
+        schema={"uri": pl.String, "caption": pl.String}))
+    pair_images = images_of(benchmark.uris, "pairs:" + _digest(benchmark.uris))
+    pair_texts = texts_of(benchmark.texts, "pairs:" + _digest(benchmark.texts))
+    hits = metrics.caption_hits(pair_texts, pair_images, benchmark.relevant, ks=T2I_KS)
+    per_query.update({f"t2i_r{k}": h for k, h in hits.items()})
+    scores = {name: values.cpu().numpy() for name, values in per_query.items()}
+    results = {name: metrics.mean_of_scores(values) for name, values in per_query.items()}
     results.update(metrics.group_means(results))
     by_source = {}
     if config.per_source and split["source"].n_unique() > 1:
         by_source = metrics.map_by_query_source(images, labels, split["source"].to_list())
-    return EvalResult(results, images, by_source)
+    examples = _t2i_examples(benchmark, pair_texts, pair_images, config.gallery_queries)
+    return EvalResult(results, images, by_source, scores, examples)
 
 
 def validation_map(split: pl.DataFrame, *, batch_size: int = 64, device: str | torch.device = "cpu") -> Callable[[ClipBundle], float]:
@@ -80,27 +183,49 @@ def validation_map(split: pl.DataFrame, *, batch_size: int = 64, device: str | t
     return _score
 
 
-def validation_t2i(image_embeddings: torch.Tensor, captions: Sequence[str | None], *,
-                   device: str | torch.device = "cpu") -> Callable[[ClipBundle], float]:
-    """A validation function for realignment: mean T2I R@1/5/10 against frozen ``image_embeddings`` [N, D]."""
+def validation_caption_t2i(image_embeddings: torch.Tensor, benchmark: CaptionBenchmark, *,
+                           device: str | torch.device = "cpu") -> Callable[[ClipBundle], float]:
+    """A validation function for realignment on caption pairs (e.g. ``caption_benchmark(realign_validation_pairs(...))``):
+    mean T2I R@1/5/10 against frozen ``image_embeddings`` [M, D] of ``benchmark.uris``."""
 
     def _score(bundle: ClipBundle) -> float:
-        recalls = _text_to_image(bundle, image_embeddings, captions, device)
-        return sum(recalls.values()) / max(len(recalls), 1)
+        hits = metrics.caption_hits(embed_texts(bundle, benchmark.texts, device=device), image_embeddings,
+                                    benchmark.relevant, ks=T2I_KS)
+        return _mean_recall(hits)
 
     return _score
 
 
-def _text_to_image(bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str | None],
-                   device: str | torch.device) -> dict[str, float]:
+def _mean_recall(hits: dict[int, torch.Tensor]) -> float:
+    recalls = [metrics.mean_of_scores(h) for h in hits.values()]
+    recalls = [r for r in recalls if r == r]
+    return sum(recalls) / len(recalls) if recalls else 0.0
+
+
+def _class_caption_queries(captions: Sequence[str | None]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Distinct captions of a labelled split as queries: ``(texts, text groups [T], image groups [N])``."""
     texts = sorted({c for c in captions if c})
-    if not texts:
-        return {}
     lookup = {text: number for number, text in enumerate(texts)}
-    image_groups = torch.tensor([lookup.get(c, -1) if c else -1 for c in captions])
-    recall = metrics.text_to_image_recall(embed_texts(bundle, texts, device=device), images,
-                                          torch.arange(len(texts)), image_groups, ks=(1, 5, 10))
-    return {f"t2i_r{k}": value for k, value in recall.items()}
+    image_groups = torch.tensor([lookup.get(c, -1) if c else -1 for c in captions], dtype=torch.long)
+    return texts, torch.arange(len(texts)), image_groups
+
+
+def _t2i_examples(benchmark: CaptionBenchmark, texts: torch.Tensor, images: torch.Tensor, count: int,
+                  top_k: int = 5) -> list[T2IExample]:
+    """Top-``top_k`` images of ``count`` evenly spaced held-out captions (the same queries for every variant)."""
+    if not benchmark.texts or not benchmark.uris or count < 1:
+        return []
+    rows = np.unique(np.linspace(0, len(benchmark.texts) - 1, num=min(count, len(benchmark.texts))).astype(int))
+    out = []
+    for row in rows.tolist():
+        order = torch.sort(images @ texts[row], descending=True, stable=True).indices[:top_k].tolist()
+        relevant = set(benchmark.relevant[row])
+        out.append(T2IExample(benchmark.texts[row], [benchmark.uris[i] for i in order], [i in relevant for i in order]))
+    return out
+
+
+def _digest(values: Sequence[str]) -> str:
+    return hashlib.sha256("\x00".join(values).encode()).hexdigest()[:16]
 
 
 def _ids(values: Sequence[str]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Mapping
 
 import polars as pl
 
+from clipopt_core.evaluate.report import HEADLINE
 from clipopt_core.registry import BASELINE, VARIANTS
 
 SEED_SWEEP_PREFIX = "sweeps"
@@ -43,8 +44,10 @@ def seed_summary(baseline: Mapping[str, float], per_seed: Mapping[int, Mapping[s
 
 
 def summary_markdown(summary: pl.DataFrame, metrics: tuple[str, ...] | None = None) -> str:
-    """Variants × metrics, cells ``mean ± sd (Δ delta_mean ± delta_sd)``, values ×100 to one decimal."""
-    metrics = metrics or tuple(dict.fromkeys(summary["metric"].to_list()))
+    """Variants × metrics (default: the report's headline columns present, else all), cells
+    ``mean ± sd (Δ delta_mean ± delta_sd)``, values ×100 to one decimal."""
+    present = tuple(dict.fromkeys(summary["metric"].to_list()))
+    metrics = metrics or tuple(m for m in HEADLINE if m in present) or present
     lines = ["| variant | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for variant in dict.fromkeys(summary["variant"].to_list()):
         cells = []

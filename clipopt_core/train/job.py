@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import polars as pl
 
-from clipopt_core.data.captions import realign_pairs
+from clipopt_core.data.captions import realign_pairs, realignment_selection_pairs
 from clipopt_core.layout import MODEL_ROOT, Keys, base_spec, stage_spec
 from clipopt_core.models.loading import SIDECAR_FILE, WEIGHTS_FILE, ModelSpec
 from clipopt_core.registry import Stage, get_stage
@@ -101,9 +101,11 @@ class StageInputs:
     splits: pl.DataFrame
     pseudo_captions: pl.DataFrame | None = None
     pairs: pl.DataFrame | None = None
+    val_pairs: pl.DataFrame | None = None
 
     def frames(self) -> dict[str, pl.DataFrame | None]:
-        return {"splits": self.splits, "pseudo_captions": self.pseudo_captions, "pairs": self.pairs}
+        return {"splits": self.splits, "pseudo_captions": self.pseudo_captions, "pairs": self.pairs,
+                "val_pairs": self.val_pairs}
 
 
 def load_inputs(stage: Stage, store: ArtifactStore, cache: Path, root: str = MODEL_ROOT) -> StageInputs:
@@ -117,7 +119,9 @@ def load_inputs(stage: Stage, store: ArtifactStore, cache: Path, root: str = MOD
     distributed.run_on_main(stage_spec, store, stage.encoder, cache, image_size, root)
     spec = stage_spec(store, stage.encoder, cache, image_size, root)
     weights = store.read_json(f"{Keys.model(stage.encoder, root)}/{COMPLETE_MARKER}")["files"][WEIGHTS_FILE]
-    return StageInputs(spec, weights, splits, pairs=realign_pairs(store.read_parquet(Keys.caption_pairs), splits))
+    caption_pairs = store.read_parquet(Keys.caption_pairs)
+    return StageInputs(spec, weights, splits, pairs=realign_pairs(caption_pairs, splits),
+                       val_pairs=realignment_selection_pairs(caption_pairs, splits))
 
 
 def published_record(store: ArtifactStore, key: str) -> dict[str, Any] | None:
@@ -160,8 +164,7 @@ def _train(stage: Stage, config: StageConfig, inputs: StageInputs, work: Path, *
            log: EventLog, identity: str) -> StageOutput:
     common = dict(cache_dir=cache, stage=stage.asset, device=device, log=log, identity=identity)
     if stage.kind == "realign":
-        val = inputs.splits.filter(pl.col("split") == "val")
-        return train_realign(inputs.start, inputs.pairs, val, config, work, **common)
+        return train_realign(inputs.start, inputs.pairs, inputs.val_pairs, config, work, **common)
     return train_retrieval(inputs.start, inputs.splits, config, work, pseudo_captions=inputs.pseudo_captions, **common)
 
 

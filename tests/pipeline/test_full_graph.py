@@ -34,6 +34,14 @@ def test_full_graph_materialises_with_reports(tmp_path, shapes_source, caption_s
     assert report.filter(pl.col("variant") == "baseline")["delta_i2i_map"][0] == 0.0
     assert store.read_bytes("reports/teaser.png")[:4] == b"\x89PNG"
     assert store.read_bytes("reports/gallery.png")[:4] == b"\x89PNG"
+    assert store.read_bytes(Keys.gallery_t2i)[:4] == b"\x89PNG"
+    for column in ("t2i_r5_lo", "t2i_r5_hi", "delta_i2i_map_lo", "delta_avg_hi", "t2i_cls_r5", "avg"):
+        assert column in report.columns, column
+    pairs = store.read_parquet(Keys.caption_pairs)
+    assert set(pairs["split"]) == {"train", "val", "test"}
+    assert json.loads(store.read_bytes(Keys.report_json))["test_caption_pairs"] == pairs.filter(pl.col("split") == "test").height
+    pool = set(store.read_parquet(Keys.caption_pool)["text"])
+    assert not pool & set(pairs.filter(pl.col("split") != "train")["caption"])  # held-out captions never mined
     assert store.list_temp_objects() == []
 
     report_meta = result.asset_materializations_for_node("evaluation_report")[0].metadata

@@ -70,6 +70,24 @@ def test_select_emoji_needs_two_vendors_and_is_seeded() -> None:
     assert [e.key for e in src._select_emoji(emoji, vendors, max_classes=99, seed=0)] == ["K0", "K2", "K4", "K6", "K8"]
 
 
+def test_spare_emoji_become_caption_pairs_outside_the_labelled_set(tmp_path: Path) -> None:
+    emoji = [src.Emoji(f"K{i}", f"e{i}", "sub", i) for i in range(10)] + [src.Emoji("K10", "E0", "sub", 10)]
+    vendors = {"a": {f"K{i}": Path(f"a{i}") for i in range(1, 11)}, "b": {f"K{i}": Path(f"b{i}") for i in range(0, 11, 2)}}
+    chosen = src._select_emoji(emoji, vendors, max_classes=3, seed=7)
+    spare = src._select_spare_emoji(emoji, vendors, chosen, max_n=99, seed=7)
+    names = {e.label.lower() for e in chosen}
+    expected = {e.key for e in emoji if e not in chosen and e.label.lower() not in names}  # "E0" names e0 again
+    assert {e.key for e, _ in spare} == expected and len(expected) >= 7
+    assert all(e.key in vendors[vendor] for e, vendor in spare)
+    assert spare == src._select_spare_emoji(emoji, vendors, chosen, max_n=99, seed=7)
+    few = src._select_spare_emoji(emoji, vendors, chosen, max_n=2, seed=7)
+    assert len(few) == 2 and few == sorted(few, key=lambda pair: pair[0].sort_order)
+    png = _png(tmp_path / "k1.png", (8, 8))
+    rows = src._write_caption_emoji([(src.Emoji("K1", "grinning face", "sub", 1), "a")], {"a": {"K1": png}}, tmp_path / "out")
+    assert rows == [{"path": "emoji/a/k1.png", "caption": "grinning face", "source": "emoji"}]
+    assert (tmp_path / "out" / "emoji" / "a" / "k1.png").is_file()
+
+
 # ---------------------------------------------------------------- Tux Paint
 @pytest.mark.parametrize("word, singular", [
     ("dogs", "dog"), ("dishes", "dish"), ("butterflies", "butterfly"), ("fish", "fish"), ("christmas", "christmas"),
@@ -135,9 +153,10 @@ def test_title_family(title: str, family: str) -> None:
 def test_select_caption_pairs_filters_near_duplicates() -> None:
     items = [(f"shapes/stars/star{i}.png", "gramastar") for i in range(5)]  # a collection name: all dropped
     items += [("animals/dolphin_b.png", "Dolphin"), ("animals/dolphin_a.png", "dolphin")]  # repeated: first path kept
-    items += [("hotel/a.png", "Hotel icon bar"), ("hotel/b.png", "Hotel icon spa")]  # one per family
+    items += [(f"hotel/{c}.png", f"Hotel icon {c}") for c in "abcde"]  # a family: at most 3 by default
     items += [("misc/x.png", None), ("misc/y.png", "Clipart by Nicu Buculei - y"), ("misc/z.png", "Zebra")]
-    chosen = src._select_caption_pairs(items, 100, seed=0)
+    assert sum(path.startswith("hotel/") for path, _ in src._select_caption_pairs(items, 100, seed=0)) == 3
+    chosen = src._select_caption_pairs(items, 100, seed=0, max_per_family=1)
     assert [path for path, _ in chosen if path.startswith(("animals", "misc"))] == ["animals/dolphin_a.png", "misc/z.png"]
     assert dict(chosen)["animals/dolphin_a.png"] == "dolphin"
     assert sum(path.startswith("hotel/") for path, _ in chosen) == 1
@@ -274,12 +293,13 @@ def test_extract_deb_streams_selected_files(tmp_path: Path) -> None:
 
 
 def test_ensure_returns_existing_build_without_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    layout = demo_data._layout(tmp_path / "demo-v1-e5-c7-s3")
+    layout = demo_data._layout(tmp_path / f"demo-v{demo_data._LAYOUT_VERSION}-e5-c7-ce4-s3")
     layout.image_root.mkdir(parents=True)
     (layout.image_root.parent / demo_data._MARKER).write_text("{}")
     monkeypatch.setattr(demo_data.shutil, "which", lambda name: None)
     started = time.monotonic()
-    data = ensure_demo_data(tmp_path, max_emoji_classes=5, max_caption_images=7, seed=3, progress=lambda m: None)
+    data = ensure_demo_data(tmp_path, max_emoji_classes=5, max_caption_images=7, max_caption_emoji=4, seed=3,
+                            progress=lambda m: None)
     assert time.monotonic() - started < 0.5
     assert data == layout and isinstance(data, DemoData)
     assert data.image_manifest.name == "manifest.parquet" and data.caption_manifest.name == "captions.parquet"
@@ -339,8 +359,11 @@ def test_real_demo_build(real_demo: tuple[DemoData, Path, float]) -> None:
     assert emoji["label"].n_unique() == 600 and emoji["caption"].null_count() == 0
     assert images.filter(pl.col("source") == "tuxpaint").height > 800
     captions = pl.read_parquet(data.caption_manifest)
-    assert captions.columns == ["path", "caption", "source"] and captions.height == 1500
-    assert captions["caption"].str.len_chars().min() >= 3 and captions["caption"].n_unique() == captions.height
+    assert captions.columns == ["path", "caption", "source"] and captions.height >= 2900
+    assert set(captions["source"]) == {"openclipart", "emoji"} and captions.filter(pl.col("source") == "emoji").height == 1000
+    assert captions["caption"].str.len_chars().min() >= 2  # emoji names such as "ox"
+    emoji_captions = set(captions.filter(pl.col("source") == "emoji")["caption"].str.to_lowercase())
+    assert not emoji_captions & set(emoji["label"].str.to_lowercase())  # other emoji than the labelled ones
     for root, frame in ((data.image_root, images), (data.caption_root, captions)):
         for rel in frame["path"]:
             assert "\\" not in rel and not rel.startswith("/") and ".." not in rel.split("/")

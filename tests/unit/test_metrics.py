@@ -10,14 +10,19 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from clipopt_core.evaluate.metrics import (
-    _per_query_ap,
+    caption_hits,
     group_means,
+    image_to_image_ap,
     image_to_image_map,
+    image_to_image_hits_at_1,
     image_to_image_recall_at_1,
     knn_accuracy,
+    knn_correct_per_query,
     map_by_query_source,
+    text_to_image_hits,
     text_to_image_recall,
     zero_shot_accuracy,
+    zero_shot_correct_per_query,
 )
 
 
@@ -36,8 +41,8 @@ def test_map_hand_computed_include_and_exclude():
     # q1 ranking 1,0,2,3 rel {1,3}: incl (1/1 + 2/4)/2 = 3/4 ; excl ranking 0,2,3 -> 3 at rank 3: 1/3
     # q2 ranking 2,1,0,3 rel {2,0}: incl (1 + 2/3)/2 = 5/6   ; excl ranking 1,0,3 -> 0 at rank 2: 1/2
     # q3 ranking 3,2,1,0 rel {3,1}: incl (1 + 2/3)/2 = 5/6   ; excl ranking 2,1,0 -> 1 at rank 2: 1/2
-    ap_in = _per_query_ap(x, y, include_query=True)
-    ap_ex = _per_query_ap(x, y, include_query=False)
+    ap_in = image_to_image_ap(x, y, include_query=True)
+    ap_ex = image_to_image_ap(x, y, include_query=False)
     assert ap_in.tolist() == pytest.approx([5 / 6, 3 / 4, 5 / 6, 5 / 6])
     assert ap_ex.tolist() == pytest.approx([1 / 2, 1 / 3, 1 / 2, 1 / 2])
     assert image_to_image_map(x, y) == pytest.approx(39 / 48)  # (10+9+10+10)/12 / 4
@@ -56,15 +61,17 @@ def test_map_ties_and_singletons():
     #   q: ranking q, a, b ; rel {q, b} at ranks 1, 3 -> (1 + 2/3)/2 = 5/6 (would be 1 if b came first)
     #   a: ranking a, q, b ; rel {a} at rank 1 -> 1   (singleton counts: query itself is a hit)
     #   b: ranking b, q, a ; rel {b, q} ranks 1, 2 -> 1
-    ap = _per_query_ap(x, y, include_query=True)
+    ap = image_to_image_ap(x, y, include_query=True)
     assert ap.tolist() == pytest.approx([5 / 6, 1.0, 1.0])
     assert image_to_image_map(x, y) == pytest.approx(17 / 18)
     # exclude: q: ranking a, b -> b at rank 2: 1/2 ; a: singleton -> skipped ; b: q at rank 1: 1
-    ap = _per_query_ap(x, y, include_query=False)
+    ap = image_to_image_ap(x, y, include_query=False)
     assert ap[0].item() == pytest.approx(0.5) and math.isnan(ap[1].item()) and ap[2].item() == 1.0
     assert image_to_image_map(x, y, include_query=False) == pytest.approx(3 / 4)
     # R@1: q's nn is the tie -> a (smaller index), wrong label; b's nn is q: hit; a skipped -> 1/2
     assert image_to_image_recall_at_1(x, y) == pytest.approx(0.5)
+    hits = image_to_image_hits_at_1(x, y)
+    assert hits[0].item() == 0.0 and math.isnan(hits[1].item()) and hits[2].item() == 1.0
 
 
 def test_map_query_tied_with_earlier_duplicate_keeps_its_own_position():
@@ -74,7 +81,7 @@ def test_map_query_tied_with_earlier_duplicate_keeps_its_own_position():
     # include: q0 ranking 0,1,2 rel {0} -> 1
     #          q1 ranking 0,1,2 (tie 0 before self) rel {1,2} ranks 2,3 -> (1/2 + 2/3)/2 = 7/12
     #          q2 ranking 2,0,1 (tie 0 before 1) rel {2,1} ranks 1,3 -> (1 + 2/3)/2 = 5/6
-    assert _per_query_ap(x, y).tolist() == pytest.approx([1.0, 7 / 12, 5 / 6])
+    assert image_to_image_ap(x, y).tolist() == pytest.approx([1.0, 7 / 12, 5 / 6])
     # exclude: q0 skipped; q1 ranking 0,2 -> 1/2; q2 ranking 0,1 -> 1/2
     assert image_to_image_map(x, y, include_query=False) == pytest.approx(0.5)
 
@@ -92,7 +99,7 @@ def test_ap_agrees_with_sklearn(include_query):
     x = torch.nn.functional.normalize(torch.randn(80, 8, generator=g), dim=1)
     y = torch.randint(0, 6, (80,), generator=g)
     y[0] = 99  # a singleton class
-    ours = _per_query_ap(x, y, include_query=include_query, chunk_size=7).numpy()
+    ours = image_to_image_ap(x, y, include_query=include_query, chunk_size=7).numpy()
     sims = (x @ x.T).numpy().astype(np.float64)
     ref = []
     for q in range(len(y)):
@@ -128,6 +135,8 @@ def test_knn_vote_tie_goes_to_smallest_class():
     assert knn_accuracy(x, y, k=2) == pytest.approx(2 / 3)
     # k=1: q's single neighbour is the tie -> a (index 1), class 2 -> wrong; a -> q wrong; b -> q ok
     assert knn_accuracy(x, y, k=1) == pytest.approx(1 / 3)
+    assert knn_correct_per_query(x, y, k=2).tolist() == [1.0, 0.0, 1.0]
+    assert knn_correct_per_query(x, y, k=1).tolist() == [0.0, 0.0, 1.0]
 
 
 def test_knn_k_larger_than_set_and_huge_similarity_scale():
@@ -144,6 +153,7 @@ def test_zero_shot_hand_computed_and_tie():
     cls = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # preds 0, 1, 1, tie(s, s) -> class 0 ; labels 0, 1, 0, 0 -> 3/4
     assert zero_shot_accuracy(img, cls, torch.tensor([0, 1, 0, 0])) == pytest.approx(3 / 4)
+    assert zero_shot_correct_per_query(img, cls, torch.tensor([0, 1, 0, 0])).tolist() == [1.0, 1.0, 0.0, 1.0]
 
 
 # ---------------------------------------------------------------- text -> image
@@ -161,6 +171,27 @@ def test_t2i_groups_multi_caption_multi_image_and_empty():
     # counted texts: t0, t1, t2, t4 -> R@1 {t0,t4} 2/4 ; R@2 +t1 3/4 ; R@3 3/4 ; R@10 (=all 4) 4/4
     assert r == pytest.approx({1: 0.5, 2: 0.75, 3: 0.75, 10: 1.0})
     assert all(math.isnan(v) for v in text_to_image_recall(txt[3:4], img, tg[3:4], ig).values())
+    per_text = text_to_image_hits(txt, img, tg, ig, ks=(1, 2))
+    assert per_text[1][[0, 1, 2, 4]].tolist() == [1.0, 0.0, 0.0, 1.0] and math.isnan(per_text[1][3].item())
+    assert per_text[2][[0, 1, 2, 4]].tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_caption_hits_with_overlapping_relevant_sets():
+    # i0 (1,0) carries captions c0 and c1; i1 (0,1) carries c1 as well (two images share a caption)
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    # c0 = (0,1): ranking i1, i2, i0 -> its only image i0 at rank 3
+    # c1 = (0,1): same ranking, relevant {i0, i1} -> rank 1
+    # c2 = (1,0): relevant {} -> skipped
+    txt = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    hits = caption_hits(txt, img, [[0], [0, 1], []], ks=(1, 3))
+    assert hits[1][:2].tolist() == [0.0, 1.0] and hits[3][:2].tolist() == [1.0, 1.0]
+    assert math.isnan(hits[1][2].item())
+    # the same relevance written as groups gives the same hits where one group per image suffices
+    assert caption_hits(txt[:1], img, [[0]], ks=(1, 3))[3].tolist() == [1.0]
+    with pytest.raises(ValueError, match="relevant image indices"):
+        caption_hits(txt[:1], img, [[3]])
+    with pytest.raises(ValueError, match="relevant has 1 entries"):
+        caption_hits(txt, img, [[0]])
 
 
 def test_t2i_tie_by_image_index():
@@ -200,9 +231,9 @@ def test_group_means_ignores_nan_and_missing():
     assert out["i2i_mean"] == pytest.approx(0.7)
     assert math.isnan(out["knn_mean"])
     assert out["zs_mean"] == 0.5
-    assert out["t2i_mean"] == pytest.approx(0.3)  # t2i_r10 missing
-    assert out["overall_mean"] == pytest.approx((0.8 + 0.6 + 0.5 + 0.2 + 0.4) / 5)
-    assert set(out) == {"i2i_mean", "knn_mean", "zs_mean", "t2i_mean", "overall_mean"}
+    assert out["t2i_mean"] == pytest.approx(0.4)  # the paper's T2I column is R@5 alone
+    assert out["avg"] == pytest.approx((0.8 + 0.6 + 0.5 + 0.4) / 4)  # headline columns only; t2i_r1 is detail
+    assert set(out) == {"i2i_mean", "knn_mean", "zs_mean", "t2i_mean", "avg"}
 
 
 def test_map_by_query_source_averages_global_aps_per_source():

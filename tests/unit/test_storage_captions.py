@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from clipopt_core.data.captions import dedupe_texts
 from clipopt_core.train.config import MiningConfig
 from clipopt_core.train.mining import caption_stats, mine_pseudo_captions, similarity_histogram, top_k_chunked
-from clipopt_core.evaluate.protocol import METRIC_COLUMNS, EvalConfig, evaluate_model
+from clipopt_core.evaluate.protocol import METRIC_COLUMNS, EmbeddingCache, EvalConfig, caption_benchmark, evaluate_model
 from clipopt_core.data.manifest import ingest, scan_source, split_by_class
 from clipopt_core.models.loading import ModelSpec, load_model
 from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore, StorageError
@@ -210,31 +211,73 @@ def test_dedupe_texts():
 
 # ------------------------------------------------------------------ evaluate_model
 
-def test_evaluate_model_on_shapes(shapes_source: Path, tmp_path: Path):
+def test_evaluate_model_on_shapes(shapes_source: Path, caption_source: Path, tmp_path: Path):
     rows = ingest(str(shapes_source), scan_source(str(shapes_source))).accepted
     split = split_by_class(rows, val_fraction=0.2, test_fraction=0.4, seed=0)
     test = split.filter(pl.col("split") == "test")
     assert 2 <= test["label"].n_unique() < 16
+    pairs = ingest(str(caption_source), scan_source(str(caption_source), captions_only=True),
+                   captions_only=True).accepted.select("uri", "caption")
+    pairs = pl.concat([pairs, pairs.head(2).with_columns(pl.lit("A second   caption").alias("caption"))])
     torch.manual_seed(0)
     bundle = load_model(ModelSpec("clipopt-tiny"), cache_dir=tmp_path)
     seen: list[tuple[int, int]] = []
-    result = evaluate_model(bundle, test, EvalConfig(templates=("a photo of a {}.", "{}"), batch_size=8),
+    cache = EmbeddingCache()
+    config = EvalConfig(templates=("a photo of a {}.", "{}"), batch_size=8, gallery_queries=3)
+    result = evaluate_model(bundle, test, config, caption_pairs=pairs, cache=cache,
                             progress=lambda done, total: seen.append((done, total)))
     metrics = result.metrics
     for column in METRIC_COLUMNS:
         assert 0.0 <= metrics[column] <= 1.0, column
+        assert metrics[column] == pytest.approx(np.nanmean(result.per_query[column]))  # the bootstrap's input
     assert metrics["i2i_mean"] == pytest.approx((metrics["i2i_map"] + metrics["i2i_r1"]) / 2)
     assert metrics["knn_mean"] == pytest.approx(metrics["knn_top1"])
     assert metrics["zs_mean"] == pytest.approx(metrics["zs_top1"])
-    assert metrics["t2i_mean"] == pytest.approx((metrics["t2i_r1"] + metrics["t2i_r5"] + metrics["t2i_r10"]) / 3)
-    assert metrics["overall_mean"] == pytest.approx(sum(metrics[c] for c in METRIC_COLUMNS) / len(METRIC_COLUMNS))
+    assert metrics["t2i_mean"] == pytest.approx(metrics["t2i_r5"])  # held-out pairs, the paper's column
+    headline = ("i2i_map", "i2i_r1", "knn_top1", "zs_top1", "t2i_r5")
+    assert metrics["avg"] == pytest.approx(sum(metrics[c] for c in headline) / 5)
     assert metrics["t2i_r1"] <= metrics["t2i_r5"] <= metrics["t2i_r10"]
+    assert metrics["t2i_cls_r1"] <= metrics["t2i_cls_r5"] <= metrics["t2i_cls_r10"]
+    # 24 images with one caption each + one shared second caption: 25 caption queries over 24 images
+    assert len(result.per_query["t2i_r5"]) == 25 and len(result.per_query["i2i_map"]) == test.height
+    assert len(result.per_query["t2i_cls_r5"]) == test["caption"].n_unique()
     # the query counts as a hit and ranks first (self-similarity 1), so each AP is at least 1/3
     assert metrics["i2i_map"] >= 1 / 3
     assert result.image_embeddings.shape == (test.height, 32)
     torch.testing.assert_close(result.image_embeddings.norm(dim=1), torch.ones(test.height))
     assert set(result.per_source) == {"shapes-a", "shapes-b"}
-    assert seen[-1] == (test.height, test.height)
+    assert seen[-1] == (24, 24)  # the caption images are embedded after the test split
+    assert len(result.t2i_examples) == 3 and all(len(e.uris) == 5 for e in result.t2i_examples)
+    assert result.t2i_examples[0].query == "a drawing of a " + pairs["caption"][0].split("a drawing of a ")[1]
+    # a second variant with the same weights reuses every embedding; changed weights do not
+    seen.clear()
+    again = evaluate_model(bundle, test, config, caption_pairs=pairs, cache=cache,
+                           progress=lambda done, total: seen.append((done, total)))
+    assert seen == [] and again.metrics == metrics
+    with torch.no_grad():
+        next(p for n, p in bundle.model.named_parameters() if n.startswith("visual.")).add_(0.5)
+    changed = evaluate_model(bundle, test, config, caption_pairs=pairs, cache=cache,
+                             progress=lambda done, total: seen.append((done, total)))
+    assert (test.height, test.height) in seen and seen[-1] == (24, 24)  # both image sets embedded again
+    assert changed.metrics["i2i_map"] != metrics["i2i_map"]
+
+
+def test_evaluate_model_without_caption_pairs_leaves_t2i_nan(shapes_source: Path, tmp_path: Path):
+    rows = ingest(str(shapes_source), scan_source(str(shapes_source))).accepted
+    test = split_by_class(rows, val_fraction=0.2, test_fraction=0.4, seed=0).filter(pl.col("split") == "test")
+    bundle = load_model(ModelSpec("clipopt-tiny"), cache_dir=tmp_path)
+    result = evaluate_model(bundle, test, EvalConfig(templates=("{}",), batch_size=8))
+    assert np.isnan(result.metrics["t2i_r5"]) and np.isnan(result.metrics["t2i_mean"])
+    assert result.metrics["avg"] == pytest.approx(np.mean([result.metrics[c] for c in
+                                                           ("i2i_map", "i2i_r1", "knn_top1", "zs_top1")]))
+    assert result.t2i_examples == [] and len(result.per_query["t2i_r5"]) == 0
+
+
+def test_caption_benchmark_groups_queries_by_normalised_caption():
+    pairs = pl.DataFrame({"uri": ["a", "a", "b", "c", "b"], "caption": ["A  cat", "a dog", "a cat", "", "a dog"]})
+    bench = caption_benchmark(pairs)
+    assert bench.texts == ["A cat", "a dog"] and bench.uris == ["a", "b"]
+    assert bench.relevant == [[0, 1], [0, 1]]
 
 
 def test_evaluate_model_rejects_empty_split(tmp_path: Path):

@@ -21,7 +21,7 @@ from clipopt_core.train.config import MiningConfig
 from clipopt_core.train.mining import mine_captions
 from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
 from clipopt_core.models.encode import embed_images
-from clipopt_core.evaluate.protocol import validation_map, validation_t2i
+from clipopt_core.evaluate.protocol import caption_benchmark, validation_caption_t2i, validation_map
 from clipopt_core.data.manifest import ingest, scan_source
 from clipopt_core.models.loading import ClipBundle, ModelSpec, load_model
 from clipopt_core.train.tasks import RealignTask, RetrievalTask
@@ -283,7 +283,7 @@ def test_realign_resume_is_bit_identical(tmp_path: Path, caption_rows: pl.DataFr
     rconfig = RealignConfig(train=config, last_blocks=1)
     embeddings = embed_images(fresh_bundle(cache_dir), caption_rows["uri"].to_list())
     captions = caption_rows["caption"].to_list()
-    validate = validation_t2i(embeddings[:12], captions[:12])
+    validate = validation_caption_t2i(embeddings[:12], caption_benchmark(caption_rows.head(12)))
 
     full_events: list[dict[str, float]] = []
     task_a = realign_task(cache_dir, embeddings, captions, rconfig, validate=validate)
