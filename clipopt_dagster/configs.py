@@ -1,4 +1,4 @@
-"""Run configuration users edit in the launchpad. Defaults are METHOD.md's recipes.
+"""Run configuration users edit in the launchpad. Defaults are the recipes of docs/method.md.
 
 Each config validates its fields (errors name the field and the allowed values) and
 converts itself to the core library's frozen dataclasses.
@@ -97,7 +97,7 @@ class McipSettings(RetrievalSettings):
 
 
 class RealignSettings(_TrainSettings):
-    """Stage 2 (METHOD.md: LR 1e-5, wd 0.2, β 0.9/0.98, eps 1e-6; authors' batch 32k)."""
+    """Stage 2 (docs/method.md#realignment: LR 1e-5, wd 0.2, β 0.9/0.98, eps 1e-6; authors' batch 32k)."""
 
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=32768, ge=2)

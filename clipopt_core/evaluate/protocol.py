@@ -1,4 +1,4 @@
-"""Evaluate one model on a test split with the paper's protocol (METHOD.md "Evaluation").
+"""Evaluate one model on a test split with the paper's protocol (docs/method.md#evaluation).
 
 The split is a manifest frame (``uri``, ``label``, ``category``, ``caption``, ``source``):
 
