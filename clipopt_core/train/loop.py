@@ -224,6 +224,20 @@ def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float | None, sca
     return math.sqrt(squares) / scale
 
 
+def unscale_and_clip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float | None,
+                     mode: str) -> float:
+    """Clip the gradients per clip group before ``scaler.step``; return the true total norm.
+
+    ``unscaled``: ``scaler.unscale_`` first, so ``max_norm`` bounds the true gradients. ``authors``:
+    clip the gradients still multiplied by the scaler's scale (``scaler.step`` unscales later), so
+    the effective bound is ``max_norm / scale``. Identical when the scaler is disabled.
+    """
+    if mode == "unscaled":
+        scaler.unscale_(optimizer)
+    scale = float(scaler.get_scale()) if scaler.is_enabled() and mode == "authors" else 1.0
+    return clip_gradients(clip_groups(optimizer), max_norm, scale)
+
+
 def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                     config: TrainConfig, autocast_dtype: torch.dtype | None) -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
@@ -234,13 +248,9 @@ def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Op
         scaler.scale(loss / len(micro)).backward()
         for key, value in {"loss": float(loss.detach()), **stats}.items():
             totals[key] = totals.get(key, 0.0) + value / len(micro)
-    groups = clip_groups(optimizer)
-    distributed.average_gradients([p for params in groups for p in params])  # no-op outside torchrun
+    distributed.average_gradients([p for group in optimizer.param_groups for p in group["params"]])  # no-op outside torchrun
     totals = distributed.average_stats(totals)
-    if config.clip_mode == "unscaled":
-        scaler.unscale_(optimizer)
-    scale = float(scaler.get_scale()) if scaler.is_enabled() and config.clip_mode == "authors" else 1.0
-    totals["grad_norm"] = clip_gradients(groups, config.grad_clip, scale)
+    totals["grad_norm"] = unscale_and_clip(optimizer, scaler, config.grad_clip, config.clip_mode)
     scaler.step(optimizer)
     scaler.update()
     return totals

@@ -26,7 +26,7 @@ from clipopt_core.data.manifest import ingest, scan_source
 from clipopt_core.models.loading import ClipBundle, ModelSpec, load_model
 from clipopt_core.train.tasks import RealignTask, RetrievalTask
 from clipopt_core.train.config import RealignConfig, RetrievalConfig
-from clipopt_core.train.loop import LAST_DIR, clip_gradients, clip_groups, cosine_lr, fit
+from clipopt_core.train.loop import LAST_DIR, clip_gradients, clip_groups, cosine_lr, fit, unscale_and_clip
 from clipopt_core.train.config import TrainConfig
 
 TINY = ModelSpec("clipopt-tiny")
@@ -247,6 +247,20 @@ def test_clip_gradients_on_scaled_gradients_is_the_authors_threshold():
     unscaled = _with_grads((3.0, 4.0))
     clip_gradients([unscaled], 1.0, 1.0)
     assert unscaled[0].grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode,true_norm_after", [("unscaled", 1.0), ("authors", 1.0 / 1024)])
+def test_unscale_and_clip_with_a_grad_scaler(mode: str, true_norm_after: float):
+    # a real GradScaler (CPU) at scale 1024; the tower gradient is (3, 4), the proxy gradient (0, 0.0001)
+    tower, proxies = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([{"params": [tower]}, {"params": [proxies]}], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(tower @ torch.tensor([3.0, 4.0]) + proxies @ torch.tensor([0.0, 1e-4])).backward()
+    norm = unscale_and_clip(optimizer, scaler, 1.0, mode)
+    assert norm == pytest.approx(math.sqrt(25 + 1e-8), rel=1e-5)  # always the true norm before clipping
+    scaler.step(optimizer)  # unscales in "authors" mode; SGD at lr 1 moves each weight by minus its gradient
+    assert tower.norm().item() == pytest.approx(true_norm_after, rel=1e-4)
+    assert proxies.tolist() == pytest.approx([0.0, -1e-4], rel=1e-4)  # its own group: far below both bounds
 
 
 def test_clip_groups_follow_param_groups_and_shared_keys():
