@@ -39,7 +39,7 @@ def synthetic(args, dim: int):
     images = torch.randn(args.batch, 3, size, size, generator=g).to(args.device)
     labels = torch.randint(0, args.classes, (args.batch,), generator=g)
     captions = nn.functional.normalize(torch.randn(args.caption_pool, dim, generator=g), dim=-1)
-    counts = torch.randint(0, 21, (args.batch,), generator=g).tolist()  # 0-20 captions per image (METHOD.md)
+    counts = torch.randint(0, 21, (args.batch,), generator=g).tolist()  # 0-20 captions per image (docs/method.md#mining)
     captions_of = [torch.randint(0, args.caption_pool, (n,), generator=g).tolist() for n in counts]
     return images, labels, torch.arange(args.batch), captions, captions_of
 

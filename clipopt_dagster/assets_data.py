@@ -8,7 +8,7 @@ import polars as pl
 from clipopt_core.data import manifest as mf
 from clipopt_core.models.loading import load_model
 from clipopt_core.data.captions import caption_pool, split_caption_pairs
-from clipopt_core.train.mining import mine_captions
+from clipopt_core.train.mining import mine_captions, mining_spec
 from clipopt_core.train.identity import frame_digest, weights_digest
 from clipopt_core.train.mining import similarity_histogram
 from clipopt_core.layout import Keys, base_spec
@@ -123,12 +123,14 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, compu
           kinds={"pytorch"})
 def pseudo_captions(context: dg.AssetExecutionContext, config: MiningSettings, compute: ComputeResource,
                     store: ArtifactStoreResource) -> dg.MaterializeResult:
-    """MCIP step 1: top-k pool captions per training image above a threshold, by the unmodified base model."""
+    """MCIP step 1: top-k pool captions per training image above a threshold, retrieved by the unmodified
+    mining model (the base model unless ``model_name`` names another; the authors mined once with a ViT-L/14)."""
     compute.setup_torch()
     artifacts = store.store()
     train = artifacts.read_parquet(Keys.splits).filter(pl.col("split") == "train")
     pool = artifacts.read_parquet(Keys.caption_pool)["text"].to_list()
-    bundle = load_model(base_spec(artifacts), cache_dir=compute.cache, device=compute.device)
+    spec = mining_spec(config.core(), base_spec(artifacts))
+    bundle = load_model(spec, cache_dir=compute.cache, device=compute.device)
     table, stats = mine_captions(bundle, train, pool, config.core(), device=compute.device)
     artifacts.write_parquet(Keys.pseudo_captions, table)
     examples = table.filter(pl.col("rank") == 0).join(train.select("image_id", "label"), on="image_id").head(8)
@@ -136,5 +138,5 @@ def pseudo_captions(context: dg.AssetExecutionContext, config: MiningSettings, c
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()},
         "similarity_histogram": md_table([{"from": a, "count": c} for a, c in similarity_histogram(table)]),
         "examples": md_table(examples.select("label", "caption", "similarity")),
-        "uri": artifacts.url(Keys.pseudo_captions),
+        "uri": artifacts.url(Keys.pseudo_captions), "mining_model": f"{spec.name}:{spec.pretrained}",
     })

@@ -18,7 +18,12 @@ from torchvision.transforms import v2
 
 from clipopt_core.data.images import decode_image
 
-RESIZE_RATIO = 1.125  # METHOD.md: resize to 1.125·S, then crop S
+RESIZE_RATIO = 1.125  # docs/method.md#transforms: square resize to 1.125·S, then crop S
+
+
+def _resized_side(size: int) -> int:
+    """The square side images are resized to before cropping ``size``: ⌊1.125·size⌋ as in the authors' code."""
+    return int(size * RESIZE_RATIO)
 
 
 def _interpolation(name: str) -> v2.InterpolationMode:
@@ -29,7 +34,7 @@ def _interpolation(name: str) -> v2.InterpolationMode:
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bicubic") -> v2.Compose:
     """PIL RGB → float [3, size, size]: square resize to 1.125·S, random crop S, flip, colour jitter 0.4, normalise."""
-    resized = int(round(size * RESIZE_RATIO))
+    resized = _resized_side(size)
     return v2.Compose([
         v2.PILToTensor(),
         v2.Resize((resized, resized), interpolation=_interpolation(interpolation), antialias=True),
@@ -42,10 +47,12 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float], inte
 
 
 def eval_geometry(size: int, interpolation: str = "bicubic") -> v2.Compose:
-    """PIL RGB → uint8 [3, size, size]: shorter side to 1.125·S, centre crop S (not normalised)."""
+    """PIL RGB → uint8 [3, size, size]: *square* resize to 1.125·S (aspect ratio not kept), centre
+    crop S (not normalised) — the authors' eval transform (docs/method.md#transforms)."""
+    resized = _resized_side(size)
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(int(round(size * RESIZE_RATIO)), interpolation=_interpolation(interpolation), antialias=True),
+        v2.Resize((resized, resized), interpolation=_interpolation(interpolation), antialias=True),
         v2.CenterCrop(size),
     ])
 

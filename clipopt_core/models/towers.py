@@ -8,6 +8,8 @@ under ``model.text`` (an open_clip ``TextTransformer`` or a Hugging Face encoder
 from __future__ import annotations
 
 import torch
+from open_clip.transformer import PatchDropout, VisionTransformer
+from timm.layers import PatchDropout as TimmPatchDropout
 from torch import nn
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -86,12 +88,34 @@ def no_weight_decay(name: str, parameter: torch.Tensor) -> bool:
 def train_mode(module: nn.Module, *, freeze_norm: bool) -> None:
     """Put ``module`` in train mode, keeping BatchNorm layers in eval mode when ``freeze_norm``.
 
-    DATA.md measured that BatchNorm in train mode on emoji *lowered* held-out mAP from
-    0.23 to 0.12 on the EfficientNet starter tower, so stages freeze norms by default:
-    running statistics stay untouched and (see :func:`visual_parameters`) so do the affines.
+    On the EfficientNet starter tower, BatchNorm in train mode on emoji *lowered* held-out mAP
+    from 0.23 to 0.12, so stages freeze norms by default (docs/method.md#frozen-norms): running
+    statistics stay untouched and (see :func:`visual_parameters`) so do the affines.
     """
     module.train()
     if freeze_norm:
         for layer in module.modules():
             if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                 layer.eval()
+
+
+def set_patch_dropout(visual: nn.Module, prob: float) -> None:
+    """Drop a random ``prob`` share of the patch tokens of a ViT image tower while it trains.
+
+    Works on open_clip ``VisionTransformer`` towers (their ``patch_dropout`` module; the class
+    token is kept) and timm ViT trunks (``trunk.patch_drop``; prefix tokens kept) — the module
+    the authors' ``force_patch_dropout`` sets. Both act only in train mode, so eval embeddings
+    are unaffected. ``prob`` 0 removes it. Raises ``ValueError`` for a tower without patch
+    tokens (e.g. a CNN) or ``prob`` outside [0, 1).
+    """
+    if not 0.0 <= prob < 1.0:
+        raise ValueError(f"patch_dropout must be in [0, 1), got {prob}")
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(visual, VisionTransformer):
+        visual.patch_dropout = PatchDropout(prob) if prob > 0 else nn.Identity()
+    elif isinstance(getattr(trunk, "patch_drop", None), (nn.Identity, TimmPatchDropout)):
+        trunk.patch_drop = TimmPatchDropout(prob, num_prefix_tokens=trunk.num_prefix_tokens) if prob > 0 else nn.Identity()
+    elif prob > 0:
+        kind = type(trunk if trunk is not None else visual).__name__
+        raise ValueError(f"patch_dropout={prob} needs a ViT image tower with patch tokens, but this model's image "
+                         f"tower is a {kind}; set patch_dropout to 0 for this model")

@@ -11,13 +11,17 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; defaults are METHOD.md's stage-1 recipe.
+    """Optimisation settings; defaults are the stage-1 recipe (docs/method.md#stage-1).
 
     ``lr`` is the tower learning rate; each task scales its other groups from it (proxies 100×).
     ``eval_every_steps`` and ``checkpoint_every_steps`` count optimizer steps.
     ``patience`` counts evaluations without improvement; ``validate_at_start`` scores the starting
     weights first, so a run that only makes things worse returns the starting weights. ``precision`` is ``fp32``, ``bf16`` or
     ``fp16`` (autocast; fp16 uses a gradient scaler); reduced precision is used on CUDA only.
+    ``grad_clip``: max L2 norm per clip group (each of the task's parameter groups: tower, proxies),
+    ``None`` = no clipping. ``clip_mode``: ``unscaled`` clips the true gradients (after
+    ``GradScaler.unscale_``); ``authors`` clips the fp16-*scaled* gradients as the authors' code
+    does (docs/method.md#clipping); the two agree when no scaler is active (fp32/bf16).
     """
 
     epochs: int = 3
@@ -27,7 +31,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0
+    clip_mode: Literal["unscaled", "authors"] = "unscaled"
     accumulation_steps: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 0
@@ -40,11 +45,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """Stage-1 / MCIP settings (defaults: METHOD.md).
+    """Stage-1 / MCIP settings (defaults: docs/method.md#stage-1, #mcip).
 
     ``mc_weight`` = 0 gives stage 1; MCIP uses 0.25 (ArcMargin then weighs ``1 - mc_weight``).
+    ``max_negative``: form of the MC loss's extra term weighted by ``max_negative_weight``:
+    ``authors`` (their code) or ``hardest`` (hardest-negative −log(1 − p); docs/method.md#mc-loss).
+    ``freeze_norm`` keeps BatchNorm layers fixed (docs/method.md#frozen-norms).
     ``projector``: ``train`` keeps the projector in the joint space and trains it; ``reattach``
     trains the trunk on pre-projection features and keeps the original projector.
+    ``patch_dropout``: share of ViT patch tokens dropped while training (authors: 0.33 for
+    SigLIP, none otherwise; docs/method.md#patch-dropout); must be 0 for towers without patches.
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -56,15 +66,20 @@ class RetrievalConfig:
     freeze_norm: bool = True
     projector: Literal["train", "reattach"] = "train"
     num_workers: int = 0
+    max_negative: Literal["authors", "hardest"] = "authors"
+    patch_dropout: float = 0.0
 
 
+# realignment: the authors' open_clip run does not clip gradients (docs/method.md#realignment)
 REALIGN_TRAIN_DEFAULTS = TrainConfig(lr=1e-5, lr_floor=0.0, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6, epochs=10,
-                                     batch_size=32768, eval_every_steps=100)
+                                     batch_size=32768, eval_every_steps=100, grad_clip=None)
 
 
 @dataclass(frozen=True)
 class RealignConfig:
-    """Stage-2 settings (METHOD.md: AdamW 0.9/0.98, eps 1e-6, LR 1e-5, wd 0.2 off norms/biases/scale)."""
+    """Stage-2 settings (docs/method.md#realignment: AdamW 0.9/0.98, eps 1e-6, LR 1e-5, wd 0.2 off
+    norms/biases/scale, no gradient clipping). ``max_logit_scale``: the logit-scale parameter is
+    clamped in place to ≤ ln(max_logit_scale) after each step."""
 
     train: TrainConfig = field(default_factory=lambda: REALIGN_TRAIN_DEFAULTS)
     last_blocks: int = 1
@@ -73,11 +88,18 @@ class RealignConfig:
 
 @dataclass(frozen=True)
 class MiningConfig:
-    """``threshold``: a cosine, or ``None`` to take the ``threshold_quantile`` of the top-1
-    similarities (the right value depends on the model's similarity range: DATA.md saw
-    0.25 → 13.6 captions/image and 0.35 → 0.6 on the starter model)."""
+    """Pseudo-caption mining (docs/method.md#mining).
+
+    ``threshold``: a cosine, or ``None`` to take the ``threshold_quantile`` of the top-1
+    similarities (the right value depends on the mining model's similarity range: on the starter
+    model 0.25 gave 13.6 captions/image and 0.35 gave 0.6). ``model_name``/``model_pretrained``:
+    the mining model (an open_clip name and tag, see ``ModelSpec``); ``None`` mines with the base
+    model. The authors mined once with OpenAI ViT-L/14 for every model they trained.
+    """
 
     top_k: int = 20
     threshold: float | None = 0.27
     threshold_quantile: float = 0.5
     chunk_size: int = 65536
+    model_name: str | None = None
+    model_pretrained: str | None = None

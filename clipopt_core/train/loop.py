@@ -2,9 +2,10 @@
 
 A stage supplies a :class:`TrainTask` (what trains, the loss, the batches, validation);
 :func:`fit` supplies the rest: AdamW with parameter groups, per-step cosine decay to a
-floor (no warm-up), mixed precision with gradient clipping *after* unscaling, gradient
-accumulation, periodic validation with best-weights keeping and early stopping, and
-checkpoints every N steps that :func:`fit` resumes from with bit-identical results.
+floor (no warm-up), mixed precision, gradient clipping per group (:func:`clip_gradients`;
+docs/method.md#clipping), gradient accumulation, periodic validation with best-weights keeping
+and early stopping, and checkpoints every N steps that :func:`fit` resumes from with
+bit-identical results.
 """
 from __future__ import annotations
 
@@ -34,7 +35,12 @@ BEST_FILE = "best.safetensors"
 
 
 class TrainTask(Protocol):
-    """What a stage provides to :func:`fit`."""
+    """What a stage provides to :func:`fit`.
+
+    Optional: ``after_step()``, called after every optimizer step (e.g. to clamp a parameter in
+    place); a ``"clip_group"`` key in a parameter group puts the groups sharing it under one
+    clipping norm (default: each group is clipped on its own).
+    """
 
     modules: nn.ModuleDict  # everything saved in checkpoints (model, loss proxies, logit scale)
 
@@ -121,6 +127,7 @@ def _fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     autocast_dtype = _autocast_dtype(config.precision, device)
+    _check_clipping(config)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     steps_per_epoch = task.steps_per_epoch(config) // config.accumulation_steps
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or 10**18)
@@ -130,7 +137,7 @@ def _fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.
         state = _load_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler)
     elif config.validate_at_start and total_steps > 0:
         _validate(task, state, config, work_dir, log)  # the starting weights compete for "best" too
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    after_step = getattr(task, "after_step", lambda: None)
     while state.step < total_steps and not state.stopped_early:
         epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
         task.train_mode()
@@ -141,7 +148,8 @@ def _fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(group["base_lr"], config.lr_floor, state.step, total_steps)
-            stats = _optimizer_step(task, micro, optimizer, scaler, params, config, autocast_dtype)
+            stats = _optimizer_step(task, micro, optimizer, scaler, config, autocast_dtype)
+            after_step()
             micro = []
             state.step += 1
             log({"step": state.step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **stats})
@@ -181,8 +189,57 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def _check_clipping(config: TrainConfig) -> None:
+    if config.clip_mode not in ("unscaled", "authors"):
+        raise ValueError(f"clip_mode must be 'unscaled' or 'authors', got {config.clip_mode!r}")
+    if config.grad_clip is not None and not config.grad_clip > 0:
+        raise ValueError(f"grad_clip must be > 0, or None for no clipping; got {config.grad_clip}")
+
+
+def clip_groups(optimizer: torch.optim.Optimizer) -> list[list[nn.Parameter]]:
+    """The optimizer's parameters in clipping sets: one per parameter group, or per shared ``clip_group`` key."""
+    sets: dict[Any, list[nn.Parameter]] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        sets.setdefault(group.get("clip_group", index), []).extend(group["params"])
+    return list(sets.values())
+
+
+def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float | None, scale: float = 1.0) -> float:
+    """Clip each group's gradients to L2 norm ≤ ``max_norm`` on its own; return the total true norm.
+
+    ``scale`` is the factor the gradients currently carry (a GradScaler's scale when they were not
+    unscaled, else 1): ``max_norm`` applies to the gradients as they are (the authors' fp16 form
+    clips scaled gradients), while the returned norm over all groups is divided by ``scale``.
+    ``max_norm`` ``None`` clips nothing. Parameters without a gradient are skipped.
+    """
+    squares = 0.0
+    for params in groups:
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            continue
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
+        squares += float(norm) ** 2
+    return math.sqrt(squares) / scale
+
+
+def unscale_and_clip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float | None,
+                     mode: str) -> float:
+    """Clip the gradients per clip group before ``scaler.step``; return the true total norm.
+
+    ``unscaled``: ``scaler.unscale_`` first, so ``max_norm`` bounds the true gradients. ``authors``:
+    clip the gradients still multiplied by the scaler's scale (``scaler.step`` unscales later), so
+    the effective bound is ``max_norm / scale``. Identical when the scaler is disabled.
+    """
+    if mode == "unscaled":
+        scaler.unscale_(optimizer)
+    scale = float(scaler.get_scale()) if scaler.is_enabled() and mode == "authors" else 1.0
+    return clip_gradients(clip_groups(optimizer), max_norm, scale)
+
+
 def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    params: list[nn.Parameter], config: TrainConfig, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+                    config: TrainConfig, autocast_dtype: torch.dtype | None) -> dict[str, float]:
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {}
     for batch in micro:
@@ -191,10 +248,9 @@ def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Op
         scaler.scale(loss / len(micro)).backward()
         for key, value in {"loss": float(loss.detach()), **stats}.items():
             totals[key] = totals.get(key, 0.0) + value / len(micro)
-    distributed.average_gradients(params)  # no-op outside torchrun
+    distributed.average_gradients([p for group in optimizer.param_groups for p in group["params"]])  # no-op outside torchrun
     totals = distributed.average_stats(totals)
-    scaler.unscale_(optimizer)
-    totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+    totals["grad_norm"] = unscale_and_clip(optimizer, scaler, config.grad_clip, config.clip_mode)
     scaler.step(optimizer)
     scaler.update()
     return totals

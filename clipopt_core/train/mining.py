@@ -1,9 +1,10 @@
 """Pseudo-caption mining (MCIP step 1): retrieve, do not generate.
 
-For each training image (embedded by the *pretrained, unmodified* model) keep its top-k
-captions of a deduplicated pool (embedded by the same model's text tower) whose cosine
-similarity exceeds a threshold. The pool is scanned in chunks so memory stays bounded
-by ``images × chunk`` similarities, whatever the pool size.
+For each training image (embedded by a *pretrained, unmodified* mining model: the base model
+unless :class:`MiningConfig` names another, see :func:`mining_spec`) keep its top-k captions
+of a deduplicated pool (embedded by the same model's text tower) whose cosine similarity
+exceeds a threshold (docs/method.md#mining). The pool is scanned in chunks so memory stays
+bounded by ``images × chunk`` similarities, whatever the pool size.
 """
 from __future__ import annotations
 
@@ -14,8 +15,20 @@ import torch
 
 from clipopt_core.data.captions import dedupe_texts
 from clipopt_core.models.encode import embed_images, embed_texts
-from clipopt_core.models.loading import ClipBundle
+from clipopt_core.models.loading import ClipBundle, ModelSpec
 from clipopt_core.train.config import MiningConfig
+
+
+def mining_spec(config: MiningConfig, base: ModelSpec) -> ModelSpec:
+    """The model that mines pseudo-captions: ``base`` itself (with its image size) when
+    ``config.model_name`` is ``None``, else ``config.model_name``/``config.model_pretrained`` at
+    that model's own input size (the authors used OpenAI ViT-L/14 for every model they trained)."""
+    if config.model_name is None:
+        if config.model_pretrained is not None:
+            raise ValueError(f"mining model_pretrained={config.model_pretrained!r} needs model_name too "
+                             "(or set both to None to mine with the base model)")
+        return base
+    return ModelSpec(name=config.model_name, pretrained=config.model_pretrained)
 
 
 def top_k_chunked(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, k: int,
@@ -104,7 +117,8 @@ def similarity_histogram(table: pl.DataFrame, bins: int = 10) -> list[tuple[floa
 
 def mine_captions(base: ClipBundle, train: pl.DataFrame, pool: list[str], config: MiningConfig, *,
                   device: str = "cpu") -> tuple[pl.DataFrame, dict[str, float]]:
-    """Pseudo-captions for the training images from ``pool`` with the unmodified base model."""
+    """Pseudo-captions for the training images from ``pool``, mined with ``base``: the loaded,
+    unmodified model of :func:`mining_spec` (the base model by default)."""
     pool = dedupe_texts(pool)
     image_embeddings = embed_images(base, train["uri"].to_list(), device=device)
     text_embeddings = embed_texts(base, pool, device=device)

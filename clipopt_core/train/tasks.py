@@ -1,4 +1,4 @@
-"""The training stages of METHOD.md as :class:`~clipopt_core.train.loop.TrainTask` s.
+"""The training stages of docs/method.md as :class:`~clipopt_core.train.loop.TrainTask` s.
 
 * :class:`RetrievalTask` — stage 1 (ArcMargin on the image tower) and, with caption
   embeddings, MCIP (0.75·ArcMargin + 0.25·MCArcMargin against the frozen text tower).
@@ -45,6 +45,7 @@ class RetrievalTask:
         self.bundle, self.dataset, self.config, self._validate_fn = bundle, dataset, config, validate_fn
         model = bundle.model
         towers.freeze(model)
+        towers.set_patch_dropout(model.visual, config.patch_dropout)  # acts in train mode only
         self._reattach = config.projector == "reattach"
         self._trainable = self._visual_trainable(model)
         for parameter in self._trainable:
@@ -52,7 +53,8 @@ class RetrievalTask:
         with torch.no_grad():
             feature_dim = self._features(torch.zeros(1, 3, bundle.image_size, bundle.image_size)).shape[-1]
         self.arc = ArcMarginLoss(feature_dim, num_classes, config.arc_scale, config.arc_margin)
-        self.multi_caption = MultiCaptionArcMarginLoss(config.arc_scale, config.arc_margin, config.max_negative_weight)
+        self.multi_caption = MultiCaptionArcMarginLoss(config.arc_scale, config.arc_margin, config.max_negative_weight,
+                                                       config.max_negative)
         self.modules = nn.ModuleDict({"model": model, "arc": self.arc})
         self._captions = caption_embeddings
         self._captions_of = [torch.as_tensor(list(rows), dtype=torch.long) for rows in captions_of] if captions_of else None
@@ -144,12 +146,13 @@ class RealignTask:
         self.modules = nn.ModuleDict({"model": model, "infonce": self.infonce})
 
     def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        """Decay / no-decay groups; one clip group for both (open_clip clips all parameters together)."""
         names = {id(p): n for n, p in self.bundle.model.named_parameters()}
         decay = [p for p in self._tail if not towers.no_weight_decay(names[id(p)], p)]
         no_decay = [p for p in self._tail if towers.no_weight_decay(names[id(p)], p)]
         return [
-            {"params": decay, "lr": config.lr, "weight_decay": config.weight_decay},
-            {"params": no_decay + [self.infonce.logit_scale], "lr": config.lr, "weight_decay": 0.0},
+            {"params": decay, "lr": config.lr, "weight_decay": config.weight_decay, "clip_group": "text"},
+            {"params": no_decay + [self.infonce.logit_scale], "lr": config.lr, "weight_decay": 0.0, "clip_group": "text"},
         ]
 
     def steps_per_epoch(self, config: TrainConfig) -> int:
@@ -181,6 +184,10 @@ class RealignTask:
         loss = self.infonce(*distributed.gather_pairs(image_embeddings.to(device), text))  # global batch under torchrun
         return loss, {"logit_scale": float(self.infonce.effective_scale().detach())}
 
+    def after_step(self) -> None:
+        """Clamp the logit-scale parameter in place after each optimizer step (as open_clip does)."""
+        self.infonce.clamp_logit_scale_()
+
     def validate(self) -> float:
         self.bundle.model.eval()
         return float(self._validate_fn(self.bundle))
@@ -188,7 +195,7 @@ class RealignTask:
     def finish(self) -> None:
         """Copy the learned (clamped) logit scale back into the model before export."""
         with torch.no_grad():
-            self.bundle.model.logit_scale.fill_(math.log(float(self.infonce.effective_scale())))
+            self.bundle.model.logit_scale.fill_(float(self.infonce.logit_scale))
 
 
 def _collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

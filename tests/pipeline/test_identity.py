@@ -87,6 +87,14 @@ def test_no_pseudo_caption_fails_mcip_naming_the_setting_and_keeps_its_checkpoin
     assert store.read_json("models/mcip_encoder/_COMPLETE.json") == published  # nothing republished
 
 
+def test_pseudo_captions_mine_with_the_configured_mining_model(first, sources) -> None:
+    tmp, _ = first
+    result = dg.materialize(GRAPH, resources=tiny_resources(tmp, *sources), raise_on_error=False,
+                            run_config=run_config(pseudo_captions={"config": {"model_name": "ViT-B-23"}}))
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "pseudo_captions")
+    assert "unknown model name 'ViT-B-23'" in str(failure.event_specific_data.error)  # not the base model (clipopt-tiny)
+
+
 def test_one_image_replaced_with_the_count_unchanged_retrains_every_stage(first, sources) -> None:
     tmp, before = first
     images, captions = sources

@@ -35,7 +35,7 @@ BASE = dict(epochs=1, batch_size=8, lr=3e-3, lr_floor=1e-4, weight_decay=0.01, p
 SCENARIOS: dict[str, dict[str, Any]] = {
     "stage1": {"kind": "retrieval", "train": {}},
     "mcip": {"kind": "mcip", "train": {}},
-    # METHOD.md's stage-2 AdamW (eps 1e-6): the key bias of attention has an exactly-zero gradient, and
+    # the stage-2 AdamW of docs/method.md#realignment (eps 1e-6): the key bias of attention has an exactly-zero gradient, and
     # with eps 1e-8 Adam would blow its rounding noise (which differs with the batch split) up to ~lr per step
     "realign": {"kind": "realign", "train": {"epochs": 2, "max_steps": 5, "lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-6,
                                              "weight_decay": 0.2}},

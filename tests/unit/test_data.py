@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from clipopt_core.data.datasets import (
     EpochBatches,
@@ -380,6 +381,28 @@ def test_eval_transform_is_deterministic(shape_uris: list[str]):
     assert first[:, 0, 0].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
     with pytest.raises(ValueError, match="labels"):
         ImageDataset(shape_uris, [0], eval_transform(32, (0.5,) * 3, (0.5,) * 3))
+
+
+def test_eval_geometry_is_square_resize_then_centre_crop(tmp_path: Path):
+    # a 96x48 image: left half red, right half blue, a green bar near each short edge
+    array = np.zeros((48, 96, 3), dtype=np.uint8)
+    array[:, :48] = RED
+    array[:, 48:] = BLUE
+    array[:, :6] = array[:, -6:] = (0, 255, 0)
+    path = tmp_path / "wide.png"
+    Image.fromarray(array).save(path)
+    size = 44  # 1.125 * 44 = 49.5: the authors' int() gives 49 (round() would give 50)
+    got = ImageDataset([str(path)], [0], eval_geometry(size))[0][0]
+    tensor = v2.functional.pil_to_tensor(Image.fromarray(array))
+    bicubic = v2.InterpolationMode.BICUBIC
+    square = v2.functional.center_crop(v2.functional.resize(tensor, [49, 49], interpolation=bicubic, antialias=True), [size])
+    shorter = v2.functional.center_crop(v2.functional.resize(tensor, 49, interpolation=bicubic, antialias=True), [size])
+    assert got.shape == (3, size, size)
+    assert torch.equal(got, square)
+    assert not torch.equal(got, shorter)
+    # the square resize keeps the whole width (both halves, squeezed); shorter-side + crop loses the green edges
+    assert got[1, size // 2, 0] > 200 and got[0, size // 2, 2 * size // 5] > 200 and got[2, size // 2, 3 * size // 5] > 200
+    assert shorter[1, size // 2, 0] < 50
 
 
 def test_batched_normalisation_equals_the_per_image_transform(shape_uris: list[str]):

@@ -137,8 +137,21 @@ CAP_ANGLES = (0.3, -0.5, 0.4)  # captions 0, 1 belong to image 0; caption 2 to i
 CAP_OWNER = (0, 0, 1)
 
 
-def mc_ref(w: float) -> float:
-    """Expected MC loss in plain math for the fixed batch above."""
+def mc_authors_2d(img_angles: tuple[float, ...], cap_angles: tuple[float, ...], owner: tuple[int, ...], w: float) -> float:
+    """The authors' MC loss for unit vectors in the plane, written out by hand."""
+    total = 0.0
+    for i, a in enumerate(img_angles):
+        own = [o == i for o in owner]
+        n = sum(own)
+        t = [1.0 / n if o else 0.0 for o in own]
+        z = [S * (margin_ref(math.cos(a - b), M) if o else math.cos(a - b)) for b, o in zip(cap_angles, own)]
+        lp = log_softmax_ref(z)
+        total += -sum(tk * lk for tk, lk in zip(t, lp)) + w * max(-(1.0 - tk) * lk for tk, lk in zip(t, lp))
+    return total / len(img_angles)
+
+
+def mc_hardest_2d(w: float) -> float:
+    """The hardest-negative variant for the fixed batch above, plain math."""
     total = 0.0
     for i, a in enumerate(IMG_ANGLES):
         own = [o == i for o in CAP_OWNER]
@@ -151,26 +164,105 @@ def mc_ref(w: float) -> float:
     return total / len(IMG_ANGLES)
 
 
+def mc_reference(images: torch.Tensor, captions: torch.Tensor, owner: list[int], w: float) -> float:
+    """Independent reference of the authors' formula: python loops over float64 values.
+
+    log p = log_softmax over the batch's captions of s·(margin on own captions); t_ik = 1/n_i;
+    loss_i = Σ_k −t_ik log p_ik + w·max_k[−(1 − t_ik) log p_ik]; mean over all B images.
+    """
+    imgs = [[float(v) for v in row] for row in images.double()]
+    caps = [[float(v) for v in row] for row in captions.double()]
+
+    def normalised(v: list[float]) -> list[float]:
+        length = math.sqrt(sum(x * x for x in v))
+        return [x / length for x in v]
+
+    imgs, caps = [normalised(v) for v in imgs], [normalised(v) for v in caps]
+    total = 0.0
+    for i, x in enumerate(imgs):
+        n_i = sum(1 for o in owner if o == i)
+        z, t = [], []
+        for k, e in enumerate(caps):
+            c = sum(a * b for a, b in zip(x, e))
+            z.append(S * (margin_ref(c, M) if owner[k] == i else c))
+            t.append(1.0 / n_i if owner[k] == i else 0.0)
+        lp = log_softmax_ref(z)
+        total += -sum(t[k] * lp[k] for k in range(len(caps))) + w * max(-(1 - t[k]) * lp[k] for k in range(len(caps)))
+    return total / len(imgs)
+
+
 @pytest.mark.parametrize("w", [0.0, 0.1])
-def test_mc_hand_computed(w: float) -> None:
+def test_mc_authors_hand_computed(w: float) -> None:
     mc = MultiCaptionArcMarginLoss(scale=S, margin=M, max_negative_weight=w)
     got = mc(vecs(*IMG_ANGLES) * 2.0, vecs(*CAP_ANGLES) * 0.5, torch.tensor(CAP_OWNER))
-    assert got.item() == pytest.approx(mc_ref(w), rel=1e-10)
+    assert got.item() == pytest.approx(mc_authors_2d(IMG_ANGLES, CAP_ANGLES, CAP_OWNER, w), rel=1e-10)
 
 
-def test_mc_max_negative_switch_adds_exact_term() -> None:
-    args = (vecs(*IMG_ANGLES), vecs(*CAP_ANGLES), torch.tensor(CAP_OWNER))
-    on = MultiCaptionArcMarginLoss(max_negative_weight=0.1)(*args).item()
-    off = MultiCaptionArcMarginLoss(max_negative_weight=0.0)(*args).item()
-    assert on - off == pytest.approx(mc_ref(0.1) - mc_ref(0.0), rel=1e-10)
-    assert on > off
+def test_mc_authors_max_term_is_the_least_probable_caption_own_included() -> None:
+    # image 0's least probable caption is its own caption 1 (angle -0.5 vs 0.4 for the negative):
+    # the authors' term takes it with weight 1 - 1/2, where the hardest variant ignores own captions
+    lp0 = log_softmax_ref([S * margin_ref(math.cos(0.3), M), S * margin_ref(math.cos(0.5), M), S * math.cos(0.4)])
+    lp1 = log_softmax_ref([S * math.cos(0.3), S * math.cos(1.1), S * margin_ref(math.cos(0.2), M)])
+    term0 = max(-0.5 * lp0[0], -0.5 * lp0[1], -lp0[2])
+    term1 = max(-lp1[0], -lp1[1], 0.0 * lp1[2])
+    on = MultiCaptionArcMarginLoss(max_negative_weight=0.1)(vecs(*IMG_ANGLES), vecs(*CAP_ANGLES), torch.tensor(CAP_OWNER))
+    off = MultiCaptionArcMarginLoss(max_negative_weight=0.0)(vecs(*IMG_ANGLES), vecs(*CAP_ANGLES), torch.tensor(CAP_OWNER))
+    assert on.item() - off.item() == pytest.approx(0.1 * (term0 + term1) / 2, rel=1e-10)
+    assert term1 == -lp1[1]  # the negative at angle 1.1 from image 1
 
 
-def test_mc_extra_term_pushes_hardest_negative_down() -> None:
+def test_mc_authors_captionless_row_counts_in_the_mean_with_its_max_term() -> None:
+    angles = (IMG_ANGLES[0], 2.5, IMG_ANGLES[1])
+    owner = (0, 0, 2)
+    got = MultiCaptionArcMarginLoss()(vecs(*angles), vecs(*CAP_ANGLES), torch.tensor(owner))
+    lp = log_softmax_ref([S * math.cos(2.5 - b) for b in CAP_ANGLES])  # no margin: row 1 owns nothing
+    captioned = 2 * mc_authors_2d((IMG_ANGLES[0], IMG_ANGLES[1]), CAP_ANGLES, CAP_OWNER, 0.1)
+    assert got.item() == pytest.approx((captioned + 0.1 * max(-v for v in lp)) / 3, rel=1e-10)
+    assert got.item() == pytest.approx(mc_authors_2d(angles, CAP_ANGLES, owner, 0.1), rel=1e-10)
+
+
+def test_mc_authors_matches_reference_with_captionless_row_three_captions_and_bf16() -> None:
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(4, 16, generator=generator)
+    captions = torch.randn(6, 16, generator=generator)
+    owner = [0, 0, 0, 1, 3, 3]  # image 0 has 3 captions, image 2 none
+    mc = MultiCaptionArcMarginLoss()
+    assert mc(images.double(), captions.double(), torch.tensor(owner)).item() == pytest.approx(
+        mc_reference(images, captions, owner, 0.1), rel=1e-10)
+    assert mc(images, captions, torch.tensor(owner)).item() == pytest.approx(
+        mc_reference(images, captions, owner, 0.1), rel=1e-5)
+    img16, cap16 = images.bfloat16(), captions.bfloat16()
+    got = mc(img16, cap16, torch.tensor(owner))
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(mc_reference(img16, cap16, owner, 0.1), rel=1e-5)
+
+
+def test_mc_authors_captionless_image_gets_a_gradient() -> None:
+    images = vecs(IMG_ANGLES[0], 2.5, IMG_ANGLES[1]).requires_grad_(True)
+    MultiCaptionArcMarginLoss()(images, vecs(*CAP_ANGLES), torch.tensor([0, 0, 2])).backward()
+    assert images.grad[1].abs().sum().item() > 0
+    images.grad = None
+    MultiCaptionArcMarginLoss(max_negative="hardest")(images, vecs(*CAP_ANGLES), torch.tensor([0, 0, 2])).backward()
+    assert images.grad[1].abs().sum().item() == 0.0  # the hardest variant skips captionless rows
+
+
+def test_mc_rejects_unknown_max_negative() -> None:
+    with pytest.raises(ValueError, match="max_negative"):
+        MultiCaptionArcMarginLoss(max_negative="easiest")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("w", [0.0, 0.1])
+def test_mc_hardest_hand_computed(w: float) -> None:
+    mc = MultiCaptionArcMarginLoss(scale=S, margin=M, max_negative_weight=w, max_negative="hardest")
+    got = mc(vecs(*IMG_ANGLES) * 2.0, vecs(*CAP_ANGLES) * 0.5, torch.tensor(CAP_OWNER))
+    assert got.item() == pytest.approx(mc_hardest_2d(w), rel=1e-10)
+
+
+def test_mc_hardest_extra_term_pushes_hardest_negative_down() -> None:
     img = vecs(*IMG_ANGLES).requires_grad_(True)
     caps = vecs(*CAP_ANGLES)
-    mc_on = MultiCaptionArcMarginLoss(max_negative_weight=0.1)
-    mc_off = MultiCaptionArcMarginLoss(max_negative_weight=0.0)
+    mc_on = MultiCaptionArcMarginLoss(max_negative_weight=0.1, max_negative="hardest")
+    mc_off = MultiCaptionArcMarginLoss(max_negative_weight=0.0, max_negative="hardest")
     g_on = torch.autograd.grad(mc_on(img, caps, torch.tensor(CAP_OWNER)), img)[0]
     g_off = torch.autograd.grad(mc_off(img, caps, torch.tensor(CAP_OWNER)), img)[0]
     # descent direction of the extra term for image 0 reduces its similarity to its negative (caption 2)
@@ -178,28 +270,50 @@ def test_mc_extra_term_pushes_hardest_negative_down() -> None:
     assert torch.dot(delta, caps[2]).item() < 0
 
 
-def test_mc_image_without_captions_contributes_nothing() -> None:
-    mc = MultiCaptionArcMarginLoss()
+def test_mc_hardest_image_without_captions_contributes_nothing() -> None:
+    mc = MultiCaptionArcMarginLoss(max_negative="hardest")
     caps = vecs(*CAP_ANGLES)
     base = mc(vecs(*IMG_ANGLES), caps, torch.tensor(CAP_OWNER))
     with_empty = mc(vecs(IMG_ANGLES[0], 2.5, IMG_ANGLES[1]), caps, torch.tensor([0, 0, 2]))
     assert with_empty.item() == pytest.approx(base.item(), rel=1e-12)
 
 
-def test_mc_single_captioned_image_has_no_negative_term() -> None:
+def test_mc_hardest_single_captioned_image_has_no_negative_term() -> None:
     img, caps, owner = vecs(0.0, 1.0), vecs(0.3, -0.5), torch.tensor([0, 0])
-    on = MultiCaptionArcMarginLoss(max_negative_weight=0.1)(img, caps, owner)
-    off = MultiCaptionArcMarginLoss(max_negative_weight=0.0)(img, caps, owner)
+    on = MultiCaptionArcMarginLoss(max_negative_weight=0.1, max_negative="hardest")(img, caps, owner)
+    off = MultiCaptionArcMarginLoss(max_negative_weight=0.0, max_negative="hardest")(img, caps, owner)
     assert torch.isfinite(on) and on.item() == pytest.approx(off.item(), rel=1e-12)
 
 
-def test_mc_all_empty_batch_is_zero_with_graph() -> None:
+@pytest.mark.parametrize("max_negative", ["authors", "hardest"])
+def test_mc_all_empty_batch_is_zero_with_graph(max_negative: str) -> None:
     img = torch.randn(4, 8, requires_grad=True)
     caps = torch.randn(0, 8)
-    out = MultiCaptionArcMarginLoss()(img, caps, torch.zeros(0, dtype=torch.long))
+    out = MultiCaptionArcMarginLoss(max_negative=max_negative)(img, caps, torch.zeros(0, dtype=torch.long))
     assert out.item() == 0.0 and out.requires_grad
     out.backward()
     assert img.grad is not None and torch.isfinite(img.grad).all() and (img.grad == 0).all()
+
+
+# ---------------------------------------------------------------- fp32 under autocast
+
+
+def test_arc_margin_and_mc_are_fp32_under_bf16_autocast() -> None:
+    generator = torch.Generator().manual_seed(5)
+    arc = ArcMarginLoss(embed_dim=64, num_classes=40)
+    embeddings = torch.randn(32, 64, generator=generator).bfloat16()
+    labels = torch.randint(0, 40, (32,), generator=generator)
+    captions = torch.randn(48, 64, generator=generator).bfloat16()
+    owner = torch.randint(0, 32, (48,), generator=generator)
+    mc = MultiCaptionArcMarginLoss()
+    reference_arc = arc(embeddings.float(), labels)
+    reference_mc = mc(embeddings.float(), captions.float(), owner)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_arc = arc(embeddings, labels)
+        got_mc = mc(embeddings, captions, owner)
+    assert got_arc.dtype == torch.float32 and got_mc.dtype == torch.float32
+    assert got_arc.item() == pytest.approx(reference_arc.item(), abs=1e-5)
+    assert got_mc.item() == pytest.approx(reference_mc.item(), abs=1e-5)
 
 
 # ---------------------------------------------------------------- SymmetricInfoNCE
@@ -224,15 +338,21 @@ def test_infonce_hand_computed_b2() -> None:
     assert got.item() == pytest.approx(infonce_ref(IMG2, TXT2, scale), rel=1e-10)
 
 
-def test_infonce_logit_scale_clamped() -> None:
+def test_infonce_logit_scale_clamped_in_place_not_in_forward() -> None:
     loss = SymmetricInfoNCE().double()
     with torch.no_grad():
         loss.logit_scale.fill_(math.log(1000.0))
-    assert loss.effective_scale().item() == pytest.approx(100.0, rel=1e-12)
+    # no clamp in the forward pass: the scale acts at 1000 and still receives a gradient
     got = loss(vecs(*IMG2), vecs(*TXT2))
-    assert got.item() == pytest.approx(infonce_ref(IMG2, TXT2, 100.0), rel=1e-10)
+    assert got.item() == pytest.approx(infonce_ref(IMG2, TXT2, 1000.0), rel=1e-10)
     got.backward()
-    assert loss.logit_scale.grad.item() == 0.0  # clamped: no gradient pushes it further
+    assert loss.logit_scale.grad.item() != 0.0
+    loss.clamp_logit_scale_()
+    assert loss.logit_scale.item() == pytest.approx(math.log(100.0), rel=1e-12)
+    with torch.no_grad():
+        loss.logit_scale.fill_(-0.5)
+    loss.clamp_logit_scale_()  # the lower bound of open_clip's clamp: scale >= 1
+    assert loss.logit_scale.item() == 0.0
 
 
 def test_infonce_learnable_scale_param() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from clipopt_core.train import runner as pipeline
 from clipopt_core.train.config import MiningConfig
-from clipopt_core.train.mining import mine_captions
+from clipopt_core.train.mining import mine_captions, mining_spec
 from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
 from clipopt_core.models.encode import embed_images
 from clipopt_core.evaluate.protocol import caption_benchmark, validation_caption_t2i, validation_map
@@ -26,7 +26,7 @@ from clipopt_core.data.manifest import ingest, scan_source
 from clipopt_core.models.loading import ClipBundle, ModelSpec, load_model
 from clipopt_core.train.tasks import RealignTask, RetrievalTask
 from clipopt_core.train.config import RealignConfig, RetrievalConfig
-from clipopt_core.train.loop import LAST_DIR, cosine_lr, fit
+from clipopt_core.train.loop import LAST_DIR, clip_gradients, clip_groups, cosine_lr, fit, unscale_and_clip
 from clipopt_core.train.config import TrainConfig
 
 TINY = ModelSpec("clipopt-tiny")
@@ -199,6 +199,111 @@ def test_gradient_clipping_hand_computed(tmp_path: Path):
     task = ToyTask()
     fit(task, toy_config(grad_clip=1e6), tmp_path / "none")
     assert task.linear.weight[0].tolist() == pytest.approx([-0.1, -0.1], rel=1e-6)
+
+
+def test_no_clipping_when_grad_clip_is_none(tmp_path: Path):
+    events: list[dict[str, float]] = []
+    task = ToyTask()
+    fit(task, toy_config(grad_clip=None), tmp_path, log=recorder(events))
+    assert events[0]["grad_norm"] == pytest.approx(5.0)  # still reported
+    assert task.linear.weight.grad[0].tolist() == [3.0, 4.0]  # untouched
+    assert task.linear.weight[0].tolist() == pytest.approx([-0.1, -0.1], rel=1e-6)
+
+
+@pytest.mark.parametrize("settings,match", [({"grad_clip": 0.0}, "grad_clip"), ({"clip_mode": "scaled"}, "clip_mode")])
+def test_bad_clipping_settings_fail_clearly(tmp_path: Path, settings: dict[str, Any], match: str):
+    with pytest.raises(ValueError, match=match):
+        fit(ToyTask(), toy_config(**settings), tmp_path)
+
+
+def _with_grads(*grads: tuple[float, ...]) -> list[nn.Parameter]:
+    params = []
+    for grad in grads:
+        param = nn.Parameter(torch.zeros(len(grad)))
+        param.grad = torch.tensor(grad)
+        params.append(param)
+    return params
+
+
+def test_clip_gradients_clips_each_group_on_its_own():
+    tower, proxies = _with_grads((3.0, 4.0)), _with_grads((0.3, 0.4))  # norms 5 and 0.5
+    norm = clip_gradients([tower, proxies], 1.0)
+    assert norm == pytest.approx(math.sqrt(25 + 0.25))  # the true norm before clipping
+    assert tower[0].grad.norm().item() == pytest.approx(1.0, rel=1e-5)  # clipped to 1 on its own
+    assert proxies[0].grad.tolist() == pytest.approx([0.3, 0.4])  # below 1: untouched (global clipping would scale it)
+    # None clips nothing but still reports the norm
+    tower = _with_grads((3.0, 4.0))
+    assert clip_gradients([tower], None) == pytest.approx(5.0) and tower[0].grad.tolist() == [3.0, 4.0]
+
+
+def test_clip_gradients_on_scaled_gradients_is_the_authors_threshold():
+    scale = 1024.0
+    # the authors' fp16 form: gradients still carry the GradScaler's factor when clipped to 1
+    scaled = _with_grads((3.0 * scale, 4.0 * scale))
+    assert clip_gradients([scaled], 1.0, scale) == pytest.approx(5.0)  # reported in true units
+    true_after = scaled[0].grad / scale  # what the optimizer sees once the scaler unscales
+    assert true_after.norm().item() == pytest.approx(1.0 / scale, rel=1e-5)  # effective threshold 1/scale
+    # unscaled first (clip_mode="unscaled"): the true gradient is clipped to norm 1
+    unscaled = _with_grads((3.0, 4.0))
+    clip_gradients([unscaled], 1.0, 1.0)
+    assert unscaled[0].grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode,true_norm_after", [("unscaled", 1.0), ("authors", 1.0 / 1024)])
+def test_unscale_and_clip_with_a_grad_scaler(mode: str, true_norm_after: float):
+    # a real GradScaler (CPU) at scale 1024; the tower gradient is (3, 4), the proxy gradient (0, 0.0001)
+    tower, proxies = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([{"params": [tower]}, {"params": [proxies]}], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(tower @ torch.tensor([3.0, 4.0]) + proxies @ torch.tensor([0.0, 1e-4])).backward()
+    norm = unscale_and_clip(optimizer, scaler, 1.0, mode)
+    assert norm == pytest.approx(math.sqrt(25 + 1e-8), rel=1e-5)  # always the true norm before clipping
+    scaler.step(optimizer)  # unscales in "authors" mode; SGD at lr 1 moves each weight by minus its gradient
+    assert tower.norm().item() == pytest.approx(true_norm_after, rel=1e-4)
+    assert proxies.tolist() == pytest.approx([0.0, -1e-4], rel=1e-4)  # its own group: far below both bounds
+
+
+def test_clip_groups_follow_param_groups_and_shared_keys():
+    a, b, c = _with_grads((1.0,), (2.0,), (3.0,))
+    separate = torch.optim.AdamW([{"params": [a]}, {"params": [b, c]}])
+    assert [[id(p) for p in group] for group in clip_groups(separate)] == [[id(a)], [id(b), id(c)]]
+    shared = torch.optim.AdamW([{"params": [a], "clip_group": "text"}, {"params": [b], "clip_group": "text"},
+                                {"params": [c]}])
+    assert [[id(p) for p in group] for group in clip_groups(shared)] == [[id(a), id(b)], [id(c)]]
+
+
+class TwoGroupToyTask(ToyTask):
+    """Two weights in two parameter groups, each with gradient ``a``; counts ``after_step`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other = nn.Linear(2, 1, bias=False)
+        nn.init.zeros_(self.other.weight)
+        self.modules = nn.ModuleDict({"linear": self.linear, "other": self.other})
+        self.after_steps: list[float] = []
+
+    def param_groups(self, config: TrainConfig) -> list[dict[str, Any]]:
+        return [{"params": [self.linear.weight], "lr": config.lr, "weight_decay": 0.0},
+                {"params": [self.other.weight], "lr": config.lr, "weight_decay": 0.0}]
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.linear(batch).sum() + self.other(batch).sum(), {}
+
+    def after_step(self) -> None:
+        self.after_steps.append(self.linear.weight[0, 0].item())  # after the optimizer moved it
+
+
+@pytest.mark.parametrize("clip_mode", ["unscaled", "authors"])
+def test_fit_clips_per_group_and_calls_after_step(tmp_path: Path, clip_mode: str):
+    task = TwoGroupToyTask()
+    events: list[dict[str, float]] = []
+    fit(task, toy_config(grad_clip=1.0, clip_mode=clip_mode, max_steps=3), tmp_path, log=recorder(events))
+    # each group's norm 5 is clipped to 1 on its own (global clipping would give 1/sqrt(2) each);
+    # without a GradScaler (CPU) the authors' mode is the same
+    for weight in (task.linear.weight, task.other.weight):
+        assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert events[0]["grad_norm"] == pytest.approx(5.0 * math.sqrt(2))
+    assert len(task.after_steps) == 3 and task.after_steps[0] == pytest.approx(-0.1, rel=1e-5)
 
 
 def test_lr_follows_cosine_schedule_per_step(tmp_path: Path):
@@ -430,6 +535,54 @@ def test_realign_param_groups_split_weight_decay(cache_dir: Path):
         "transformer.resblocks.1.mlp.c_proj.weight",
     ]
     assert len(no_decay["params"]) == 10 + 1 and no_decay["params"][-1] is task.infonce.logit_scale
+
+
+def test_realign_defaults_do_not_clip():
+    assert RealignConfig().train.grad_clip is None
+    assert RetrievalConfig().train.grad_clip == 1.0 and RetrievalConfig().train.clip_mode == "unscaled"
+
+
+def test_realign_logit_scale_clamped_in_place_after_the_step(tmp_path: Path, caption_rows: pl.DataFrame, cache_dir: Path):
+    config = one_step(betas=(0.9, 0.98), eps=1e-6, lr=1e-3)
+    embeddings = embed_images(fresh_bundle(cache_dir), caption_rows["uri"].to_list())
+    task = realign_task(cache_dir, embeddings, caption_rows["caption"].to_list(), RealignConfig(train=config))
+    with torch.no_grad():
+        task.infonce.logit_scale.fill_(math.log(200.0))  # above the clamp: exp(scale) = 200 >= 100
+    events: list[dict[str, float]] = []
+    fit(task, config, tmp_path, log=recorder(events))
+    # the forward pass used the unclamped scale, so the gradient reached the parameter ...
+    assert events[0]["logit_scale"] == pytest.approx(200.0, rel=1e-5)
+    assert task.infonce.logit_scale.grad is not None and task.infonce.logit_scale.grad.item() != 0.0
+    # ... and after the step the parameter itself sits on the clamp
+    assert task.infonce.logit_scale.item() == pytest.approx(math.log(100.0), abs=1e-6)
+    task.finish()
+    assert task.bundle.model.logit_scale.item() == pytest.approx(math.log(100.0), abs=1e-6)
+
+
+def test_mcip_max_negative_reaches_the_loss(shapes_rows: pl.DataFrame, cache_dir: Path):
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(40, 32, generator=generator), dim=-1)
+    owned = [[i % 40, (i + 7) % 40] if i % 3 else [] for i in range(shapes_rows.height)]  # a third without captions
+    values = {}
+    for form in ("authors", "hardest"):
+        config = RetrievalConfig(train=one_step(), mc_weight=0.25, max_negative=form)
+        task = retrieval_task(cache_dir, shapes_rows, config, captions=(embeddings, owned))
+        assert task.multi_caption.max_negative == form
+        task.train_mode()
+        torch.manual_seed(0)
+        _, stats = task.loss(next(iter(task.batches(config.train, 0, 0))))
+        values[form] = stats["mc"]
+    assert values["authors"] != pytest.approx(values["hardest"], rel=1e-3)
+
+
+def test_mining_spec_defaults_to_the_base_model():
+    base = ModelSpec("ViT-B-32", "laion2b_s34b_b79k", image_size=256)
+    assert mining_spec(MiningConfig(), base) == base  # the base model, its image size included
+    other = mining_spec(MiningConfig(model_name="ViT-L-14", model_pretrained="openai"), base)
+    assert other == ModelSpec("ViT-L-14", "openai", image_size=None)  # its own input size
+    assert mining_spec(MiningConfig(model_name="clipopt-tiny"), base) == ModelSpec("clipopt-tiny")
+    with pytest.raises(ValueError, match="model_name"):
+        mining_spec(MiningConfig(model_pretrained="openai"), base)
 
 
 # ------------------------------------------------------------------ gradient norm and accumulation on the real model
