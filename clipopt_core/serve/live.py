@@ -1,0 +1,163 @@
+"""The live (model, index) pairs of the search service: hot swap on publication, and micro-batching.
+
+Hot swap. :class:`LiveIndexes` holds one :class:`~clipopt_core.serve.search.SearchService` per variant
+(``served``: the report's served variant under ``serving/``; ``baseline`` under
+:data:`~clipopt_core.serve.search.BASELINE_PREFIX`, when published). A watcher thread polls each index's
+``info.json`` (written last by every build, so it is the commit marker). When its hash changes, a new
+service is loaded *beside* the old one and, once it is fully loaded and checked, replaces it by a single
+reference assignment. A request takes the reference once, at its start, and uses nothing else, so it
+finishes on the pair it started with and never pairs one model with another index. A publication that
+does not load (a retrain half-published: new weights, old index) keeps the old pair and is retried at
+the next poll.
+
+Micro-batching. :class:`TextBatcher` queues text queries; one worker embeds everything queued so far in
+one encoder call per service (queries stay with the pair they captured) and searches the index once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipopt_core.layout import Keys
+from clipopt_core.runtime.storage import ArtifactStore, StorageError
+from clipopt_core.serve.search import BASELINE_PREFIX, SearchService, info_digest
+
+log = logging.getLogger("clipopt.serve")
+PREFIXES = {"served": Keys.serving, "baseline": BASELINE_PREFIX}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One loaded service and its image-id → URI table (the only URIs thumbnails may open)."""
+
+    service: SearchService
+    uri_of: dict[str, str]
+
+    @classmethod
+    def of(cls, service: SearchService) -> "Pair":
+        frame = service.metadata
+        return cls(service, dict(zip(frame["image_id"].to_list(), frame["uri"].to_list())))
+
+
+@dataclass
+class LiveIndexes:
+    """The current :class:`Pair` of each variant name, swapped atomically by :meth:`poll`."""
+
+    store: ArtifactStore
+    cache_dir: Path | None = None
+    mmap: bool = True
+    pairs: dict[str, Pair] = field(default_factory=dict)
+    swaps: int = 0
+    last_error: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, store: ArtifactStore, cache_dir: Path | None = None, *, mmap: bool = True) -> "LiveIndexes":
+        """Load the served pair (required: errors propagate) and the baseline pair (when published)."""
+        live = cls(store, cache_dir, mmap)
+        live.pairs["served"] = Pair.of(live._load("served"))
+        live.poll(names=("baseline",))
+        return live
+
+    def get(self, name: str) -> Pair | None:
+        return self.pairs.get(name)
+
+    def _load(self, name: str) -> SearchService:
+        variant = "baseline" if name == "baseline" else None
+        return SearchService.from_store(self.store, self.cache_dir, mmap=self.mmap, prefix=PREFIXES[name],
+                                        variant=variant)
+
+    def poll(self, names: tuple[str, ...] = tuple(PREFIXES)) -> list[str]:
+        """Reload every variant whose ``info.json`` changed; returns the names swapped."""
+        swapped = []
+        for name in names:
+            current = self.pairs.get(name)
+            try:
+                digest = info_digest(self.store, PREFIXES[name])
+            except (StorageError, FileNotFoundError):
+                continue  # not published (yet): keep what is served
+            if current is not None and current.service.identity.info_sha256 == digest:
+                continue
+            try:
+                pair = Pair.of(self._load(name))
+            except Exception as exc:  # noqa: BLE001 - a bad publication must not stop serving the old pair
+                self.last_error = f"{name}: {type(exc).__name__}: {exc}"
+                log.warning("keeping the current %s index: %s", name, self.last_error)
+                continue
+            self.pairs = {**self.pairs, name: pair}  # one reference assignment: readers see old or new
+            self.swaps += 1
+            self.last_error = None
+            swapped.append(name)
+            log.info("now serving %s: %s", name, pair.service.identity.public())
+        return swapped
+
+    def start(self, interval_s: float) -> None:
+        """Poll every ``interval_s`` seconds in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                self.poll()
+
+        self._thread = threading.Thread(target=run, name="clipopt-index-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+class TextBatcher:
+    """Answer concurrent text queries with one encoder call per service and batch (at most ``max_batch``)."""
+
+    def __init__(self, max_batch: int = 32) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches: list[int] = []  # sizes of the last batches (bounded), for /info and tests
+
+    async def search(self, service: SearchService, text: str, k: int) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first call, or a new event loop (tests): a queue and worker of its own
+            self._loop, self._queue = loop, asyncio.Queue()
+            loop.create_task(self._work(self._queue))
+        future = loop.create_future()
+        self._queue.put_nowait((service, text, k, future))
+        return await future
+
+    async def _work(self, queue: asyncio.Queue) -> None:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            self.batches = [*self.batches[-99:], len(batch)]
+            groups: dict[int, list[tuple[SearchService, str, int, asyncio.Future]]] = {}
+            for item in batch:
+                groups.setdefault(id(item[0]), []).append(item)
+            for items in groups.values():
+                await self._answer(items)
+
+    @staticmethod
+    async def _answer(items: list[tuple[SearchService, str, int, asyncio.Future]]) -> None:
+        service, k = items[0][0], max(item[2] for item in items)
+        try:
+            results = await asyncio.to_thread(service.search_texts, [item[1] for item in items], k)
+        except Exception as exc:  # noqa: BLE001 - delivered to each waiting request
+            for *_, future in items:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, wanted, future), hits in zip(items, results):
+            if not future.done():
+                future.set_result(hits[:wanted])
