@@ -141,6 +141,8 @@ def add_serve_parser(commands: Any) -> None:
                        help="most concurrent text queries embedded in one encoder call")
     serve.add_argument("--cors-origin", action="append", default=[o for o in env("CLIPOPT_SERVE_CORS", "").split(",") if o],
                        help="an origin allowed to call the API from a browser (repeatable; none by default)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request line (off by default: query texts are user data)")
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -158,7 +160,8 @@ def run_serve(args: argparse.Namespace) -> None:
                              extra={"store": redacted(args.store)})
     live.start(args.poll_seconds)
     try:
-        uvicorn.run(create_app(live, settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(live, settings), host=args.host, port=args.port, log_level="info",
+                    access_log=args.access_log)
     finally:
         live.stop()
 

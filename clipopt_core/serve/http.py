@@ -92,12 +92,13 @@ def create_app(live: LiveIndexes, settings: ServeSettings = ServeSettings()) -> 
             raise HTTPException(400, f"k must be in [1, {settings.max_k}], got {k}")
         return k
 
-    def answer(pair: Pair, variant: str, hits: list[dict[str, Any]]) -> dict[str, Any]:
+    def answer(pair: Pair, variant: str, hits: list[dict[str, Any]]) -> JSONResponse:
+        """The JSON answer, rendered directly (no response-model validation on the hot path)."""
         identity = pair.service.identity
-        return {"variant": variant, "model_key": identity.model_key, "index_sha256": identity.index_sha256[:16],
+        return JSONResponse({"variant": variant, "model_key": identity.model_key, "index_sha256": identity.index_sha256[:16],
                 "hits": [{"rank": h["rank"], "score": h["score"], "image_id": h["image_id"], "label": h.get("label"),
                           "caption": h.get("caption"), "source": h.get("source"),
-                          "thumbnail": f"/items/{h['image_id']}/thumbnail?variant={variant}"} for h in hits]}
+                          "thumbnail": f"/items/{h['image_id']}/thumbnail?variant={variant}"} for h in hits]})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -117,7 +118,7 @@ def create_app(live: LiveIndexes, settings: ServeSettings = ServeSettings()) -> 
                 "auth": settings.token is not None, **settings.extra}
 
     @app.get("/search", dependencies=[Depends(authorised)])
-    async def search_text(text: str = "", k: int = 10, variant: str = "served") -> dict[str, Any]:
+    async def search_text(text: str = "", k: int = 10, variant: str = "served") -> JSONResponse:
         if not text.strip():
             raise HTTPException(400, "empty query: pass ?text=… (or POST an image)")
         if len(text) > settings.max_text_chars:
@@ -127,7 +128,7 @@ def create_app(live: LiveIndexes, settings: ServeSettings = ServeSettings()) -> 
         return answer(pair, variant, hits)
 
     @app.post("/search", dependencies=[Depends(authorised)])
-    async def search_image(request: Request, k: int = 10, variant: str = "served") -> dict[str, Any]:
+    async def search_image(request: Request, k: int = 10, variant: str = "served") -> JSONResponse:
         k, pair = checked_k(k), pair_of(variant)
         data = await _upload(request, settings.max_upload_bytes)
         try:
