@@ -7,7 +7,7 @@
 The service runs as its own process (``python -m clipopt_core.cli.main serve``) on 127.0.0.1; the clients
 are one asyncio process with keep-alive connections (it shares the machine's cores with the service).
 The reference is the same queries through :class:`SearchService` in this process, one after another,
-measured before and after the load cells (mean of the two). Every ratio is **ours ÷ reference** in
+measured for as long as each load cell right before it (while the idle service waits). Every ratio is **ours ÷ reference** in
 queries per second (> 1: the service answers more queries per second than the in-process loop).
 Without a published index at ``--store``, a stand-in is built: the test suite's drawn shapes
 (``--images`` of them) embedded by ``--model`` and indexed with the core functions, served as the baseline.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import _bench  # noqa: F401 - sets OMP_WAIT_POLICY / HF_HUB_OFFLINE before torch
-from _bench import ROOT, finish_args, header, parser, ratio_line, shapes_images, table
+from _bench import ROOT, cache_dir, finish_args, header, parser, ratio_line, shapes_images, table
 
 import httpx
 import numpy as np
@@ -47,7 +48,7 @@ def stand_in(store: ArtifactStore, args, work: Path) -> None:
 
     shapes_images(work / "shapes", args.images)
     publish_base(store, shapes_manifest(work / "shapes"), ModelSpec(args.model, image_size=args.image_size))
-    publish_index(store, "baseline", work / "cache", num_shards=2)
+    publish_index(store, "baseline", cache_dir(), num_shards=2)
 
 
 def percentiles(latencies: list[float]) -> tuple[float, float]:
@@ -89,11 +90,11 @@ async def load(base_url: str, clients: int, seconds: float, request: Callable) -
     return len(latencies) / elapsed, latencies, failures
 
 
-def start_service(store_url: str, cache: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_service(store_url: str, log: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPOPT_CACHE": str(cache)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPOPT_CACHE": str(cache_dir())}
     env.pop("CLIPOPT_SERVE_TOKEN", None)
     with open(log, "wb") as handle:
         process = subprocess.Popen([sys.executable, "-m", "clipopt_core.cli.main", "serve", "--store", store_url,
@@ -120,10 +121,18 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None, help="stand-in gallery size (default 1600; 48 with --smoke)")
     ap.add_argument("--clients", default="1,8,32")
     args = finish_args(ap.parse_args())
+    work = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    try:
+        run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path) -> None:
+    """Reference, load cells, reference again; print the table and the ratio line."""
     seconds = args.seconds or (1.0 if args.smoke else 6.0)
     args.images = args.images or (48 if args.smoke else 1600)
     clients = [int(c) for c in args.clients.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     store_url = args.store or ("" if args.smoke else default_store_url())
     store = ArtifactStore(store_url) if store_url else None
     source = store_url
@@ -131,14 +140,13 @@ def main() -> None:
         store = ArtifactStore(f"file://{work / 'artifacts'}")
         stand_in(store, args, work)
         source = f"stand-in: {store.read_parquet(Keys.manifest).height} drawn shapes, {args.model}"
-    service = SearchService.from_store(store, work / "cache")
+    service = SearchService.from_store(store, cache_dir())
     gallery = service.metadata["uri"].to_list()
     images = [Path(uri).read_bytes() for uri in gallery[:: max(1, len(gallery) // 32)][:32]]
     header(args, index=source, vectors=service.index.ntotal, seconds=seconds, clients=args.clients)
 
-    def reference() -> dict[str, tuple[float, list[float]]]:
-        return {"text": in_process(lambda i: service.search_text(TEXTS[i % len(TEXTS)], 10), seconds),
-                "image": in_process(lambda i: service.search_image_bytes(images[i % len(images)], 10), seconds)}
+    queries = {"text": lambda i: service.search_text(TEXTS[i % len(TEXTS)], 10),
+               "image": lambda i: service.search_image_bytes(images[i % len(images)], 10)}
 
     async def text(client: httpx.AsyncClient, i: int) -> httpx.Response:
         return await client.get("/search", params={"text": TEXTS[i % len(TEXTS)], "k": 10})
@@ -146,24 +154,22 @@ def main() -> None:
     async def image(client: httpx.AsyncClient, i: int) -> httpx.Response:
         return await client.post("/search?k=10", content=images[i % len(images)])
 
-    before = reference()
-    process, base_url = start_service(store.base_url, work / "cache", work / "serve.log")
+    for query in queries.values():  # warm-up of the in-process reference
+        for i in range(3):
+            query(i)
+    process, base_url = start_service(store.base_url, work / "serve.log")
+    rows, ratios = [], {}
     try:
-        cells = {(kind, n): asyncio.run(load(base_url, n, seconds, request))
-                 for kind, request in (("text", text), ("image", image)) for n in clients}
+        for kind, request in (("text", text), ("image", image)):
+            for n in clients:  # the reference right before each cell: drift of a shared machine hits both
+                ref_qps, ref_latencies = in_process(queries[kind], seconds)
+                qps, latencies, failures = asyncio.run(load(base_url, n, seconds, request))
+                rows.append([f"{kind} in-process (reference)", 1, ref_qps, *percentiles(ref_latencies), 1.0, 0])
+                rows.append([f"{kind} via HTTP", n, qps, *percentiles(latencies), qps / ref_qps, failures])
+                ratios[f"{kind}_{n}"] = qps / ref_qps
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
-    after = reference()
-    rows, ratios = [], {}
-    for kind in ("text", "image"):
-        ref_qps = (before[kind][0] + after[kind][0]) / 2
-        rows.append([f"{kind} in-process (reference)", 1, ref_qps, *percentiles(before[kind][1] + after[kind][1]),
-                     1.0, 0])
-        for n in clients:
-            qps, latencies, failures = cells[(kind, n)]
-            rows.append([f"{kind} via HTTP", n, qps, *percentiles(latencies), qps / ref_qps, failures])
-            ratios[f"{kind}_{n}"] = qps / ref_qps
     table(["queries", "clients", "QPS", "p50 ms", "p99 ms", "ours/ref", "failed"], rows)
     ratio_line(**ratios)
 

@@ -127,9 +127,13 @@ class SearchService:
     def search_vectors(self, queries: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         """queries float32 [Q, D] normalised → per query up to k hits {rank, score, image_id, uri, label, caption, source}."""
         scores, ids = index_lib.search(self.index, np.asarray(queries, dtype=np.float32).reshape(len(queries), -1), k)
-        return [[{"rank": rank, "score": float(score), **self.metadata.row(int(row), named=True)}
-                 for rank, (score, row) in enumerate(zip(score_row, id_row)) if row >= 0]
-                for score_row, id_row in zip(scores, ids)]
+        answers = []
+        for score_row, id_row in zip(scores, ids):
+            found = id_row >= 0
+            rows = self.metadata[id_row[found].tolist()].to_dicts()  # one gather per query
+            answers.append([{"rank": rank, "score": float(score), **row}
+                            for rank, (score, row) in enumerate(zip(score_row[found], rows))])
+        return answers
 
     def search_vector(self, query: np.ndarray, k: int) -> list[dict[str, Any]]:
         """query float32 [D] normalised → up to k hits (see :meth:`search_vectors`)."""

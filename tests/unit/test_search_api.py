@@ -205,3 +205,10 @@ def test_concurrent_text_queries_are_batched_and_answered_each_on_their_own(live
 def test_redacted_hides_user_info():
     assert redacted("s3://KEY:SECRET@bucket/prefix") == "s3://***@bucket/prefix"
     assert redacted("file:///data/artifacts") == "file:///data/artifacts"
+
+
+def test_serve_command_refuses_a_store_without_an_index(tmp_path, capsys):
+    from clipopt_core.cli.main import main
+
+    assert main(["serve", "--store", f"file://{tmp_path / 'empty'}", "--port", "1"]) == 2
+    assert "materialise faiss_index first" in capsys.readouterr().err
