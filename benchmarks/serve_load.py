@@ -6,8 +6,8 @@
 
 The service runs as its own process (``python -m clipopt_core.cli.main serve``) on 127.0.0.1; the clients
 are one asyncio process with keep-alive connections (it shares the machine's cores with the service).
-The reference is the same queries through :class:`SearchService` in this process, one after another,
-measured for as long as each load cell right before it (while the idle service waits). Every ratio is **ours ÷ reference** in
+The reference is the same queries through :class:`SearchService` in this process, one after another;
+in each cell reference and service take ``--rounds`` turns of equal length (the idle one waits). Every ratio is **ours ÷ reference** in
 queries per second (> 1: the service answers more queries per second than the in-process loop).
 Without a published index at ``--store``, a stand-in is built: the test suite's drawn shapes
 (``--images`` of them) embedded by ``--model`` and indexed with the core functions, served as the baseline.
@@ -65,6 +65,21 @@ def in_process(fn: Callable[[int], object], seconds: float) -> tuple[float, list
     return len(latencies) / (time.perf_counter() - started), latencies
 
 
+def alternate(reference: Callable[[], tuple], service: Callable[[], tuple], rounds: int) -> tuple:
+    """``rounds`` turns of reference then service; returns (ref QPS, ref latencies, QPS, latencies, failures),
+    each QPS the mean over the turns (equal durations)."""
+    ref_qps, ref_latencies, qps, latencies, failures = [], [], [], [], 0
+    for _ in range(rounds):
+        rate, times = reference()
+        ref_qps.append(rate)
+        ref_latencies += times
+        rate, times, failed = service()
+        qps.append(rate)
+        latencies += times
+        failures += failed
+    return float(np.mean(ref_qps)), ref_latencies, float(np.mean(qps)), latencies, failures
+
+
 async def load(base_url: str, clients: int, seconds: float, request: Callable) -> tuple[float, list[float], int]:
     """(queries/s, latencies, failures) of ``clients`` concurrent loops of ``request(client, i)``."""
     latencies: list[float] = []
@@ -117,9 +132,10 @@ def start_service(store_url: str, log: Path) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--store", default=None, help="artifact store with a published index (default: the demo's)")
-    ap.add_argument("--seconds", type=float, default=None, help="seconds per cell (default 6; 1 with --smoke)")
+    ap.add_argument("--seconds", type=float, default=None, help="seconds per cell and side (default 9; 1 with --smoke)")
     ap.add_argument("--images", type=int, default=None, help="stand-in gallery size (default 1600; 48 with --smoke)")
     ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=None, help="turns of reference and service per cell (default 3)")
     args = finish_args(ap.parse_args())
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     try:
@@ -130,7 +146,8 @@ def main() -> None:
 
 def run(args, work: Path) -> None:
     """Reference, load cells, reference again; print the table and the ratio line."""
-    seconds = args.seconds or (1.0 if args.smoke else 6.0)
+    seconds = args.seconds or (1.0 if args.smoke else 9.0)
+    args.rounds = args.rounds or (1 if args.smoke else 3)
     args.images = args.images or (48 if args.smoke else 1600)
     clients = [int(c) for c in args.clients.split(",")]
     store_url = args.store or ("" if args.smoke else default_store_url())
@@ -160,10 +177,14 @@ def run(args, work: Path) -> None:
     process, base_url = start_service(store.base_url, work / "serve.log")
     rows, ratios = [], {}
     try:
+        for i in range(3):  # warm-up of the service
+            httpx.get(f"{base_url}/search", params={"text": TEXTS[i], "k": 10}, timeout=60)
+            httpx.post(f"{base_url}/search?k=10", content=images[i % len(images)], timeout=60)
         for kind, request in (("text", text), ("image", image)):
-            for n in clients:  # the reference right before each cell: drift of a shared machine hits both
-                ref_qps, ref_latencies = in_process(queries[kind], seconds)
-                qps, latencies, failures = asyncio.run(load(base_url, n, seconds, request))
+            for n in clients:  # reference and service take turns: drift of a shared machine hits both
+                ref_qps, ref_latencies, qps, latencies, failures = alternate(
+                    lambda: in_process(queries[kind], seconds / args.rounds),
+                    lambda: asyncio.run(load(base_url, n, seconds / args.rounds, request)), args.rounds)
                 rows.append([f"{kind} in-process (reference)", 1, ref_qps, *percentiles(ref_latencies), 1.0, 0])
                 rows.append([f"{kind} via HTTP", n, qps, *percentiles(latencies), qps / ref_qps, failures])
                 ratios[f"{kind}_{n}"] = qps / ref_qps

@@ -25,7 +25,7 @@ from importlib import resources
 from typing import Any, AsyncIterator
 
 import fsspec
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -58,101 +58,133 @@ class ServeSettings:
 def create_app(live: LiveIndexes, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The FastAPI app over ``live`` (its watcher is started and stopped by the caller)."""
     app = FastAPI(title="clipopt search", docs_url=None, redoc_url=None, openapi_url=None)
-    batcher = TextBatcher(settings.max_batch)
-    app.state.live, app.state.batcher, app.state.settings = live, batcher, settings
+    app.state.live, app.state.batcher, app.state.settings = live, TextBatcher(settings.max_batch), settings
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"detail": problems}, status_code=400)
-
-    def authorised(request: Request) -> None:
-        if settings.token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <CLIPOPT_SERVE_TOKEN>)",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    def pair_of(variant: str) -> Pair:
-        if variant not in PREFIXES:
-            raise HTTPException(400, f"unknown variant {variant!r}; one of {', '.join(PREFIXES)}")
-        pair = live.get(variant)
-        if pair is None:
-            raise HTTPException(404, f"the {variant} index is not published; materialise baseline_index")
-        return pair
-
-    def checked_k(k: int) -> int:
-        if not 1 <= k <= settings.max_k:
-            raise HTTPException(400, f"k must be in [1, {settings.max_k}], got {k}")
-        return k
-
-    def answer(pair: Pair, variant: str, hits: list[dict[str, Any]]) -> JSONResponse:
-        """The JSON answer, rendered directly (no response-model validation on the hot path)."""
-        identity = pair.service.identity
-        return JSONResponse({"variant": variant, "model_key": identity.model_key, "index_sha256": identity.index_sha256[:16],
-                "hits": [{"rank": h["rank"], "score": h["score"], "image_id": h["image_id"], "label": h.get("label"),
-                          "caption": h.get("caption"), "source": h.get("source"),
-                          "thumbnail": f"/items/{h['image_id']}/thumbnail?variant={variant}"} for h in hits]})
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("clipopt_core.serve").joinpath("static/index.html").read_text())
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "variants": sorted(live.pairs)}
-
-    @app.get("/info", dependencies=[Depends(authorised)])
-    async def info() -> dict[str, Any]:
-        return {"variants": {name: (pair.service.identity.public() if (pair := live.get(name)) else None)
-                             for name in PREFIXES},
-                "swaps": live.swaps, "last_error": live.last_error, "recent_text_batches": batcher.batches[-10:],
-                "limits": {"max_k": settings.max_k, "max_upload_bytes": settings.max_upload_bytes,
-                           "max_text_chars": settings.max_text_chars},
-                "auth": settings.token is not None, **settings.extra}
-
-    @app.get("/search", dependencies=[Depends(authorised)])
-    async def search_text(text: str = "", k: int = 10, variant: str = "served") -> JSONResponse:
-        if not text.strip():
-            raise HTTPException(400, "empty query: pass ?text=… (or POST an image)")
-        if len(text) > settings.max_text_chars:
-            raise HTTPException(400, f"text is {len(text)} characters; at most {settings.max_text_chars}")
-        pair = pair_of(variant)  # taken once: the whole request runs on this pair
-        hits = await batcher.search(pair.service, text.strip(), checked_k(k))
-        return answer(pair, variant, hits)
-
-    @app.post("/search", dependencies=[Depends(authorised)])
-    async def search_image(request: Request, k: int = 10, variant: str = "served") -> JSONResponse:
-        k, pair = checked_k(k), pair_of(variant)
-        data = await _upload(request, settings.max_upload_bytes)
-        try:
-            hits = await run_in_threadpool(pair.service.search_image_bytes, data, k, max_pixels=settings.max_pixels)
-        except ImageRejected as exc:
-            raise HTTPException(REJECTED_STATUS.get(exc.reason, 400), f"not a usable image ({exc.reason}): {exc}") from exc
-        return answer(pair, variant, hits)
-
-    @app.get("/items/{image_id}/thumbnail", dependencies=[Depends(authorised)])
-    async def thumbnail(image_id: str, variant: str = "served", size: int = 192) -> Response:
-        low, high = settings.thumbnail_sizes
-        if not low <= size <= high:
-            raise HTTPException(400, f"size must be in [{low}, {high}], got {size}")
-        uri = pair_of(variant).uri_of.get(image_id) if IMAGE_ID.match(image_id) else None
-        if uri is None:
-            raise HTTPException(404, f"no gallery image {image_id!r} in the {variant} index")
-        try:
-            body = await run_in_threadpool(_thumbnail, uri, size)
-        except (OSError, ImageRejected) as exc:
-            log.warning("thumbnail of %s failed: %s", image_id, type(exc).__name__)
-            raise HTTPException(404, f"gallery image {image_id!r} cannot be read") from exc
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
-
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.include_router(router)
     return app
+
+
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """A query parameter of the wrong type (``k=ten``): 400 naming the parameter."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"detail": problems}, status_code=400)
+
+
+def _authorised(request: Request) -> None:
+    token = request.app.state.settings.token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <CLIPOPT_SERVE_TOKEN>)",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter()
+guarded = APIRouter(dependencies=[Depends(_authorised)])
+
+
+def _pair(request: Request, variant: str) -> Pair:
+    """The variant's current pair, taken once: the whole request runs on it."""
+    if variant not in PREFIXES:
+        raise HTTPException(400, f"unknown variant {variant!r}; one of {', '.join(PREFIXES)}")
+    pair = request.app.state.live.get(variant)
+    if pair is None:
+        raise HTTPException(404, f"the {variant} index is not published; materialise baseline_index")
+    return pair
+
+
+def _k(request: Request, k: int) -> int:
+    top = request.app.state.settings.max_k
+    if not 1 <= k <= top:
+        raise HTTPException(400, f"k must be in [1, {top}], got {k}")
+    return k
+
+
+def _answer(pair: Pair, variant: str, hits: list[dict[str, Any]]) -> JSONResponse:
+    """The JSON answer, rendered directly (no response-model validation on the hot path)."""
+    identity = pair.service.identity
+    return JSONResponse({
+        "variant": variant, "model_key": identity.model_key, "index_sha256": identity.index_sha256[:16],
+        "hits": [{"rank": h["rank"], "score": h["score"], "image_id": h["image_id"], "label": h.get("label"),
+                  "caption": h.get("caption"), "source": h.get("source"),
+                  "thumbnail": f"/items/{h['image_id']}/thumbnail?variant={variant}"} for h in hits]})
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(resources.files("clipopt_core.serve").joinpath("static/index.html").read_text())
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> dict[str, Any]:
+    return {"status": "ok", "variants": sorted(request.app.state.live.pairs)}
+
+
+@guarded.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    live, settings = request.app.state.live, request.app.state.settings
+    return {"variants": {name: (pair.service.identity.public() if (pair := live.get(name)) else None)
+                         for name in PREFIXES},
+            "swaps": live.swaps, "last_error": live.last_error,
+            "text_batch_mean": _mean(request.app.state.batcher.batches),
+            "limits": {"max_k": settings.max_k, "max_upload_bytes": settings.max_upload_bytes,
+                       "max_text_chars": settings.max_text_chars},
+            "auth": settings.token is not None, **settings.extra}
+
+
+@guarded.get("/search")
+async def search_text(request: Request, text: str = "", k: int = 10, variant: str = "served") -> JSONResponse:
+    limit = request.app.state.settings.max_text_chars
+    if not text.strip():
+        raise HTTPException(400, "empty query: pass ?text=… (or POST an image)")
+    if len(text) > limit:
+        raise HTTPException(400, f"text is {len(text)} characters; at most {limit}")
+    pair = _pair(request, variant)
+    hits = await request.app.state.batcher.search(pair.service, text.strip(), _k(request, k))
+    return _answer(pair, variant, hits)
+
+
+@guarded.post("/search")
+async def search_image(request: Request, k: int = 10, variant: str = "served") -> JSONResponse:
+    settings = request.app.state.settings
+    k, pair = _k(request, k), _pair(request, variant)
+    data = await _upload(request, settings.max_upload_bytes)
+    try:
+        hits = await request.app.state.batcher.run(pair.service.search_image_bytes, data, k,
+                                                   max_pixels=settings.max_pixels)
+    except ImageRejected as exc:
+        raise HTTPException(REJECTED_STATUS.get(exc.reason, 400), f"not a usable image ({exc.reason}): {exc}") from exc
+    return _answer(pair, variant, hits)
+
+
+@guarded.get("/items/{image_id}/thumbnail")
+async def thumbnail(request: Request, image_id: str, variant: str = "served", size: int = 192) -> Response:
+    low, high = request.app.state.settings.thumbnail_sizes
+    if not low <= size <= high:
+        raise HTTPException(400, f"size must be in [{low}, {high}], got {size}")
+    uri = _pair(request, variant).uri_of.get(image_id) if IMAGE_ID.match(image_id) else None
+    if uri is None:
+        raise HTTPException(404, f"no gallery image {image_id!r} in the {variant} index")
+    try:
+        body = await run_in_threadpool(_thumbnail, uri, size)
+    except (OSError, ImageRejected) as exc:
+        log.warning("thumbnail of %s failed: %s", image_id, type(exc).__name__)
+        raise HTTPException(404, f"gallery image {image_id!r} cannot be read") from exc
+    return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+router.include_router(guarded)
+
+
+def _mean(values: list[int]) -> float | None:
+    """Mean size of the recent text batches (≤ 100), ``None`` before the first."""
+    return sum(values) / len(values) if values else None
 
 
 def redacted(url: str) -> str:

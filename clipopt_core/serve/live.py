@@ -12,15 +12,19 @@ the next poll.
 
 Micro-batching. :class:`TextBatcher` queues text queries; one worker embeds everything queued so far in
 one encoder call per service (queries stay with the pair they captured) and searches the index once.
+When fewer queries are waiting than the last batch held, it waits up to ``max_wait_s`` (4 ms) for the
+others, so a steady stream of N clients is answered in one call instead of alternating part-batches.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from clipopt_core.layout import Keys
 from clipopt_core.runtime.storage import ArtifactStore, StorageError
@@ -117,15 +121,23 @@ class LiveIndexes:
 
 
 class TextBatcher:
-    """Answer concurrent text queries with one encoder call per service and batch (at most ``max_batch``)."""
+    """Answer concurrent text queries with one encoder call per service and batch (at most ``max_batch``),
+    on one model thread that image queries share (:meth:`run`)."""
 
-    def __init__(self, max_batch: int = 32) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.max_batch = max_batch
+    def __init__(self, max_batch: int = 32, max_wait_s: float = 0.004) -> None:
+        if max_batch < 1 or max_wait_s < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {max_batch}, {max_wait_s}")
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="clipopt-model")
         self._queue: asyncio.Queue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches: list[int] = []  # sizes of the last batches (bounded), for /info and tests
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the one model thread: every encoder call of the service runs there, so
+        torch keeps one intra-op thread pool instead of one per request thread competing for the cores."""
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread,
+                                                                functools.partial(fn, *args, **kwargs))
 
     async def search(self, service: SearchService, text: str, k: int) -> list[dict[str, Any]]:
         loop = asyncio.get_running_loop()
@@ -141,6 +153,8 @@ class TextBatcher:
             batch = [await queue.get()]
             while len(batch) < self.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
+            if self.batches and self.batches[-1] > len(batch):
+                await self._top_up(queue, batch)
             self.batches = [*self.batches[-99:], len(batch)]
             groups: dict[int, list[tuple[SearchService, str, int, asyncio.Future]]] = {}
             for item in batch:
@@ -148,11 +162,20 @@ class TextBatcher:
             for items in groups.values():
                 await self._answer(items)
 
-    @staticmethod
-    async def _answer(items: list[tuple[SearchService, str, int, asyncio.Future]]) -> None:
+    async def _top_up(self, queue: asyncio.Queue, batch: list) -> None:
+        """Wait up to ``max_wait_s`` for the rest of a busy stream: the clients of the last, larger batch are
+        sending their next queries right now, and one call for all of them beats two half-full calls."""
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while len(batch) < self.max_batch and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), left))
+            except TimeoutError:
+                return
+
+    async def _answer(self, items: list[tuple[SearchService, str, int, asyncio.Future]]) -> None:
         service, k = items[0][0], max(item[2] for item in items)
         try:
-            results = await asyncio.to_thread(service.search_texts, [item[1] for item in items], k)
+            results = await self.run(service.search_texts, [item[1] for item in items], k)
         except Exception as exc:  # noqa: BLE001 - delivered to each waiting request
             for *_, future in items:
                 if not future.done():
