@@ -32,7 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 
 from clipopt_core.data.images import MAX_PIXELS, ImageRejected, decode_image
-from clipopt_core.serve.live import PREFIXES, LiveIndexes, Pair, TextBatcher
+from clipopt_core.serve.live import PREFIXES, LiveIndexes, Pair, QueryBatcher
+from clipopt_core.serve.search import check_image
 
 log = logging.getLogger("clipopt.serve")
 IMAGE_ID = re.compile(r"^[0-9A-Za-z_.-]{1,128}$")
@@ -58,7 +59,7 @@ class ServeSettings:
 def create_app(live: LiveIndexes, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The FastAPI app over ``live`` (its watcher is started and stopped by the caller)."""
     app = FastAPI(title="clipopt search", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.live, app.state.batcher, app.state.settings = live, TextBatcher(settings.max_batch), settings
+    app.state.live, app.state.batcher, app.state.settings = live, QueryBatcher(settings.max_batch), settings
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -75,7 +76,8 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse({"detail": problems}, status_code=400)
 
 
-def _authorised(request: Request) -> None:
+async def _authorised(request: Request) -> None:
+    """401 unless the request carries the configured bearer token (async: no thread hop per request)."""
     token = request.app.state.settings.token
     if token is None:
         return
@@ -132,7 +134,7 @@ async def info(request: Request) -> dict[str, Any]:
     return {"variants": {name: (pair.service.identity.public() if (pair := live.get(name)) else None)
                          for name in PREFIXES},
             "swaps": live.swaps, "last_error": live.last_error,
-            "text_batch_mean": _mean(request.app.state.batcher.batches),
+            "batch_mean": _mean(request.app.state.batcher.batches),
             "limits": {"max_k": settings.max_k, "max_upload_bytes": settings.max_upload_bytes,
                        "max_text_chars": settings.max_text_chars},
             "auth": settings.token is not None, **settings.extra}
@@ -146,7 +148,7 @@ async def search_text(request: Request, text: str = "", k: int = 10, variant: st
     if len(text) > limit:
         raise HTTPException(400, f"text is {len(text)} characters; at most {limit}")
     pair = _pair(request, variant)
-    hits = await request.app.state.batcher.search(pair.service, text.strip(), _k(request, k))
+    hits = await request.app.state.batcher.search(pair.service, "text", text.strip(), _k(request, k))
     return _answer(pair, variant, hits)
 
 
@@ -156,10 +158,10 @@ async def search_image(request: Request, k: int = 10, variant: str = "served") -
     k, pair = _k(request, k), _pair(request, variant)
     data = await _upload(request, settings.max_upload_bytes)
     try:
-        hits = await request.app.state.batcher.run(pair.service.search_image_bytes, data, k,
-                                                   max_pixels=settings.max_pixels)
+        await run_in_threadpool(check_image, data, settings.max_pixels)  # a bad upload never joins a batch
     except ImageRejected as exc:
         raise HTTPException(REJECTED_STATUS.get(exc.reason, 400), f"not a usable image ({exc.reason}): {exc}") from exc
+    hits = await request.app.state.batcher.search(pair.service, "image", data, k)
     return _answer(pair, variant, hits)
 
 
@@ -183,7 +185,7 @@ router.include_router(guarded)
 
 
 def _mean(values: list[int]) -> float | None:
-    """Mean size of the recent text batches (≤ 100), ``None`` before the first."""
+    """Mean size of the recent batches (≤ 100), ``None`` before the first."""
     return sum(values) / len(values) if values else None
 
 

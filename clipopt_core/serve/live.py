@@ -10,8 +10,9 @@ finishes on the pair it started with and never pairs one model with another inde
 does not load (a retrain half-published: new weights, old index) keeps the old pair and is retried at
 the next poll.
 
-Micro-batching. :class:`TextBatcher` queues text queries; one worker embeds everything queued so far in
-one encoder call per service (queries stay with the pair they captured) and searches the index once.
+Micro-batching. :class:`QueryBatcher` queues text and image queries; one worker embeds everything queued
+so far in one encoder call per service and kind (queries stay with the pair they captured) and searches
+the index once.
 When fewer queries are waiting than the last batch held, it waits up to ``max_wait_s`` (4 ms) for the
 others, so a steady stream of N clients is answered in one call instead of alternating part-batches.
 """
@@ -32,6 +33,7 @@ from clipopt_core.serve.search import BASELINE_PREFIX, SearchService, info_diges
 
 log = logging.getLogger("clipopt.serve")
 PREFIXES = {"served": Keys.serving, "baseline": BASELINE_PREFIX}
+BATCH_CALLS = {"text": SearchService.search_texts, "image": SearchService.search_images_bytes}
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,10 @@ class LiveIndexes:
             self._thread = None
 
 
-class TextBatcher:
-    """Answer concurrent text queries with one encoder call per service and batch (at most ``max_batch``),
-    on one model thread that image queries share (:meth:`run`)."""
+class QueryBatcher:
+    """Answer concurrent queries with one encoder call per (service, kind) in a batch of at most ``max_batch``,
+    on one model thread. Kinds: ``text`` (a string, :meth:`SearchService.search_texts`) and ``image`` (bytes
+    already checked by :func:`~clipopt_core.serve.search.check_image`, :meth:`SearchService.search_images_bytes`)."""
 
     def __init__(self, max_batch: int = 32, max_wait_s: float = 0.004) -> None:
         if max_batch < 1 or max_wait_s < 0:
@@ -139,13 +142,16 @@ class TextBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread,
                                                                 functools.partial(fn, *args, **kwargs))
 
-    async def search(self, service: SearchService, text: str, k: int) -> list[dict[str, Any]]:
+    async def search(self, service: SearchService, kind: str, query: str | bytes, k: int) -> list[dict[str, Any]]:
+        """Up to ``k`` hits for one query, answered in the next batch of ``service`` and ``kind``."""
+        if kind not in BATCH_CALLS:
+            raise ValueError(f"kind must be one of {sorted(BATCH_CALLS)}, got {kind!r}")
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first call, or a new event loop (tests): a queue and worker of its own
             self._loop, self._queue = loop, asyncio.Queue()
             loop.create_task(self._work(self._queue))
         future = loop.create_future()
-        self._queue.put_nowait((service, text, k, future))
+        self._queue.put_nowait((service, kind, query, k, future))
         return await future
 
     async def _work(self, queue: asyncio.Queue) -> None:
@@ -156,9 +162,9 @@ class TextBatcher:
             if self.batches and self.batches[-1] > len(batch):
                 await self._top_up(queue, batch)
             self.batches = [*self.batches[-99:], len(batch)]
-            groups: dict[int, list[tuple[SearchService, str, int, asyncio.Future]]] = {}
-            for item in batch:
-                groups.setdefault(id(item[0]), []).append(item)
+            groups: dict[tuple[int, str], list[tuple]] = {}
+            for item in batch:  # a query stays with the pair it captured
+                groups.setdefault((id(item[0]), item[1]), []).append(item)
             for items in groups.values():
                 await self._answer(items)
 
@@ -172,15 +178,15 @@ class TextBatcher:
             except TimeoutError:
                 return
 
-    async def _answer(self, items: list[tuple[SearchService, str, int, asyncio.Future]]) -> None:
-        service, k = items[0][0], max(item[2] for item in items)
+    async def _answer(self, items: list[tuple]) -> None:
+        service, kind, k = items[0][0], items[0][1], max(item[3] for item in items)
         try:
-            results = await self.run(service.search_texts, [item[1] for item in items], k)
+            results = await self.run(BATCH_CALLS[kind], service, [item[2] for item in items], k)
         except Exception as exc:  # noqa: BLE001 - delivered to each waiting request
             for *_, future in items:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, _, wanted, future), hits in zip(items, results):
+        for (*_, wanted, future), hits in zip(items, results):
             if not future.done():
                 future.set_result(hits[:wanted])

@@ -151,11 +151,21 @@ class SearchService:
         return self.search_vector(embed_images(self.bundle, [uri], batch_size=1, num_workers=0)[0].numpy(), k)
 
     def search_image_bytes(self, data: bytes, k: int = 10, *, max_pixels: int | None = None) -> list[dict[str, Any]]:
-        """Uploaded image bytes → hits. The bytes are checked first (:func:`decode_image` raises
-        ``ImageRejected``: not an image, too many pixels, truncated, too small), then embedded through
-        :func:`embed_images` from a ``data:`` URL, so no file is written and no URL is fetched."""
-        decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
-        return self.search_image("data:application/octet-stream;base64," + base64.b64encode(data).decode(), k)
+        """Uploaded image bytes → hits, after :func:`check_image` (raises ``ImageRejected``)."""
+        check_image(data, max_pixels)
+        return self.search_images_bytes([data], k)[0]
+
+    def search_images_bytes(self, images: Sequence[bytes], k: int) -> list[list[dict[str, Any]]]:
+        """Several checked images (:func:`check_image`) in one :func:`embed_images` call, each from a ``data:``
+        URL: the gallery's own decoding and preprocessing, no file written and no URL fetched."""
+        uris = ["data:application/octet-stream;base64," + base64.b64encode(data).decode() for data in images]
+        return self.search_vectors(embed_images(self.bundle, uris, batch_size=max(1, len(uris)), num_workers=0).numpy(), k)
+
+
+def check_image(data: bytes, max_pixels: int | None = None) -> None:
+    """Raise ``ImageRejected`` (reason: empty, not_an_image, too_large — more than ``max_pixels``, default
+    :data:`~clipopt_core.data.images.MAX_PIXELS` —, truncated, too_small) unless ``data`` decodes to an image."""
+    decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
 
 
 def _modified(store: ArtifactStore, key: str) -> float:

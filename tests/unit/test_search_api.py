@@ -184,22 +184,27 @@ def test_cors_is_off_unless_origins_are_configured(live):
     assert opened.headers["access-control-allow-origin"] == "https://elsewhere.example"
 
 
-def test_concurrent_text_queries_are_batched_and_answered_each_on_their_own(live, published):
+def test_concurrent_queries_are_batched_and_answered_each_on_their_own(live, published):
     app = create_app(live)
     texts = [f"a {colour} {shape}" for colour in ("red", "green", "blue", "orange")
              for shape in ("circle", "square", "triangle", "cross")]
-
-    async def go() -> list[dict]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            replies = await asyncio.gather(*(client.get("/search", params={"text": t, "k": 2 + i % 3})
-                                             for i, t in enumerate(texts)))
-        return [reply.json() for reply in replies]
-
-    bodies = asyncio.run(go())
     service = live.get("served").service
-    for i, (text, body) in enumerate(zip(texts, bodies)):
+    rows = [service.metadata.row(i, named=True) for i in range(0, 48, 6)]
+
+    async def go() -> tuple[list[dict], list[dict]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            text_replies = [client.get("/search", params={"text": t, "k": 2 + i % 3}) for i, t in enumerate(texts)]
+            image_replies = [client.post("/search?k=2", content=Path(row["uri"]).read_bytes()) for row in rows]
+            replies = await asyncio.gather(*text_replies, *image_replies)
+        return [r.json() for r in replies[:len(texts)]], [r.json() for r in replies[len(texts):]]
+
+    text_bodies, image_bodies = asyncio.run(go())
+    for i, (text, body) in enumerate(zip(texts, text_bodies)):
         assert [h["image_id"] for h in body["hits"]] == [h["image_id"] for h in service.search_text(text, 2 + i % 3)]
-    assert max(app.state.batcher.batches) > 1 and sum(app.state.batcher.batches) == len(texts)
+    for row, body in zip(rows, image_bodies):
+        assert body["hits"][0]["image_id"] == row["image_id"]
+        assert body["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert max(app.state.batcher.batches) > 1 and sum(app.state.batcher.batches) == len(texts) + len(rows)
 
 
 def test_redacted_hides_user_info():
