@@ -3,7 +3,7 @@
 A :class:`SearchService` is one immutable (model, index, id table) triple loaded together and
 checked to belong together: the index's vectors were embedded by exactly the weights it serves
 (shard sidecars' ``model_key`` = :func:`clipopt_core.layout.served_model_key`). Queries embed
-through :mod:`clipopt_core.models.encode` (the gallery's own preprocessing), see ``docs/method.md``.
+through :mod:`clipopt_core.models.encode`, the gallery's own decoding and preprocessing.
 """
 from __future__ import annotations
 
