@@ -119,9 +119,10 @@ class SearchService:
                              f"({variant}) embeds in {bundle.embed_dim} dims; rebuild gallery_embeddings and faiss_index")
         if served_model_key(store, variant) != model_key or store.read_bytes(keys["info.json"]) != info_bytes:
             raise ValueError(f"the {variant} model or index under {prefix!r} changed while loading; retry")
+        published = store.fs.modified(store.path(keys["info.json"])).timestamp()  # local mtime / S3 LastModified
         identity = Identity(prefix=prefix, variant=variant, model_key=model_key, index_sha256=sha256_file(path),
                             info_sha256=hashlib.sha256(info_bytes).hexdigest(), recall_at_10=info.get("recall_at_10"),
-                            vectors=int(index.ntotal), published_at=_modified(store, keys["info.json"]))
+                            vectors=int(index.ntotal), published_at=published)
         return cls(bundle, index, metadata, variant, identity)
 
     def search_vectors(self, queries: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
@@ -166,13 +167,6 @@ def check_image(data: bytes, max_pixels: int | None = None) -> None:
     """Raise ``ImageRejected`` (reason: empty, not_an_image, too_large — more than ``max_pixels``, default
     :data:`~clipopt_core.data.images.MAX_PIXELS` —, truncated, too_small) unless ``data`` decodes to an image."""
     decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {}))
-
-
-def _modified(store: ArtifactStore, key: str) -> float:
-    """Modification time of ``key`` (local mtime or S3 LastModified) in epoch seconds."""
-    info = store.fs.info(store.path(key))
-    stamp = info.get("mtime", info.get("LastModified", info.get("created", 0)))
-    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
 
 def _id_table(store: ArtifactStore, key: str = Keys.index_ids) -> pl.DataFrame:
