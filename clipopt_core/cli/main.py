@@ -138,7 +138,7 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--max-upload-bytes", type=int, default=int(env("CLIPOPT_SERVE_MAX_UPLOAD_BYTES", str(10 * 2**20))))
     serve.add_argument("--max-k", type=int, default=int(env("CLIPOPT_SERVE_MAX_K", "100")))
     serve.add_argument("--max-batch", type=int, default=int(env("CLIPOPT_SERVE_MAX_BATCH", "32")),
-                       help="most concurrent text queries embedded in one encoder call")
+                       help="most concurrent queries (of one kind) embedded in one encoder call")
     serve.add_argument("--cors-origin", action="append", default=[o for o in env("CLIPOPT_SERVE_CORS", "").split(",") if o],
                        help="an origin allowed to call the API from a browser (repeatable; none by default)")
     serve.add_argument("--access-log", action="store_true",
