@@ -1,5 +1,6 @@
 """Evaluation report over every variant, then embeddings and a faiss index for the served variant."""
 
+import os
 import time
 
 import dagster as dg
@@ -108,4 +109,6 @@ def faiss_index(config: IndexSettings, store: ArtifactStoreResource) -> dg.Mater
     artifacts = store.store()
     _, info = sharding.build_sharded_index(artifacts, SHARD_COUNT, config.core(), prefix=Keys.serving)
     return dg.MaterializeResult(metadata={**{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
-                                          "uri": artifacts.url(Keys.index)})
+                                          "uri": artifacts.url(Keys.index),
+                                          **({"service": dg.MetadataValue.url(os.environ["CLIPOPT_SERVE_URL"])}
+                                             if os.environ.get("CLIPOPT_SERVE_URL") else {})})

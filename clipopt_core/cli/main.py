@@ -6,6 +6,7 @@ Commands:
   clipopt search --store URL (--image PATH | --text "…") [-k 10]     query the served index
   clipopt report [--store URL]                                        print the latest evaluation report
   clipopt index-shards {embed,build} --num-shards N [--store URL] …   sharded embeddings + index (big galleries)
+  clipopt serve [--store URL] [--host 127.0.0.1] [--port 8000]       HTTP API + web page, hot-swapped on publication
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="print the latest evaluation report")
     report.add_argument("--store", default=default_store_url())
     cli_shards.add_parser(commands, default_store_url())
+    add_serve_parser(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(hit))
         elif args.command == "index-shards":
             print(json.dumps(cli_shards.run(args), indent=2, default=str))
+        elif args.command == "serve":
+            run_serve(args)
         else:
             print(run_report(args.store))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -101,6 +105,47 @@ def run_search(store_url: str, *, image: str | None = None, text: str | None = N
 
     service = SearchService.from_store(ArtifactStore(store_url))
     return service.search_image(image, k) if image else service.search_text(text or "", k)
+
+
+def add_serve_parser(commands: Any) -> None:
+    """``clipopt serve``: flags, each defaulting to its ``CLIPOPT_SERVE_*`` variable. The bearer token is
+    read from ``CLIPOPT_SERVE_TOKEN`` only (a flag would show in the process list)."""
+    env = os.environ.get
+    serve = commands.add_parser("serve", help="HTTP search API and web page over the published index")
+    serve.add_argument("--store", default=default_store_url())
+    serve.add_argument("--host", default=env("CLIPOPT_SERVE_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(env("CLIPOPT_SERVE_PORT", "8000")))
+    serve.add_argument("--poll-seconds", type=float, default=float(env("CLIPOPT_SERVE_POLL_SECONDS", "10")),
+                       help="how often the index's info.json is checked for a new publication")
+    serve.add_argument("--max-upload-bytes", type=int, default=int(env("CLIPOPT_SERVE_MAX_UPLOAD_BYTES", str(10 * 2**20))))
+    serve.add_argument("--max-k", type=int, default=int(env("CLIPOPT_SERVE_MAX_K", "100")))
+    serve.add_argument("--max-batch", type=int, default=int(env("CLIPOPT_SERVE_MAX_BATCH", "32")),
+                       help="most concurrent queries (of one kind) embedded in one encoder call")
+    serve.add_argument("--cors-origin", action="append", default=[o for o in env("CLIPOPT_SERVE_CORS", "").split(",") if o],
+                       help="an origin allowed to call the API from a browser (repeatable; none by default)")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request line (off by default: query texts are user data)")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Load the served (and baseline) pair, start the watcher and run uvicorn until interrupted."""
+    import uvicorn
+
+    from clipopt_core.runtime.storage import ArtifactStore, configure_s3_defaults
+    from clipopt_core.serve.http import ServeSettings, create_app, redacted
+    from clipopt_core.serve.live import LiveIndexes
+
+    configure_s3_defaults(os.environ.get("CLIPOPT_S3_ENDPOINT"))  # image URIs on S3 for thumbnails
+    live = LiveIndexes.load(ArtifactStore(args.store))
+    settings = ServeSettings(token=os.environ.get("CLIPOPT_SERVE_TOKEN") or None, cors_origins=tuple(args.cors_origin),
+                             max_upload_bytes=args.max_upload_bytes, max_k=args.max_k, max_batch=args.max_batch,
+                             extra={"store": redacted(args.store)})
+    live.start(args.poll_seconds)
+    try:
+        uvicorn.run(create_app(live, settings), host=args.host, port=args.port, log_level="info",
+                    access_log=args.access_log)
+    finally:
+        live.stop()
 
 
 def run_report(store_url: str) -> str:

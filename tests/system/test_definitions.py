@@ -39,6 +39,7 @@ GRAPH = {
                           "evaluation", ["alignment_preserved", "retrieval_improved"], GPU, "2"),
     "gallery_embeddings": (["evaluation_report"], "serving", [], GPU, "2"),
     "faiss_index": (["gallery_embeddings"], "serving", ["index_recall"], None, "2"),
+    "baseline_index": (["base_model", "image_manifest"], "serving", [], GPU, "1"),
 }
 BLOCKING_CHECKS = {"manifest_valid": True, "alignment_preserved": True, "retrieval_improved": True,
                    "index_recall": True}
