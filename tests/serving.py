@@ -13,7 +13,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from clipopt_core.layout import VARIANT_MODELS, Keys, served_model_key
+from clipopt_core.layout import Keys, served_model_key
+from clipopt_core.registry import get_stage
 from clipopt_core.models.loading import ModelSpec, export_checkpoint, load_model
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.serve.search import BASELINE_PREFIX, lazy_image_embedder
@@ -45,7 +46,7 @@ def publish_checkpoint(store: ArtifactStore, variant: str, noise_seed: int, work
         for parameter in bundle.model.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     folder = export_checkpoint(bundle, work / f"ckpt-{variant}-{noise_seed}", {"stage": variant, "seed": noise_seed})
-    store.put_dir(folder, Keys.model(VARIANT_MODELS[variant]))
+    store.put_dir(folder, Keys.model(get_stage(variant).asset))
 
 
 def publish_index(store: ArtifactStore, variant: str, cache: Path, *, prefix: str = Keys.serving,

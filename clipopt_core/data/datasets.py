@@ -74,6 +74,11 @@ def load_image(uri: str) -> Image.Image:
         return decode_image(handle.read(), name=uri)
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The seeded generator of one epoch's batch order (its own: drawing from it never touches the global RNG)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentation, independent of batch layout and workers."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little") >> 1
@@ -137,7 +142,7 @@ class EpochBatches:
         return self.num_items // self.batch_size - self.start_step
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(self.num_items, generator=generator).tolist()
         steps = self.num_items // self.batch_size
         for step in range(self.start_step, steps):

@@ -71,7 +71,7 @@ def _emoji_key(code: str) -> str:
     return "-".join(part for part in parts if part != "FE0F")
 
 
-def _read_cldr_names(openmoji_csv: Path) -> dict[str, str]:
+def read_cldr_names(openmoji_csv: Path) -> dict[str, str]:
     """CLDR short names (``annotation`` column of OpenMoji's ``openmoji.csv``) by emoji key."""
     names: dict[str, str] = {}
     with open(openmoji_csv, encoding="utf-8", newline="") as handle:
@@ -81,7 +81,7 @@ def _read_cldr_names(openmoji_csv: Path) -> dict[str, str]:
     return names
 
 
-def _parse_emoji_rows(rows: Iterable[Mapping], cldr_names: Mapping[str, str]) -> list[Emoji]:
+def parse_emoji_rows(rows: Iterable[Mapping], cldr_names: Mapping[str, str]) -> list[Emoji]:
     """Turn ``emoji.json`` rows into :class:`Emoji`, skipping components and country flags.
 
     The label is the CLDR name when known, else the Unicode name, lower-cased; a label
@@ -100,14 +100,14 @@ def _parse_emoji_rows(rows: Iterable[Mapping], cldr_names: Mapping[str, str]) ->
     return out
 
 
-def _index_files(folder: Path, suffix: str) -> dict[str, Path]:
+def index_files(folder: Path, suffix: str) -> dict[str, Path]:
     """Map emoji key -> file for every ``<code points>.<suffix>`` in ``folder`` (empty if absent)."""
     if not folder.is_dir():
         return {}
     return {_emoji_key(path.stem): path for path in sorted(folder.glob(f"*{suffix}"))}
 
 
-def _select_emoji(emoji: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str, Path]], max_classes: int,
+def select_emoji(emoji: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str, Path]], max_classes: int,
                   seed: int, min_vendors: int = 2) -> list[Emoji]:
     """Seeded sample of ``max_classes`` emoji among those drawn by at least ``min_vendors`` vendors."""
     eligible = [e for e in emoji if sum(e.key in files for files in vendor_files.values()) >= min_vendors]
@@ -115,7 +115,7 @@ def _select_emoji(emoji: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str
     return sorted(chosen, key=lambda e: e.sort_order)
 
 
-def _select_spare_emoji(emoji: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str, Path]], chosen: Sequence[Emoji],
+def select_spare_emoji(emoji: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str, Path]], chosen: Sequence[Emoji],
                         max_n: int, seed: int) -> list[tuple[Emoji, str]]:
     """Up to ``max_n`` ``(emoji, vendor)`` caption pairs from emoji *not* in the labelled set, one seeded vendor each.
 
@@ -326,7 +326,7 @@ def _render_svg(src: Path, dst: Path, side: int | None = None) -> bool:
     return False
 
 
-def _write_emoji(chosen: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str, Path]], image_root: Path) -> list[dict]:
+def write_emoji(chosen: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str, Path]], image_root: Path) -> list[dict]:
     """Store every vendor's drawing of the chosen emoji as ``emoji/<source>/<key>.png``; manifest rows."""
     rows = []
     for emoji in chosen:
@@ -338,9 +338,9 @@ def _write_emoji(chosen: Sequence[Emoji], vendor_files: Mapping[str, Mapping[str
     return rows
 
 
-def _write_caption_emoji(pairs: Sequence[tuple[Emoji, str]], vendor_files: Mapping[str, Mapping[str, Path]],
+def write_caption_emoji(pairs: Sequence[tuple[Emoji, str]], vendor_files: Mapping[str, Mapping[str, Path]],
                          caption_root: Path) -> list[dict]:
-    """Store the drawings of :func:`_select_spare_emoji` as ``emoji/<source>/<key>.png``; caption-manifest rows."""
+    """Store the drawings of :func:`select_spare_emoji` as ``emoji/<source>/<key>.png``; caption-manifest rows."""
     rows = []
     for emoji, source in pairs:
         rel = f"emoji/{source}/{emoji.key.lower()}.png"
@@ -353,7 +353,7 @@ def _store_emoji(src: Path, dst: Path) -> bool:
     return _render_svg(src, dst, OPENMOJI_SIDE) if src.suffix == ".svg" else _store_png(src, dst)
 
 
-def _write_tuxpaint(stamps_root: Path, image_root: Path) -> tuple[list[dict], int]:
+def write_tuxpaint(stamps_root: Path, image_root: Path) -> tuple[list[dict], int]:
     """Store the Tux Paint stamps as ``tuxpaint/<dir>/<stem>.png``; ``(rows, stamps that could not be stored)``."""
     rows, failed = [], 0
     for rel_dir, src, sentence in _tux_stamps(stamps_root):
@@ -367,7 +367,7 @@ def _write_tuxpaint(stamps_root: Path, image_root: Path) -> tuple[list[dict], in
     return rows, failed
 
 
-def _write_openclipart(png_root: Path, caption_root: Path, max_n: int, seed: int) -> list[dict]:
+def write_openclipart(png_root: Path, caption_root: Path, max_n: int, seed: int) -> list[dict]:
     """Store up to ``max_n`` titled openclipart PNGs (see :func:`_select_caption_pairs`) as ``openclipart/...``."""
     items = []
     for path in sorted(png_root.rglob("*.png")):
@@ -388,7 +388,7 @@ def _write_openclipart(png_root: Path, caption_root: Path, max_n: int, seed: int
     return rows
 
 
-def _drop_duplicates_and_singletons(rows: Sequence[dict], digests: Sequence[str]) -> tuple[list[dict], list[dict]]:
+def drop_duplicates_and_singletons(rows: Sequence[dict], digests: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """``(kept, dropped)``: rows whose bytes repeat an earlier row's are dropped, then labels with < 2 rows."""
     seen: set[str] = set()
     unique, dropped = [], []
@@ -401,7 +401,7 @@ def _drop_duplicates_and_singletons(rows: Sequence[dict], digests: Sequence[str]
     return kept, dropped
 
 
-def _count_by(rows: Iterable[Mapping], key: str) -> dict[str, int]:
+def count_by(rows: Iterable[Mapping], key: str) -> dict[str, int]:
     """Rows per value of ``key``, sorted by value."""
     counts: defaultdict[str, int] = defaultdict(int)
     for row in rows:

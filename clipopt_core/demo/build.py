@@ -211,20 +211,20 @@ def _emoji_sources(tools: dict[str, str], downloads: Path, scratch: Path,
         _extract_tgz(archive, scratch / source, lambda name: name.startswith(wanted))
         archive.unlink()
     vendor_files = {
-        "emoji-google": src._index_files(scratch / "emoji-google/package/img/google/64", ".png"),
-        "emoji-twitter": src._index_files(scratch / "emoji-twitter/package/img/twitter/64", ".png"),
-        "openmoji": src._index_files(scratch / "openmoji/package/color/svg", ".svg"),
+        "emoji-google": src.index_files(scratch / "emoji-google/package/img/google/64", ".png"),
+        "emoji-twitter": src.index_files(scratch / "emoji-twitter/package/img/twitter/64", ".png"),
+        "openmoji": src.index_files(scratch / "openmoji/package/color/svg", ".svg"),
     }
     try:  # optional fourth style (EmojiOne 2.x)
         deb = _fetch(tools, "deb", _DEB_GEMOJIONE, downloads, progress)
         _extract_deb(tools["dpkg-deb"], deb, scratch / "emojione", lambda name: name.startswith(_GEMOJIONE_PNG))
         deb.unlink()
-        vendor_files["emojione"] = src._index_files(scratch / "emojione" / _GEMOJIONE_PNG, ".png")
+        vendor_files["emojione"] = src.index_files(scratch / "emojione" / _GEMOJIONE_PNG, ".png")
     except RuntimeError as exc:
         progress(f"warning: skipping the optional EmojiOne style: {exc}")
     rows = json.loads((scratch / "emoji-google/package/emoji.json").read_text(encoding="utf-8"))
-    names = src._read_cldr_names(scratch / "openmoji/package/data/openmoji.csv")
-    return src._parse_emoji_rows(rows, names), vendor_files
+    names = src.read_cldr_names(scratch / "openmoji/package/data/openmoji.csv")
+    return src.parse_emoji_rows(rows, names), vendor_files
 
 
 def _build(tmp: Path, tools: dict[str, str], limits: tuple[int, int, int], seed: int,
@@ -234,10 +234,10 @@ def _build(tmp: Path, tools: dict[str, str], limits: tuple[int, int, int], seed:
     max_emoji_classes, max_caption_images, max_caption_emoji = limits
     data, downloads, scratch = _layout(tmp), tmp / "_downloads", tmp / "_scratch"
     emoji, vendor_files = _emoji_sources(tools, downloads, scratch, progress)
-    chosen = src._select_emoji(emoji, vendor_files, max_emoji_classes, seed)
-    rows = src._write_emoji(chosen, vendor_files, data.image_root)
-    spare = src._select_spare_emoji(emoji, vendor_files, chosen, max_caption_emoji, seed)
-    emoji_pairs = src._write_caption_emoji(spare, vendor_files, data.caption_root)
+    chosen = src.select_emoji(emoji, vendor_files, max_emoji_classes, seed)
+    rows = src.write_emoji(chosen, vendor_files, data.image_root)
+    spare = src.select_spare_emoji(emoji, vendor_files, chosen, max_caption_emoji, seed)
+    emoji_pairs = src.write_caption_emoji(spare, vendor_files, data.caption_root)
     shutil.rmtree(scratch, ignore_errors=True)  # unpacked packages go as soon as they are used
     progress(f"emoji: {len(rows)} images written ({len(chosen)} of {len(emoji)} emoji, {len(vendor_files)} styles); "
              f"{len(emoji_pairs)} image-caption pairs of other emoji")
@@ -247,12 +247,12 @@ def _build(tmp: Path, tools: dict[str, str], limits: tuple[int, int, int], seed:
     _extract_deb(tools["dpkg-deb"], deb, scratch / "tuxpaint",
                  lambda name: name.startswith(_TUXPAINT_STAMPS) and name.endswith((".png", ".svg", ".txt")))
     deb.unlink()
-    tux_rows, tux_failed = src._write_tuxpaint(scratch / "tuxpaint" / _TUXPAINT_STAMPS, data.image_root)
+    tux_rows, tux_failed = src.write_tuxpaint(scratch / "tuxpaint" / _TUXPAINT_STAMPS, data.image_root)
     shutil.rmtree(scratch, ignore_errors=True)
     progress(f"Tux Paint: {len(tux_rows)} images written, {tux_failed} stamps skipped (unrenderable SVG)")
 
     digests = [hashlib.sha256((data.image_root / row["path"]).read_bytes()).hexdigest() for row in rows + tux_rows]
-    kept, dropped = src._drop_duplicates_and_singletons(rows + tux_rows, digests)
+    kept, dropped = src.drop_duplicates_and_singletons(rows + tux_rows, digests)
     for row in dropped:
         (data.image_root / row["path"]).unlink(missing_ok=True)
     progress(f"dropped {len(dropped)} duplicate or singleton-label images; {len(kept)} labelled images kept")
@@ -261,7 +261,7 @@ def _build(tmp: Path, tools: dict[str, str], limits: tuple[int, int, int], seed:
     progress(f"extracting {deb.name}")
     _extract_deb(tools["dpkg-deb"], deb, scratch / "openclipart", lambda name: name.startswith(_OPENCLIPART_PNG))
     deb.unlink()
-    pairs = src._write_openclipart(scratch / "openclipart" / _OPENCLIPART_PNG, data.caption_root, max_caption_images, seed)
+    pairs = src.write_openclipart(scratch / "openclipart" / _OPENCLIPART_PNG, data.caption_root, max_caption_images, seed)
     progress(f"openclipart: {len(pairs)} image-caption pairs written")
     pairs += emoji_pairs
     shutil.rmtree(downloads, ignore_errors=True)
@@ -269,7 +269,7 @@ def _build(tmp: Path, tools: dict[str, str], limits: tuple[int, int, int], seed:
 
     _write_parquet(pl.DataFrame(kept, schema=_SCHEMA), data.image_manifest)
     _write_parquet(pl.DataFrame(pairs, schema=_CAPTION_SCHEMA), data.caption_manifest)
-    return {"images_per_source": src._count_by(kept, "source"), "labels": len({row["label"] for row in kept}),
+    return {"images_per_source": src.count_by(kept, "source"), "labels": len({row["label"] for row in kept}),
             "categories": len({row["category"] for row in kept}), "caption_pairs": len(pairs),
             "tuxpaint_skipped": tux_failed, "dropped": len(dropped)}
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from clipopt_core.runtime import distributed
 
 from clipopt_core.models import towers
-from clipopt_core.data.datasets import EpochBatches, ImageDataset
+from clipopt_core.data.datasets import EpochBatches, ImageDataset, epoch_generator
 from clipopt_core.train.losses import ArcMarginLoss, MultiCaptionArcMarginLoss, SymmetricInfoNCE
 from clipopt_core.models.loading import ClipBundle
 from clipopt_core.train.config import RealignConfig, RetrievalConfig, TrainConfig
@@ -95,7 +95,7 @@ class RetrievalTask:
         sampler = distributed.shard_batches(sampler)  # under torchrun: this rank's slice of each global batch
         # own generator: creating the loader must not draw from the global RNG (resumed runs would diverge)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate,
-                            generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+                            generator=epoch_generator(config.seed, epoch))
         return loader
 
     def train_mode(self) -> None:
@@ -162,7 +162,7 @@ class RealignTask:
         return max(2, min(config.batch_size, len(self.captions)))
 
     def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[tuple[torch.Tensor, list[str]]]:
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        generator = epoch_generator(config.seed, epoch)
         order = torch.randperm(len(self.captions), generator=generator)
         size = self._batch(config)
         for step in range(start_step, self.steps_per_epoch(config)):

@@ -32,7 +32,7 @@ def test_read_cldr_names_skips_skin_tone_rows(tmp_path: Path) -> None:
                         "x,1F600,grinning face,\n"
                         "x,1F44B-1F3FB,waving hand: light skin tone,1\n"
                         "x,2764-FE0F,red heart,\n", encoding="utf-8")
-    assert src._read_cldr_names(csv_path) == {"1F600": "grinning face", "2764": "red heart"}
+    assert src.read_cldr_names(csv_path) == {"1F600": "grinning face", "2764": "red heart"}
 
 
 def test_parse_emoji_rows_filters_and_names() -> None:
@@ -52,7 +52,7 @@ def test_parse_emoji_rows_filters_and_names() -> None:
          "subcategory": "heart", "sort_order": 7},
     ]
     cldr = {"1F603": "grinning face with big eyes", "2764": "Red Heart"}
-    assert src._parse_emoji_rows(rows, cldr) == [
+    assert src.parse_emoji_rows(rows, cldr) == [
         src.Emoji("1F600", "grinning face", "face-smiling", 1),
         src.Emoji("1F603", "grinning face with big eyes", "face-smiling", 2),
         src.Emoji("1F3C1", "chequered flag", "flag", 5),
@@ -63,27 +63,27 @@ def test_parse_emoji_rows_filters_and_names() -> None:
 def test_select_emoji_needs_two_vendors_and_is_seeded() -> None:
     emoji = [src.Emoji(f"K{i}", f"e{i}", "sub", i) for i in range(10)]
     vendors = {"a": {f"K{i}": Path(f"a{i}") for i in range(10)}, "b": {f"K{i}": Path(f"b{i}") for i in range(0, 10, 2)}}
-    chosen = src._select_emoji(emoji, vendors, max_classes=3, seed=7)
+    chosen = src.select_emoji(emoji, vendors, max_classes=3, seed=7)
     assert len(chosen) == 3 and all(int(e.key[1:]) % 2 == 0 for e in chosen)
     assert chosen == sorted(chosen, key=lambda e: e.sort_order)
-    assert chosen == src._select_emoji(emoji, vendors, max_classes=3, seed=7)
-    assert [e.key for e in src._select_emoji(emoji, vendors, max_classes=99, seed=0)] == ["K0", "K2", "K4", "K6", "K8"]
+    assert chosen == src.select_emoji(emoji, vendors, max_classes=3, seed=7)
+    assert [e.key for e in src.select_emoji(emoji, vendors, max_classes=99, seed=0)] == ["K0", "K2", "K4", "K6", "K8"]
 
 
 def test_spare_emoji_become_caption_pairs_outside_the_labelled_set(tmp_path: Path) -> None:
     emoji = [src.Emoji(f"K{i}", f"e{i}", "sub", i) for i in range(10)] + [src.Emoji("K10", "E0", "sub", 10)]
     vendors = {"a": {f"K{i}": Path(f"a{i}") for i in range(1, 11)}, "b": {f"K{i}": Path(f"b{i}") for i in range(0, 11, 2)}}
-    chosen = src._select_emoji(emoji, vendors, max_classes=3, seed=7)
-    spare = src._select_spare_emoji(emoji, vendors, chosen, max_n=99, seed=7)
+    chosen = src.select_emoji(emoji, vendors, max_classes=3, seed=7)
+    spare = src.select_spare_emoji(emoji, vendors, chosen, max_n=99, seed=7)
     names = {e.label.lower() for e in chosen}
     expected = {e.key for e in emoji if e not in chosen and e.label.lower() not in names}  # "E0" names e0 again
     assert {e.key for e, _ in spare} == expected and len(expected) >= 7
     assert all(e.key in vendors[vendor] for e, vendor in spare)
-    assert spare == src._select_spare_emoji(emoji, vendors, chosen, max_n=99, seed=7)
-    few = src._select_spare_emoji(emoji, vendors, chosen, max_n=2, seed=7)
+    assert spare == src.select_spare_emoji(emoji, vendors, chosen, max_n=99, seed=7)
+    few = src.select_spare_emoji(emoji, vendors, chosen, max_n=2, seed=7)
     assert len(few) == 2 and few == sorted(few, key=lambda pair: pair[0].sort_order)
     png = _png(tmp_path / "k1.png", (8, 8))
-    rows = src._write_caption_emoji([(src.Emoji("K1", "grinning face", "sub", 1), "a")], {"a": {"K1": png}}, tmp_path / "out")
+    rows = src.write_caption_emoji([(src.Emoji("K1", "grinning face", "sub", 1), "a")], {"a": {"K1": png}}, tmp_path / "out")
     assert rows == [{"path": "emoji/a/k1.png", "caption": "grinning face", "source": "emoji"}]
     assert (tmp_path / "out" / "emoji" / "a" / "k1.png").is_file()
 
@@ -225,7 +225,7 @@ def test_render_svg_rescues_pt_sizes_and_skips_blank(tmp_path: Path) -> None:
 def test_drop_duplicates_and_singletons() -> None:
     rows = [{"label": "a", "i": 0}, {"label": "a", "i": 1}, {"label": "b", "i": 2}, {"label": "b", "i": 3},
             {"label": "c", "i": 4}, {"label": "a", "i": 5}]
-    kept, dropped = src._drop_duplicates_and_singletons(rows, ["x", "y", "x", "z", "w", "v"])
+    kept, dropped = src.drop_duplicates_and_singletons(rows, ["x", "y", "x", "z", "w", "v"])
     assert [row["i"] for row in kept] == [0, 1, 5]
     assert sorted(row["i"] for row in dropped) == [2, 3, 4]
 
