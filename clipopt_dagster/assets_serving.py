@@ -10,6 +10,7 @@ from clipopt_core.serve import shards as sharding
 from clipopt_core.evaluate.protocol import evaluate_model
 from clipopt_core.models.loading import load_model
 from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, to_markdown
+from clipopt_core.serve.promotion import promote_if_passed
 from clipopt_core.serve.search import lazy_image_embedder
 from clipopt_core.layout import VARIANT_MODELS, Keys, served_model_key, variant_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
@@ -89,10 +90,21 @@ def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResour
 
 
 @dg.asset(group_name="serving", deps=[gallery_embeddings], code_version="2", kinds={"faiss"})
-def faiss_index(config: IndexSettings, store: ArtifactStoreResource) -> dg.MaterializeResult:
+def faiss_index(context: dg.AssetExecutionContext, config: IndexSettings,
+                store: ArtifactStoreResource) -> dg.MaterializeResult:
     """One faiss inner-product index over every gallery shard (quantiser trained once, shards added and
-    merged), with recall@10 vs exact search measured on held-out vectors."""
+    merged), with recall@10 vs exact search measured on held-out vectors.
+
+    It is built into ``serving/index-staging/`` and promoted to the served ``serving/index/`` only when
+    recall@10 ≥ ``target_recall`` (:mod:`clipopt_core.serve.promotion`); a refused build leaves the
+    served index untouched and the ``index_recall`` check fails.
+    """
     artifacts = store.store()
-    _, info = sharding.build_sharded_index(artifacts, SHARD_COUNT, config.core(), prefix=Keys.serving)
+    _, info = sharding.build_sharded_index(artifacts, SHARD_COUNT, config.core(), prefix=Keys.serving,
+                                           folder=sharding.STAGING_FOLDER)
+    outcome = promote_if_passed(artifacts, Keys.serving)
+    (context.log.info if outcome.promoted else context.log.warning)(f"index {outcome.reason}")
     return dg.MaterializeResult(metadata={**{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
-                                          "uri": artifacts.url(Keys.index)})
+                                          **outcome.metadata(), "uri": artifacts.url(Keys.index),
+                                          "staging_uri": artifacts.url(sharding.index_key(
+                                              Keys.serving, "merged.faiss", sharding.STAGING_FOLDER))})

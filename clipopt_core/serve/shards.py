@@ -41,6 +41,8 @@ from clipopt_core.serve import index as index_lib
 from clipopt_core.runtime.storage import ArtifactStore
 
 DEFAULT_PREFIX = "serving"
+SERVED_FOLDER = "index"  # what clipopt search serves
+STAGING_FOLDER = "index-staging"  # a built candidate, promoted to SERVED_FOLDER only when it passes (serve.promotion)
 META_COLUMNS = ("image_id", "uri", "label", "caption", "source")
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # uris -> float32 [n, D], rows L2-normalised
 
@@ -64,9 +66,12 @@ def shard_key(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}/embeddings/shard-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
-def index_key(prefix: str, name: str) -> str:
-    """Key of ``name`` (merged.faiss, trained.faiss, ids.parquet, info.json, shard-00003.faiss) under ``prefix``."""
-    return f"{prefix}/index/{name}"
+def index_key(prefix: str, name: str, folder: str = SERVED_FOLDER) -> str:
+    """Key of ``name`` (merged.faiss, trained.faiss, ids.parquet, info.json, shard-00003.faiss) under ``prefix``.
+
+    ``folder``: :data:`SERVED_FOLDER` (served) or :data:`STAGING_FOLDER` (a candidate not yet promoted).
+    """
+    return f"{prefix}/{folder}/{name}"
 
 
 def _ids_digest(model_key: str, rows: pl.DataFrame) -> str:
@@ -240,14 +245,14 @@ def _shard_vectors(load: Callable[[int], np.ndarray], shard: int, dim: int) -> n
 
 def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.IndexSpec = index_lib.IndexSpec(), *,
                         prefix: str = DEFAULT_PREFIX, seed: int = 0, tune_queries: int = 1000,
-                        save: bool = True) -> tuple[faiss.Index, dict[str, Any]]:
+                        save: bool = True, folder: str = SERVED_FOLDER) -> tuple[faiss.Index, dict[str, Any]]:
     """:func:`build_from_shards` over the published shards of ``prefix``; returns ``(index, info)``.
 
     ``info``: ``kind, n, dim, num_shards, nlist, nprobe, pq_m, train_size, tuned_recall, target_met,
     target_recall, recall_at_10`` (on held-out queries vs exact), ``build_seconds, bytes`` and, for
     the sharded kinds, ``train_seconds, add_seconds, merge_seconds``. With ``save`` the trained empty
     index (reused to add new shards) and each shard's index (sharded kinds), then the merged index,
-    ``ids.parquet`` (row i = id i) and last ``info.json`` (the commit marker) go to ``<prefix>/index/``.
+    ``ids.parquet`` (row i = id i) and last ``info.json`` (the commit marker) go to ``<prefix>/<folder>/``.
     """
     sidecars = [store.read_json(shard_key(prefix, s, num_shards).replace(".parquet", ".json")) for s in range(num_shards)]
     counts = [int(c["rows"]) for c in sidecars]
@@ -257,7 +262,7 @@ def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.I
         return read_shard(store, prefix, shard, num_shards)[1]
 
     def save_shard(shard: int, part: faiss.Index) -> None:
-        _put_index(store, index_key(prefix, f"shard-{shard:05d}.faiss"), part)
+        _put_index(store, index_key(prefix, f"shard-{shard:05d}.faiss", folder), part)
 
     if index_lib.choose_index_kind(sum(counts), dim, spec) == "hnsw":  # one graph over all vectors, on one machine
         merged, info = index_lib.build_index(np.concatenate([_shard_vectors(load, s, dim) for s in range(num_shards)]),
@@ -267,13 +272,14 @@ def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.I
         merged, info, trained = build_from_shards(load, counts, dim, spec, seed=seed, tune_queries=tune_queries,
                                                   on_shard=save_shard if save else None)
         if save:
-            store.write_bytes(index_key(prefix, "trained.faiss"), trained)
+            store.write_bytes(index_key(prefix, "trained.faiss", folder), trained)
     info["target_recall"] = spec.target_recall
     if save:
-        _put_index(store, index_key(prefix, "merged.faiss"), merged)
+        _put_index(store, index_key(prefix, "merged.faiss", folder), merged)
         frames = [read_shard(store, prefix, s, num_shards)[0] for s in range(num_shards)]
-        store.write_parquet(index_key(prefix, "ids.parquet"), pl.concat([f for f in frames if f.height], how="diagonal"))
-        store.write_json(index_key(prefix, "info.json"), info)
+        store.write_parquet(index_key(prefix, "ids.parquet", folder),
+                            pl.concat([f for f in frames if f.height], how="diagonal"))
+        store.write_json(index_key(prefix, "info.json", folder), info)
     return merged, info
 
 
