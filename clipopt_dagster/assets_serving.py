@@ -17,6 +17,7 @@ from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_training import mcip_encoder, realigned_2sft, realigned_mcip, retrieval_encoder
 from clipopt_dagster.configs import EvalSettings, IndexSettings
 from clipopt_dagster.partitions import GALLERY_SHARDS, SHARD_COUNT
+from clipopt_dagster.promotion import refuse_unless_report_passed
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource
 
 @dg.asset(group_name="evaluation", deps=[retrieval_encoder, realigned_2sft, mcip_encoder, realigned_mcip],
@@ -68,10 +69,12 @@ def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResour
 
     A backfill runs one shard per run (fanned out by the run launcher); ``retraining_job`` covers every
     shard in one run. A shard already embedded by the same weights for the same images is skipped.
+    Nothing is embedded when the latest report failed one of its checks (:mod:`clipopt_dagster.promotion`).
     """
     compute.setup_torch()
     artifacts = store.store()
     variant = artifacts.read_json(Keys.report_json)["serve_variant"]
+    refuse_unless_report_passed(context, variant)
     model_key = served_model_key(artifacts, variant)
     manifest = artifacts.read_parquet(Keys.manifest)
     embed = lazy_image_embedder(artifacts, variant, compute.cache, device=compute.device)  # batch fits GPU memory
