@@ -11,6 +11,7 @@ from clipopt_dagster import assets_data, assets_serving, assets_training, checks
 from clipopt_dagster.automation import new_images_sensor, retraining_job, retraining_schedule
 from clipopt_dagster.launchers import launcher_from_env
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource, DataSourceResource
+from clipopt_dagster.run_claims import releasing_in_process_executor
 
 
 def env_var(name: str) -> dg.EnvVar | None:
@@ -52,5 +53,5 @@ defs = dg.Definitions(
     schedules=[retraining_schedule],
     sensors=[new_images_sensor],
     resources=default_resources(),
-    executor=dg.in_process_executor,
+    executor=releasing_in_process_executor,  # dg.in_process_executor + freeing slots of killed runs
 )
