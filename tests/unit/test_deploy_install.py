@@ -95,3 +95,17 @@ def test_a_broken_launcher_config_is_refused() -> None:
         validate_class("dagster_k8s", "K8sRunLauncher", config)
 
 
+
+
+def test_every_shipped_instance_profile_enables_run_monitoring(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    for name, value in PG_ENV.items():
+        monkeypatch.setenv(name, value)
+    profiles = [ROOT / "dagster.yaml", ROOT / "deploy" / "dagster.postgres.yaml", ROOT / "deploy" / "k8s" / "dagster.yaml"]
+    for profile in profiles:
+        folder = tmp_path / profile.parent.name
+        folder.mkdir(exist_ok=True)
+        (folder / "dagster.yaml").write_text(profile.read_text())
+        config, _ = dagster_instance_config(str(folder))
+        assert config["run_monitoring"]["enabled"], profile
+        assert config["concurrency"]["pools"]["default_limit"] >= 1, profile
