@@ -130,21 +130,12 @@ def _empty_index(kind: str, n: int, dim: int, spec: index_lib.IndexSpec, seed: i
     """An untrained index of ``kind`` sized for ``n`` vectors, and its plan (nlist, pq_m, train_size)."""
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {"train_size": 0}
-    nlist = spec.nlist or index_lib._auto_nlist(n)
-    if kind == "ivf_flat":
-        factory, train_size, pq_m = f"IVF{nlist},Flat", min(n, train_per_list * nlist), None
-    elif kind == "ivf_pq":
-        pq_m = spec.pq_m or index_lib._auto_pq_m(n, dim, nlist, spec.memory_budget_bytes)
-        factory, train_size = f"IVF{nlist},PQ{pq_m}x8", min(n, max(train_per_list * nlist, 10_000))
-    else:
+    if kind not in ("ivf_flat", "ivf_pq"):
         raise ValueError(f"kind {kind!r} cannot be built from shards; use flat, ivf_flat or ivf_pq")
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    ivf.cp.seed, ivf.cp.spherical = seed, True
-    if kind == "ivf_pq":
-        ivf.pq.cp.seed = seed
-        ivf.do_polysemous_training = False
-    return index, {"nlist": nlist, "pq_m": pq_m, "train_size": train_size}
+    nlist = spec.nlist or index_lib.auto_nlist(n)
+    pq_m = (spec.pq_m or index_lib.auto_pq_m(n, dim, nlist, spec.memory_budget_bytes)) if kind == "ivf_pq" else None
+    return (index_lib.empty_ivf_index(kind, dim, nlist, pq_m, seed),
+            {"nlist": nlist, "pq_m": pq_m, "train_size": index_lib.ivf_train_size(kind, n, nlist, train_per_list)})
 
 
 def _top_k_merge(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +156,7 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
     top-k of the queries shard by shard. The copies are merged (``merge_from``), ``nprobe`` is tuned up to
     ``max_nprobe`` (default nlist). Returns ``(merged, info, trained empty index bytes)``.
     """
-    index_lib._ensure_threads()
+    index_lib.ensure_threads()
     started = time.perf_counter()
     counts = np.asarray(counts, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -192,7 +183,7 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
         empty.train(np.concatenate(train_parts))
     trained = faiss.serialize_index(empty).tobytes()
     train_seconds, train_parts = time.perf_counter() - t0, []
-    k = index_lib._TUNE_K
+    k = index_lib.TUNE_K
     exact_scores = np.full((len(qids), 0), -np.inf, dtype=np.float32)
     exact_ids = np.zeros((len(qids), 0), dtype=np.int64)
     merged, add_seconds, merge_seconds = None, 0.0, 0.0
@@ -214,7 +205,7 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
         else:
             merged.merge_from(part, 0)  # ids are already global; empties ``part``
         merge_seconds += time.perf_counter() - t0
-    exact = index_lib._drop_self(exact_ids, qids, k)
+    exact = index_lib.drop_self(exact_ids, qids, k)
     info: dict[str, Any] = {"kind": kind, "n": n, "dim": dim, "num_shards": len(counts), "nlist": plan.get("nlist"),
                             "pq_m": plan.get("pq_m"), "train_size": plan["train_size"], "nprobe": None}
     if kind == "flat":
@@ -225,16 +216,16 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
         def evaluate(p: int) -> float:
             ivf.nprobe = p
             _, ids = merged.search(queries, min(k + 1, n))
-            return index_lib._overlap(index_lib._drop_self(ids, qids, k), exact)
+            return index_lib.overlap(index_lib.drop_self(ids, qids, k), exact)
 
         top = min(max_nprobe or ivf.nlist, ivf.nlist)
         nprobe, recall = ((spec.nprobe, evaluate(spec.nprobe)) if spec.nprobe
-                          else index_lib._tune(evaluate, 1, top, spec.target_recall))
+                          else index_lib.tune(evaluate, 1, top, spec.target_recall))
         ivf.nprobe = nprobe
         info.update(nprobe=nprobe, tuned_recall=recall, target_met=recall >= spec.target_recall)
     info.update(recall_at_10=info["tuned_recall"], train_seconds=train_seconds, add_seconds=add_seconds,
                 merge_seconds=merge_seconds, build_seconds=time.perf_counter() - started,
-                bytes=index_lib._index_bytes(merged))
+                bytes=index_lib.index_bytes(merged))
     return merged, info, trained
 
 
