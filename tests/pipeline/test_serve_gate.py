@@ -34,7 +34,7 @@ def test_gallery_of_a_failed_variant_is_not_published_by_a_later_run(tmp_path, s
         first = dg.materialize(all_assets, resources=resources, run_config=failing, raise_on_error=False,
                                tags=ALL_SHARDS_TAGS, instance=instance)
         assert not first.success
-        later = dg.materialize([gallery_embeddings], resources=resources, partition_key="0", instance=instance,
+        later = dg.materialize([gallery_embeddings], resources=resources, partition_key="00000", instance=instance,
                                raise_on_error=False)
         assert not later.success
         failure = next(e for e in later.all_events if e.event_type_value == "STEP_FAILURE")
@@ -45,5 +45,5 @@ def test_gallery_of_a_failed_variant_is_not_published_by_a_later_run(tmp_path, s
         evaluated = dg.materialize(all_assets, resources=resources, run_config=passing, instance=instance,
                                    selection=["evaluation_report"])
         assert {e.check_name: e.passed for e in evaluated.get_asset_check_evaluations()} == dict.fromkeys(REPORT_CHECKS, True)
-        again = dg.materialize([gallery_embeddings], resources=resources, partition_key="0", instance=instance)
+        again = dg.materialize([gallery_embeddings], resources=resources, partition_key="00000", instance=instance)
         assert again.success and store.exists(sharding.shard_key("serving", 0, SHARD_COUNT))
