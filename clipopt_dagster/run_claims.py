@@ -11,6 +11,10 @@ run monitoring (instance profiles) fails such runs; without one, :func:`releasin
 
 Runs on other hosts, or without the tags, are left to run monitoring. A pid reused by an unrelated
 process keeps its claim (conservative: never frees a live run's slot).
+
+It also creates the plan's pools (at the instance's default limit) before any step claims a slot: Dagster
+creates a pool on its first claim, and on Postgres two runs doing that at the same moment make one of
+them fail (a unique-key violation aborts the transaction its fallback update then uses).
 """
 from __future__ import annotations
 
@@ -42,6 +46,19 @@ def dead_holder(run: dg.DagsterRun | None, host: str) -> int | None:
         return None
     pid = int(run.tags[PID_TAG])
     return None if process_exists(pid) else pid
+
+
+def initialise_pools(instance: dg.DagsterInstance, pools: set[str]) -> None:
+    """Create the rows of ``pools`` not yet known to the instance; a concurrent creator winning is fine."""
+    from sqlalchemy.exc import DBAPIError
+
+    storage = instance.event_log_storage
+    for pool in sorted(pools - set(storage.get_concurrency_keys())):
+        try:
+            storage.initialize_concurrency_limit_to_default(pool)
+        except DBAPIError:
+            if pool not in storage.get_concurrency_keys():  # not the other run's insert: a real error
+                raise
 
 
 def release_dead_claims(instance: dg.DagsterInstance, current_run_id: str, log: Any) -> list[str]:
@@ -82,6 +99,7 @@ class ReleasingExecutor(dg.Executor):
         instance, run_id = plan_context.instance, plan_context.run_id
         instance.add_run_tags(run_id, {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
         release_dead_claims(instance, run_id, plan_context.log)
+        initialise_pools(instance, {step.pool for step in execution_plan.step_dict.values() if step.pool})
         yield from self._inner.execute(plan_context, execution_plan)
 
 

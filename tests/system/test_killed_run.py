@@ -1,6 +1,6 @@
 """A SIGKILLed run releases its pool slot at the start of the next run (no daemon), on sqlite and Postgres.
 
-Run A (tests/system/pool_job.py through ``dagster job execute``, the shipped instance profile with
+Run A (tests/system/pool_job.py through ``dg launch``, the shipped instance profile with
 ``clipopt_gpu`` limited to 1) is killed while it holds the slot. Run B then must get the slot: the
 code location's executor finds A's process gone, marks A failed, frees its slot and says so in B's log.
 """
@@ -22,8 +22,7 @@ from tests.system.postgres_server import PostgresServer
 pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMAND = [str(VENV_BIN / "dagster"), "job", "execute", "-f", str(ROOT / "tests" / "system" / "pool_job.py"),
-           "-j", "pool_job"]
+COMMAND = [str(VENV_BIN / "dg"), "launch", "--job", "pool_job", "-f", str(ROOT / "tests" / "system" / "pool_job.py")]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
