@@ -13,6 +13,7 @@ from clipopt_core.evaluate.bootstrap import paired_bootstrap
 from clipopt_core.evaluate.protocol import QUERY_SETS
 from clipopt_core.evaluate.variants import evaluate_variants
 from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, text_gallery_image, to_markdown
+from clipopt_core.serve.promotion import promote_if_passed
 from clipopt_core.serve.search import lazy_image_embedder
 from clipopt_core.layout import Keys, served_model_key
 from clipopt_core.registry import VARIANTS
@@ -21,6 +22,7 @@ from clipopt_dagster.assets_data import caption_corpus
 from clipopt_dagster.assets_training import TRAINING_ASSETS
 from clipopt_dagster.configs import EvalSettings, IndexSettings
 from clipopt_dagster.partitions import GALLERY_SHARDS, SHARD_COUNT
+from clipopt_dagster.promotion import refuse_unless_report_passed
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource
 
 @dg.asset(group_name="evaluation", deps=[*TRAINING_ASSETS, caption_corpus], code_version="2", pool=GPU_POOL,
@@ -81,10 +83,12 @@ def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResour
 
     A backfill runs one shard per run (fanned out by the run launcher); ``retraining_job`` covers every
     shard in one run. A shard already embedded by the same weights for the same images is skipped.
+    Nothing is embedded when the latest report failed one of its checks (:mod:`clipopt_dagster.promotion`).
     """
     compute.setup_torch()
     artifacts = store.store()
     variant = artifacts.read_json(Keys.report_json)["serve_variant"]
+    refuse_unless_report_passed(context, variant)
     model_key = served_model_key(artifacts, variant)
     manifest = artifacts.read_parquet(Keys.manifest)
     embed = lazy_image_embedder(artifacts, variant, compute.cache, device=compute.device)  # batch fits GPU memory
@@ -103,12 +107,23 @@ def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResour
 
 
 @dg.asset(group_name="serving", deps=[gallery_embeddings], code_version="2", kinds={"faiss"})
-def faiss_index(config: IndexSettings, store: ArtifactStoreResource) -> dg.MaterializeResult:
+def faiss_index(context: dg.AssetExecutionContext, config: IndexSettings,
+                store: ArtifactStoreResource) -> dg.MaterializeResult:
     """One faiss inner-product index over every gallery shard (quantiser trained once, shards added and
-    merged), with recall@10 vs exact search measured on held-out vectors."""
+    merged), with recall@10 vs exact search measured on held-out vectors.
+
+    It is built into ``serving/index-staging/`` and promoted to the served ``serving/index/`` only when
+    recall@10 ≥ ``target_recall`` (:mod:`clipopt_core.serve.promotion`); a refused build leaves the
+    served index untouched and the ``index_recall`` check fails.
+    """
     artifacts = store.store()
-    _, info = sharding.build_sharded_index(artifacts, SHARD_COUNT, config.core(), prefix=Keys.serving)
+    _, info = sharding.build_sharded_index(artifacts, SHARD_COUNT, config.core(), prefix=Keys.serving,
+                                           folder=sharding.STAGING_FOLDER)
+    outcome = promote_if_passed(artifacts, Keys.serving)
+    (context.log.info if outcome.promoted else context.log.warning)(f"index {outcome.reason}")
     return dg.MaterializeResult(metadata={**{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
-                                          "uri": artifacts.url(Keys.index),
+                                          **outcome.metadata(), "uri": artifacts.url(Keys.index),
+                                          "staging_uri": artifacts.url(sharding.index_key(
+                                              Keys.serving, "merged.faiss", sharding.STAGING_FOLDER)),
                                           **({"service": dg.MetadataValue.url(os.environ["CLIPOPT_SERVE_URL"])}
                                              if os.environ.get("CLIPOPT_SERVE_URL") else {})})

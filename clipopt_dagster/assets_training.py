@@ -25,6 +25,12 @@ def _deps(stage: Stage) -> list[dg.AssetsDefinition | str]:
     return [base_model, image_splits, *([pseudo_captions] if stage.kind == "mcip" else [])]
 
 
+def stage_request(stage: Stage, settings: dict, store: ArtifactStoreResource, compute: ComputeResource) -> StageRequest:
+    """The request an asset hands to its launcher: where the store is, never its credentials."""
+    return StageRequest(asset=stage.asset, store_url=store.base_url, endpoint_url=store.endpoint_url, settings=settings,
+                        cache_dir=str(compute.cache), device=compute.device)
+
+
 def training_asset(stage: Stage) -> dg.AssetsDefinition:
     """The asset that trains ``stage`` (its config class follows the stage's kind)."""
     settings_type = STAGE_SETTINGS[stage.kind]
@@ -34,8 +40,7 @@ def training_asset(stage: Stage) -> dg.AssetsDefinition:
     def _train(context: dg.AssetExecutionContext, config: settings_type, compute: ComputeResource,  # type: ignore[valid-type]
                store: ArtifactStoreResource) -> dg.MaterializeResult:
         compute.setup_torch()
-        request = StageRequest(asset=stage.asset, store_url=store.base_url, endpoint_url=store.endpoint_url,
-                               settings=config.settings(), cache_dir=str(compute.cache), device=compute.device)
+        request = stage_request(stage, config.settings(), store, compute)
         context.log.info(f"{stage.asset}: {stage.kind} stage, variant {stage.variant!r}")
         return (compute.launcher or TrainingLauncher()).run(context, request, store.store(), store.credentials_env())
 

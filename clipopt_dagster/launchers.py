@@ -13,8 +13,9 @@
 
 A child gets the request in ``$CLIPOPT_STAGE_REQUEST``, reads its inputs from the artifact store,
 publishes ``models/<asset>`` itself and reports the asset's metadata (identity, best_val_score,
-steps, uri, …) and its logs back over Pipes. S3 credentials of the store resource go to the
-child's environment, never into the request.
+steps, uri, …) and its logs back over Pipes. S3 credentials never go into the request: a local
+child gets them in its environment; a ``pipes_k8s`` pod gets them from the Kubernetes secrets named
+in ``env_secrets`` (``envFrom: secretRef``), so the pod spec holds no secret value.
 """
 
 import os
@@ -31,6 +32,8 @@ from clipopt_dagster._helpers import md_table, step_logger
 PIPES_CHILD = "clipopt_dagster.pipes_child"
 LAUNCHER_ENV = "CLIPOPT_LAUNCHER"
 NPROC_ENV = "CLIPOPT_NPROC_PER_NODE"
+S3_SECRET = "clipopt-s3"  # the Kubernetes secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (deploy/README.md)
+K8S_CONTAINER = "dagster-pipes-execution"  # PipesK8sClient's container name
 
 
 class TrainingLauncher(dg.ConfigurableResource):
@@ -38,7 +41,8 @@ class TrainingLauncher(dg.ConfigurableResource):
 
     ``nproc_per_node``: ranks per machine (> 1 launches through torchrun; one GPU each on CUDA).
     ``python``: interpreter of the child (subprocess: this one; k8s: ``python`` in the image).
-    ``env``: extra environment for the child. ``image``/``namespace``/``gpus_per_pod``: ``pipes_k8s`` only.
+    ``env``: extra environment for the child (plain values: no secrets). ``image``/``namespace``/``gpus_per_pod``/
+    ``env_secrets`` (Kubernetes secrets mounted as environment, default ``clipopt-s3``): ``pipes_k8s`` only.
     """
 
     mode: Literal["in_process", "pipes_subprocess", "pipes_k8s"] = "in_process"
@@ -48,6 +52,7 @@ class TrainingLauncher(dg.ConfigurableResource):
     image: str | None = None
     namespace: str | None = None
     gpus_per_pod: int = Field(default=0, ge=0)
+    env_secrets: list[str] = Field(default_factory=lambda: [S3_SECRET])
 
     @property
     def launches(self) -> bool:
@@ -63,8 +68,14 @@ class TrainingLauncher(dg.ConfigurableResource):
                 "-m", PIPES_CHILD]
 
     def child_env(self, request: StageRequest, credentials: dict[str, str]) -> dict[str, str]:
-        """The child's environment: the request, the store's ``AWS_*`` credentials, then ``env``."""
-        return {REQUEST_ENV: request.to_json(), "OMP_WAIT_POLICY": "PASSIVE", **credentials, **self.env}
+        """The child's environment: the request, the store's ``AWS_*`` ``credentials`` for a local child
+        only, then ``env``.
+
+        A ``pipes_k8s`` pod gets its credentials from ``env_secrets`` (:meth:`pod_spec`): this mapping becomes
+        the pod's plain ``env``, which anyone who can read the pod sees.
+        """
+        local = credentials if self.mode != "pipes_k8s" else {}
+        return {REQUEST_ENV: request.to_json(), "OMP_WAIT_POLICY": "PASSIVE", **local, **self.env}
 
     def run(self, context: dg.AssetExecutionContext, request: StageRequest, store: ArtifactStore,
             credentials: dict[str, str]) -> dg.MaterializeResult:
@@ -83,7 +94,7 @@ class TrainingLauncher(dg.ConfigurableResource):
             invocation = dg.PipesSubprocessClient(cwd=os.getcwd()).run(context=context, command=command, env=env)
         elif self.mode == "pipes_k8s":
             invocation = self._k8s_client().run(context=context, image=self.image, command=command, env=env,
-                                                namespace=self.namespace, base_pod_spec=self._pod_spec())
+                                                namespace=self.namespace, base_pod_spec=self.pod_spec())
         else:
             raise ValueError(f"unknown launcher mode {self.mode!r}")
         return invocation.get_materialize_result()
@@ -98,12 +109,13 @@ class TrainingLauncher(dg.ConfigurableResource):
                              "see deploy/README.md") from exc
         return PipesK8sClient()
 
-    def _pod_spec(self) -> dict[str, Any]:
-        """GPU limits for the training container (the pod's other fields come from the cluster defaults)."""
-        if not self.gpus_per_pod:
-            return {}
-        return {"containers": [{"name": "dagster-pipes-execution",
-                                "resources": {"limits": {"nvidia.com/gpu": self.gpus_per_pod}}}]}
+    def pod_spec(self) -> dict[str, Any]:
+        """The training container's part of the pod: ``env_from`` the secrets, GPU limits (rest: cluster defaults)."""
+        container: dict[str, Any] = {"name": K8S_CONTAINER,
+                                     "env_from": [{"secret_ref": {"name": name}} for name in self.env_secrets]}
+        if self.gpus_per_pod:
+            container["resources"] = {"limits": {"nvidia.com/gpu": self.gpus_per_pod}}
+        return {"containers": [container]}
 
 
 def launcher_from_env() -> TrainingLauncher | None:

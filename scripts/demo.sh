@@ -10,7 +10,7 @@ mkdir -p "$DAGSTER_HOME" && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
 start=$(date +%s)
 status=0
 # retraining_job = every asset and check, every gallery shard, in one run (the job's partition-range tags).
-.venv/bin/dagster job execute -m clipopt_dagster.definitions -j retraining_job -c configs/demo.yaml || status=$?
+.venv/bin/dg launch --job retraining_job -m clipopt_dagster.definitions -c configs/demo.yaml || status=$?
 echo "demo finished in $(( $(date +%s) - start )) s (exit status $status)"
 # The report is printed even when a blocking check failed (the index is then not published).
 .venv/bin/clipopt report

@@ -1,9 +1,11 @@
 """Artifact storage behind one base URL (``file://…`` or ``s3://bucket/prefix``).
 
 Every heavy artifact (checkpoints, embeddings, indexes, reports, pseudo-captions) is
-written through :class:`ArtifactStore`. Writes are *publish-safe*: bytes go to a
-run-unique temporary key first and are moved onto the final key only when complete, so
-a reader never sees a half-written object. Multi-file artifacts (a checkpoint folder)
+written through :class:`ArtifactStore`. Writes are *publish-safe*, so a reader never sees a
+half-written object: on a local filesystem bytes go to a run-unique temporary file first and are
+renamed onto the final path when complete; on S3 an object becomes visible only when its single
+PUT or its multipart upload completes, so bytes go straight to the final key (no copy + delete,
+which would move every checkpoint twice). Multi-file artifacts (a checkpoint folder)
 are published file by file and then sealed with a ``_COMPLETE.json`` marker listing the
 content hashes; :meth:`ArtifactStore.get_dir` refuses folders without a valid marker.
 """
@@ -158,8 +160,22 @@ class ArtifactStore:
         os.replace(staging, local_dir)
         return local_dir
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys of every object under ``prefix/`` (sorted; empty when there is none)."""
+        def _list() -> list[str]:
+            base = self.path(prefix)
+            if not self.fs.exists(base):
+                return []
+            return sorted(path.removeprefix(f"{self.root}/") for path in self.fs.find(base))
+        return self._call("list", prefix, _list)
+
+    def copy(self, source: str, target: str) -> None:
+        """Publish a copy of key ``source`` at key ``target`` (S3: one server-side copy; local: temp + rename)."""
+        self._publish_atomically("copy", target, lambda path: self.fs.copy(self.path(source), path))
+
     def list_temp_objects(self, prefix: str = "") -> list[str]:
-        """Leftover ``*.tmp-*`` objects under ``prefix`` (empty unless an upload was killed)."""
+        """Leftover ``*.tmp-*`` objects under ``prefix`` (empty unless a local write was killed, or an
+        S3 upload of a release that still staged S3 writes under temp keys)."""
         def _list() -> list[str]:
             base = self.path(prefix) if prefix else self.root
             if not self.fs.exists(base):
@@ -186,25 +202,25 @@ class ArtifactStore:
         return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
     # -- internals --------------------------------------------------------
-    def _publish_atomically(self, action: str, key: str, write_temp: Any) -> None:
-        """Run ``write_temp(temp_path)`` on a run-unique temp key, then move it onto ``key``."""
+    def _publish_atomically(self, action: str, key: str, write: Any) -> None:
+        """Run ``write(path)`` so that ``key`` appears whole or not at all.
+
+        Local: on a run-unique temp file, then ``os.replace`` onto the final path. S3: on the final key
+        itself (a PUT or a multipart completion is atomic; a killed multipart upload leaves no object).
+        """
         final = self.path(key)
-        temp = f"{final}.tmp-{uuid.uuid4().hex}"
 
         def _write_and_publish() -> None:
-            if self.is_local:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-            write_temp(temp)
-            self._publish(temp, final)
+            if not self.is_local:
+                write(final)
+                self.fs.invalidate_cache()
+                return
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            temp = f"{final}.tmp-{uuid.uuid4().hex}"
+            write(temp)
+            os.replace(temp, final)
 
         self._call(action, key, _write_and_publish)
-
-    def _publish(self, temp: str, final: str) -> None:
-        if self.is_local:
-            os.replace(temp, final)
-        else:
-            self.fs.mv(temp, final)
-            self.fs.invalidate_cache()
 
     def _call(self, action: str, key: str, operation: Any) -> Any:
         try:

@@ -34,7 +34,17 @@ import numpy as np
 
 __all__ = [
     "IndexSpec",
+    "TUNE_K",
+    "auto_nlist",
+    "auto_pq_m",
     "choose_index_kind",
+    "empty_ivf_index",
+    "ivf_train_size",
+    "ensure_threads",
+    "drop_self",
+    "overlap",
+    "tune",
+    "index_bytes",
     "build_index",
     "recall_at_k_vs_exact",
     "search",
@@ -46,7 +56,7 @@ __all__ = [
 FLAT_MAX_N = 50_000
 FLAT_MAX_BYTES = 64 * 2**20
 _TUNE_QUERIES = 1000
-_TUNE_K = 10
+TUNE_K = 10
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,7 @@ class IndexSpec:
     target_recall: float = 0.95
 
 
-def _ensure_threads() -> int:
+def ensure_threads() -> int:
     """Cap faiss' OpenMP threads at the cores this process may use (never raise a lower setting)."""
     avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if faiss.omp_get_max_threads() > avail:
@@ -70,7 +80,8 @@ def _ensure_threads() -> int:
     return faiss.omp_get_max_threads()
 
 
-def _auto_nlist(n: int) -> int:
+def auto_nlist(n: int) -> int:
+    """Default IVF list count for ``n`` vectors: ``round(4*sqrt(n))`` clipped to ``[1, n//39]``."""
     return int(min(max(1, round(4 * math.sqrt(n))), max(1, n // 39)))
 
 
@@ -78,12 +89,35 @@ def _ivf_flat_bytes(n: int, dim: int, nlist: int) -> int:
     return n * (4 * dim + 8) + nlist * dim * 4
 
 
-def _auto_pq_m(n: int, dim: int, nlist: int, budget: int) -> int:
+def auto_pq_m(n: int, dim: int, nlist: int, budget: int) -> int:
+    """Largest PQ code size (bytes per vector) dividing ``dim``, ``<= dim//4``, within ``budget`` bytes."""
     fixed = nlist * dim * 4 + 256 * dim * 4  # coarse centroids + PQ codebooks
     for m in range(max(1, dim // 4), 0, -1):
         if dim % m == 0 and n * (m + 8) + fixed <= budget:
             return m
     raise ValueError(f"{n} vectors of dim {dim} do not fit memory_budget_bytes={budget} even as IVF-PQ")
+
+
+def ivf_train_size(kind: str, n: int, nlist: int, per_list: int = 256) -> int:
+    """Training sample size: ``per_list × nlist`` vectors (IVF-PQ: at least 10 000), at most ``n``."""
+    return min(n, per_list * nlist) if kind == "ivf_flat" else min(n, max(per_list * nlist, 10_000))
+
+
+def empty_ivf_index(kind: str, dim: int, nlist: int, pq_m: int | None, seed: int) -> faiss.Index:
+    """An untrained inner-product ``IVF{nlist},Flat`` / ``IVF{nlist},PQ{pq_m}x8`` with seeded spherical k-means."""
+    if kind not in ("ivf_flat", "ivf_pq"):
+        raise ValueError(f"{kind!r} is not an IVF kind (ivf_flat, ivf_pq)")
+    if kind == "ivf_pq" and (pq_m is None or dim % pq_m):
+        raise ValueError(f"pq_m={pq_m} must divide dim={dim}")
+    factory = f"IVF{nlist},Flat" if kind == "ivf_flat" else f"IVF{nlist},PQ{pq_m}x8"
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.seed = seed
+    ivf.cp.spherical = True  # centroids on the sphere: right for inner product on unit vectors
+    if kind == "ivf_pq":
+        ivf.pq.cp.seed = seed
+        ivf.do_polysemous_training = False  # factory default; costly and unused by IVF-PQ search
+    return index
 
 
 def choose_index_kind(n: int, dim: int, spec: IndexSpec) -> str:
@@ -92,7 +126,7 @@ def choose_index_kind(n: int, dim: int, spec: IndexSpec) -> str:
         return spec.kind
     if n <= FLAT_MAX_N or n * dim * 4 <= FLAT_MAX_BYTES:
         return "flat"
-    nlist = spec.nlist or _auto_nlist(n)
+    nlist = spec.nlist or auto_nlist(n)
     if _ivf_flat_bytes(n, dim, nlist) <= spec.memory_budget_bytes:
         return "ivf_flat"
     return "ivf_pq"
@@ -107,10 +141,10 @@ def _as_f32(x: np.ndarray, dim: int | None = None) -> np.ndarray:
 
 def _exact_neighbours(vectors: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
     _, ids = faiss.knn(vectors[qids], vectors, min(k + 1, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
-    return _drop_self(ids, qids, k)
+    return drop_self(ids, qids, k)
 
 
-def _drop_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
+def drop_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
     """``ids [Q, k+1]`` -> ``[Q, k]`` without each query's own id (or without the last column)."""
     keep = ids != qids[:, None]
     keep[keep.all(axis=1), -1] = False
@@ -119,7 +153,7 @@ def _drop_self(ids: np.ndarray, qids: np.ndarray, k: int) -> np.ndarray:
     return ids[keep].reshape(len(qids), k)
 
 
-def _overlap(approx: np.ndarray, exact: np.ndarray) -> float:
+def overlap(approx: np.ndarray, exact: np.ndarray) -> float:
     """Fraction of the exact neighbours ``[Q, k]`` found in the approximate rows (1.0 if none exist)."""
     valid = exact >= 0
     if not valid.any():
@@ -130,7 +164,7 @@ def _overlap(approx: np.ndarray, exact: np.ndarray) -> float:
 
 def _recall(index: faiss.Index, vectors: np.ndarray, qids: np.ndarray, exact: np.ndarray, k: int) -> float:
     _, ids = index.search(vectors[qids], min(k + 1, index.ntotal))
-    return _overlap(_drop_self(ids, qids, k), exact)
+    return overlap(drop_self(ids, qids, k), exact)
 
 
 def recall_at_k_vs_exact(
@@ -144,14 +178,14 @@ def recall_at_k_vs_exact(
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    _ensure_threads()
+    ensure_threads()
     vectors = _as_f32(vectors, index.d)
     rng = np.random.default_rng(seed)
     qids = np.sort(rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False))
     return _recall(index, vectors, qids, _exact_neighbours(vectors, qids, k), k)
 
 
-def _tune(evaluate: Callable[[int], float], lo: int, hi: int, target: float) -> tuple[int, float]:
+def tune(evaluate: Callable[[int], float], lo: int, hi: int, target: float) -> tuple[int, float]:
     """Smallest-ish ``p`` in ``[lo, hi]`` with ``evaluate(p) >= target`` (recall grows with p).
 
     Doubles from ``lo``; then bisects between the last failing and first passing value until
@@ -183,7 +217,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec(), *, seed: int
     train_size, tuned_recall, target_met, build_seconds`` (incl. tuning) and ``bytes``
     (estimated in-memory size). The tuned ``nprobe``/``efSearch`` is set on the index.
     """
-    _ensure_threads()
+    ensure_threads()
     vectors = _as_f32(vectors)
     n, dim = vectors.shape
     if n == 0:
@@ -200,26 +234,16 @@ def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec(), *, seed: int
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
     elif kind in ("ivf_flat", "ivf_pq"):
-        nlist = spec.nlist or _auto_nlist(n)
+        nlist = spec.nlist or auto_nlist(n)
         if not 1 <= nlist <= n:
             raise ValueError(f"nlist must be in [1, N={n}], got {nlist}")
         if spec.nprobe is not None and not 1 <= spec.nprobe <= nlist:
             raise ValueError(f"nprobe must be in [1, nlist={nlist}], got {spec.nprobe}")
-        if kind == "ivf_flat":
-            factory, train_size = f"IVF{nlist},Flat", min(n, 256 * nlist)
-        else:
-            m = spec.pq_m or _auto_pq_m(n, dim, nlist, spec.memory_budget_bytes)
-            if dim % m:
-                raise ValueError(f"pq_m={m} must divide dim={dim}")
-            factory, train_size = f"IVF{nlist},PQ{m}x8", min(n, max(256 * nlist, 10_000))
-            info["pq_m"] = m
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        ivf.cp.seed = seed
-        ivf.cp.spherical = True  # centroids on the sphere: right for inner product on unit vectors
         if kind == "ivf_pq":
-            ivf.pq.cp.seed = seed
-            ivf.do_polysemous_training = False  # factory default; costly and unused by IVF-PQ search
+            info["pq_m"] = spec.pq_m or auto_pq_m(n, dim, nlist, spec.memory_budget_bytes)
+        index = empty_ivf_index(kind, dim, nlist, info["pq_m"], seed)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        train_size = ivf_train_size(kind, n, nlist)
         perm = rng.permutation(n)
         index.train(vectors[np.sort(perm[:train_size])])
         index.add(vectors)
@@ -238,32 +262,32 @@ def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec(), *, seed: int
         def set_param(p: int) -> None:
             index.hnsw.efSearch = p
 
-        bounds = (_TUNE_K, max(_TUNE_K, min(n, 4096)))
+        bounds = (TUNE_K, max(TUNE_K, min(n, 4096)))
     else:
         raise ValueError(f"unknown index kind {kind!r}")
 
     if kind != "flat":
         fixed = spec.nprobe
         qids = np.sort(rng.choice(qids_pool, size=min(_TUNE_QUERIES, len(qids_pool)), replace=False))
-        exact = _exact_neighbours(vectors, qids, _TUNE_K)
+        exact = _exact_neighbours(vectors, qids, TUNE_K)
 
         def evaluate(p: int) -> float:
             set_param(p)
-            return _recall(index, vectors, qids, exact, _TUNE_K)
+            return _recall(index, vectors, qids, exact, TUNE_K)
 
         if fixed is not None:
             p, rec = fixed, evaluate(fixed)
         else:
-            p, rec = _tune(evaluate, *bounds, spec.target_recall)
+            p, rec = tune(evaluate, *bounds, spec.target_recall)
         set_param(p)
         info.update({"nprobe" if kind != "hnsw" else "ef_search": p,
                      "tuned_recall": rec, "target_met": rec >= spec.target_recall})
     info["build_seconds"] = time.perf_counter() - t0
-    info["bytes"] = _index_bytes(index)
+    info["bytes"] = index_bytes(index)
     return index, info
 
 
-def _index_bytes(index: faiss.Index) -> int:
+def index_bytes(index: faiss.Index) -> int:
     """Estimated in-memory size of ``index`` in bytes (exact serialized size as a fallback)."""
     if isinstance(index, faiss.IndexFlatCodes):
         return int(index.ntotal * index.code_size)
@@ -287,7 +311,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     Returns ``scores [Q, k]`` float32 (inner products, ``-inf`` for empty slots) and
     ``ids [Q, k]`` int64 (``-1`` for empty slots, e.g. when ``k`` exceeds the index size).
     """
-    _ensure_threads()
+    ensure_threads()
     q = _as_f32(queries, index.d)
     scores, ids = index.search(q, k)
     ids = ids.astype(np.int64, copy=False)

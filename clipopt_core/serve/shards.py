@@ -41,6 +41,8 @@ from clipopt_core.serve import index as index_lib
 from clipopt_core.runtime.storage import ArtifactStore
 
 DEFAULT_PREFIX = "serving"
+SERVED_FOLDER = "index"  # what clipopt search serves
+STAGING_FOLDER = "index-staging"  # a built candidate, promoted to SERVED_FOLDER only when it passes (serve.promotion)
 META_COLUMNS = ("image_id", "uri", "label", "caption", "source")
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # uris -> float32 [n, D], rows L2-normalised
 
@@ -64,9 +66,12 @@ def shard_key(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}/embeddings/shard-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
-def index_key(prefix: str, name: str) -> str:
-    """Key of ``name`` (merged.faiss, trained.faiss, ids.parquet, info.json, shard-00003.faiss) under ``prefix``."""
-    return f"{prefix}/index/{name}"
+def index_key(prefix: str, name: str, folder: str = SERVED_FOLDER) -> str:
+    """Key of ``name`` (merged.faiss, trained.faiss, ids.parquet, info.json, shard-00003.faiss) under ``prefix``.
+
+    ``folder``: :data:`SERVED_FOLDER` (served) or :data:`STAGING_FOLDER` (a candidate not yet promoted).
+    """
+    return f"{prefix}/{folder}/{name}"
 
 
 def _ids_digest(model_key: str, rows: pl.DataFrame) -> str:
@@ -125,21 +130,12 @@ def _empty_index(kind: str, n: int, dim: int, spec: index_lib.IndexSpec, seed: i
     """An untrained index of ``kind`` sized for ``n`` vectors, and its plan (nlist, pq_m, train_size)."""
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {"train_size": 0}
-    nlist = spec.nlist or index_lib._auto_nlist(n)
-    if kind == "ivf_flat":
-        factory, train_size, pq_m = f"IVF{nlist},Flat", min(n, train_per_list * nlist), None
-    elif kind == "ivf_pq":
-        pq_m = spec.pq_m or index_lib._auto_pq_m(n, dim, nlist, spec.memory_budget_bytes)
-        factory, train_size = f"IVF{nlist},PQ{pq_m}x8", min(n, max(train_per_list * nlist, 10_000))
-    else:
+    if kind not in ("ivf_flat", "ivf_pq"):
         raise ValueError(f"kind {kind!r} cannot be built from shards; use flat, ivf_flat or ivf_pq")
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    ivf.cp.seed, ivf.cp.spherical = seed, True
-    if kind == "ivf_pq":
-        ivf.pq.cp.seed = seed
-        ivf.do_polysemous_training = False
-    return index, {"nlist": nlist, "pq_m": pq_m, "train_size": train_size}
+    nlist = spec.nlist or index_lib.auto_nlist(n)
+    pq_m = (spec.pq_m or index_lib.auto_pq_m(n, dim, nlist, spec.memory_budget_bytes)) if kind == "ivf_pq" else None
+    return (index_lib.empty_ivf_index(kind, dim, nlist, pq_m, seed),
+            {"nlist": nlist, "pq_m": pq_m, "train_size": index_lib.ivf_train_size(kind, n, nlist, train_per_list)})
 
 
 def _top_k_merge(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +156,7 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
     top-k of the queries shard by shard. The copies are merged (``merge_from``), ``nprobe`` is tuned up to
     ``max_nprobe`` (default nlist). Returns ``(merged, info, trained empty index bytes)``.
     """
-    index_lib._ensure_threads()
+    index_lib.ensure_threads()
     started = time.perf_counter()
     counts = np.asarray(counts, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -187,7 +183,7 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
         empty.train(np.concatenate(train_parts))
     trained = faiss.serialize_index(empty).tobytes()
     train_seconds, train_parts = time.perf_counter() - t0, []
-    k = index_lib._TUNE_K
+    k = index_lib.TUNE_K
     exact_scores = np.full((len(qids), 0), -np.inf, dtype=np.float32)
     exact_ids = np.zeros((len(qids), 0), dtype=np.int64)
     merged, add_seconds, merge_seconds = None, 0.0, 0.0
@@ -209,7 +205,7 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
         else:
             merged.merge_from(part, 0)  # ids are already global; empties ``part``
         merge_seconds += time.perf_counter() - t0
-    exact = index_lib._drop_self(exact_ids, qids, k)
+    exact = index_lib.drop_self(exact_ids, qids, k)
     info: dict[str, Any] = {"kind": kind, "n": n, "dim": dim, "num_shards": len(counts), "nlist": plan.get("nlist"),
                             "pq_m": plan.get("pq_m"), "train_size": plan["train_size"], "nprobe": None}
     if kind == "flat":
@@ -220,16 +216,16 @@ def build_from_shards(load: Callable[[int], np.ndarray], counts: Sequence[int], 
         def evaluate(p: int) -> float:
             ivf.nprobe = p
             _, ids = merged.search(queries, min(k + 1, n))
-            return index_lib._overlap(index_lib._drop_self(ids, qids, k), exact)
+            return index_lib.overlap(index_lib.drop_self(ids, qids, k), exact)
 
         top = min(max_nprobe or ivf.nlist, ivf.nlist)
         nprobe, recall = ((spec.nprobe, evaluate(spec.nprobe)) if spec.nprobe
-                          else index_lib._tune(evaluate, 1, top, spec.target_recall))
+                          else index_lib.tune(evaluate, 1, top, spec.target_recall))
         ivf.nprobe = nprobe
         info.update(nprobe=nprobe, tuned_recall=recall, target_met=recall >= spec.target_recall)
     info.update(recall_at_10=info["tuned_recall"], train_seconds=train_seconds, add_seconds=add_seconds,
                 merge_seconds=merge_seconds, build_seconds=time.perf_counter() - started,
-                bytes=index_lib._index_bytes(merged))
+                bytes=index_lib.index_bytes(merged))
     return merged, info, trained
 
 
@@ -240,14 +236,14 @@ def _shard_vectors(load: Callable[[int], np.ndarray], shard: int, dim: int) -> n
 
 def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.IndexSpec = index_lib.IndexSpec(), *,
                         prefix: str = DEFAULT_PREFIX, seed: int = 0, tune_queries: int = 1000,
-                        save: bool = True) -> tuple[faiss.Index, dict[str, Any]]:
+                        save: bool = True, folder: str = SERVED_FOLDER) -> tuple[faiss.Index, dict[str, Any]]:
     """:func:`build_from_shards` over the published shards of ``prefix``; returns ``(index, info)``.
 
     ``info``: ``kind, n, dim, num_shards, nlist, nprobe, pq_m, train_size, tuned_recall, target_met,
     target_recall, recall_at_10`` (on held-out queries vs exact), ``build_seconds, bytes`` and, for
     the sharded kinds, ``train_seconds, add_seconds, merge_seconds``. With ``save`` the trained empty
     index (reused to add new shards) and each shard's index (sharded kinds), then the merged index,
-    ``ids.parquet`` (row i = id i) and last ``info.json`` (the commit marker) go to ``<prefix>/index/``.
+    ``ids.parquet`` (row i = id i) and last ``info.json`` (the commit marker) go to ``<prefix>/<folder>/``.
     """
     sidecars = [store.read_json(shard_key(prefix, s, num_shards).replace(".parquet", ".json")) for s in range(num_shards)]
     counts = [int(c["rows"]) for c in sidecars]
@@ -257,7 +253,7 @@ def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.I
         return read_shard(store, prefix, shard, num_shards)[1]
 
     def save_shard(shard: int, part: faiss.Index) -> None:
-        _put_index(store, index_key(prefix, f"shard-{shard:05d}.faiss"), part)
+        _put_index(store, index_key(prefix, f"shard-{shard:05d}.faiss", folder), part)
 
     if index_lib.choose_index_kind(sum(counts), dim, spec) == "hnsw":  # one graph over all vectors, on one machine
         merged, info = index_lib.build_index(np.concatenate([_shard_vectors(load, s, dim) for s in range(num_shards)]),
@@ -267,13 +263,14 @@ def build_sharded_index(store: ArtifactStore, num_shards: int, spec: index_lib.I
         merged, info, trained = build_from_shards(load, counts, dim, spec, seed=seed, tune_queries=tune_queries,
                                                   on_shard=save_shard if save else None)
         if save:
-            store.write_bytes(index_key(prefix, "trained.faiss"), trained)
+            store.write_bytes(index_key(prefix, "trained.faiss", folder), trained)
     info["target_recall"] = spec.target_recall
     if save:
-        _put_index(store, index_key(prefix, "merged.faiss"), merged)
+        _put_index(store, index_key(prefix, "merged.faiss", folder), merged)
         frames = [read_shard(store, prefix, s, num_shards)[0] for s in range(num_shards)]
-        store.write_parquet(index_key(prefix, "ids.parquet"), pl.concat([f for f in frames if f.height], how="diagonal"))
-        store.write_json(index_key(prefix, "info.json"), info)
+        store.write_parquet(index_key(prefix, "ids.parquet", folder),
+                            pl.concat([f for f in frames if f.height], how="diagonal"))
+        store.write_json(index_key(prefix, "info.json", folder), info)
     return merged, info
 
 

@@ -2,8 +2,7 @@
 
 Load it instead of ``clipopt_dagster.definitions`` in the code-location image (values.yaml:
 ``dagsterApiGrpcArgs: ["--python-file", "deploy/k8s/definitions_k8s.py"]``, relative to the image WORKDIR). It needs
-``dagster-k8s`` (same release line as dagster: 0.29.x for dagster 1.13.x), which clipopt does not
-install by default. Asset code does not change; only the executor does. Resources come from the
+the ``[deploy]`` extra (dagster-k8s). Asset code does not change; only the executor does. Resources come from the
 environment as in the local location (CLIPOPT_ARTIFACTS=s3://…, CLIPOPT_DEVICE=cuda, and
 CLIPOPT_LAUNCHER=pipes_subprocess + CLIPOPT_NPROC_PER_NODE=N for torchrun inside the step pod, or
 CLIPOPT_LAUNCHER=pipes_k8s + CLIPOPT_TRAIN_IMAGE for a separate GPU pod started by ``PipesK8sClient``).

@@ -3,6 +3,7 @@ import polars as pl
 import pytest
 
 from clipopt_core.layout import Keys
+from clipopt_core.serve.shards import STAGING_FOLDER, index_key
 from clipopt_dagster import checks
 from clipopt_dagster.resources import ArtifactStoreResource
 
@@ -71,9 +72,14 @@ def test_retrieval_improved_decides_on_the_lower_bound(tmp_path, i2i, interval, 
 
 @pytest.mark.parametrize("recall, passed", [(0.95, True), (0.949, False)])
 def test_index_recall(tmp_path, recall, passed):
+    """The check judges the staged candidate and reports what is served (an earlier index when refused)."""
     resource = ArtifactStoreResource(base_url=f"file://{tmp_path}")
-    resource.store().write_json(Keys.index_info, {"recall_at_10": recall, "target_recall": 0.95, "kind": "ivf_flat"})
-    assert checks.index_recall(resource).passed is passed
+    staged = index_key(Keys.serving, "info.json", STAGING_FOLDER)
+    resource.store().write_json(staged, {"recall_at_10": recall, "target_recall": 0.95, "kind": "ivf_flat", "n": 9})
+    resource.store().write_json(Keys.index_info, {"recall_at_10": 0.97, "target_recall": 0.95, "kind": "flat", "n": 5})
+    result = checks.index_recall(resource)
+    assert result.passed is passed and result.metadata["promoted"].value is passed
+    assert result.metadata["served_n"].value == 5
 
 
 @pytest.mark.parametrize("labels, rejected, passed", [

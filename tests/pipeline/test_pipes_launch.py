@@ -112,7 +112,7 @@ def test_default_launcher_is_in_process(monkeypatch: pytest.MonkeyPatch) -> None
 def test_k8s_mode_builds_a_gpu_pod_spec_and_needs_an_image() -> None:
     launcher = TrainingLauncher(mode="pipes_k8s", nproc_per_node=8, gpus_per_pod=8)
     assert launcher.command()[:3] == ["python", "-m", "torch.distributed.run"]
-    assert launcher._pod_spec()["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    assert launcher.pod_spec()["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
     with pytest.raises(ValueError, match="needs image="):
         launcher._k8s_client()
 

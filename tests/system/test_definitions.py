@@ -61,7 +61,9 @@ def test_definitions_load_and_validate(defs):
 
     dg.Definitions.validate_loadable(defs)
     assert set(defs.resources) == {"store", "compute", "sources", "catalog"}
-    assert defs.resolve_job_def("retraining_job").executor_def is dg.in_process_executor
+    from clipopt_dagster.run_claims import releasing_in_process_executor
+
+    assert defs.resolve_job_def("retraining_job").executor_def is releasing_in_process_executor
     assert definitions.ASSETS and definitions.ASSET_CHECKS
 
 

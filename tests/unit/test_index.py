@@ -8,8 +8,8 @@ import pytest
 
 from clipopt_core.serve.index import (
     IndexSpec,
-    _auto_nlist,
-    _auto_pq_m,
+    auto_nlist,
+    auto_pq_m,
     build_index,
     choose_index_kind,
     deserialize_index,
@@ -107,14 +107,14 @@ def test_choose_index_kind_rule():
 
 
 def test_auto_sizes():
-    assert _auto_nlist(100_000) == 1265
-    assert _auto_nlist(100) == 2  # 40 clipped to 100 // 39
-    assert _auto_nlist(10) == 1
+    assert auto_nlist(100_000) == 1265
+    assert auto_nlist(100) == 2  # 40 clipped to 100 // 39
+    assert auto_nlist(10) == 1
     # 10M x 512 in 8 GiB: largest divisor of 512 <= 128 with 10M * (m + 8) + centroids <= budget
-    assert _auto_pq_m(10_000_000, 512, 12_649, 8 * 2**30) == 128
-    assert _auto_pq_m(10_000_000, 512, 12_649, 1 * 2**30) == 64
+    assert auto_pq_m(10_000_000, 512, 12_649, 8 * 2**30) == 128
+    assert auto_pq_m(10_000_000, 512, 12_649, 1 * 2**30) == 64
     with pytest.raises(ValueError, match="do not fit"):
-        _auto_pq_m(10_000_000, 512, 12_649, 10 * 2**20)
+        auto_pq_m(10_000_000, 512, 12_649, 10 * 2**20)
 
 
 def test_ivf_pq_builds_and_reports_recall():
