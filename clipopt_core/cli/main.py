@@ -19,6 +19,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from clipopt_core.cli import shards as cli_shards  # noqa: E402 - argparse only; its heavy imports are lazy
+from clipopt_core.runtime.memory import retain_freed_memory  # noqa: E402
 
 
 def default_store_url() -> str:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--store", default=default_store_url())
     cli_shards.add_parser(commands, default_store_url())
     args = parser.parse_args(argv)
+    retain_freed_memory()  # no page faults per training step (runtime/memory.py)
     try:
         if args.command == "train":
             summary = run_train(args.stage, json.loads(args.config.read_text()))
