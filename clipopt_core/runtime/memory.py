@@ -4,10 +4,10 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves each block above its mm
 (at most 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, and it trims the
 top of its heap back to the kernel; a training step allocates and frees activations and gradients of
 tens of MiB each, so the kernel faults in and zeroes the same amount of memory again at every
-step. On the 2-core demo machine that was ~30 % of stage 1's CPU time, all of it *system* time
-(benchmarks/RESULTS.md, "Demo speed"). :func:`retain_freed_memory` turns both off, so freed blocks
+step. On the 2-core demo machine that was 16-30 % of stage 1's CPU time, all of it *system* time,
+and the fix cut stage 1 from 187 s to 147 s (benchmarks/RESULTS.md, "Demo speed"). :func:`retain_freed_memory` turns both off, so freed blocks
 are reused by the next step. The cost: the process's resident memory stays at its peak instead of
-shrinking between steps (peak RSS measured +4 % on stage 1, +20 % on realignment).
+shrinking between steps (peak RSS measured +4-8 % on stage 1, +20 % on realignment).
 
 Set ``CLIPOPT_RETAIN_FREED_MEMORY=0`` to keep glibc's defaults (e.g. in a long-lived process that
 should give memory back between jobs). Only glibc is affected: elsewhere (musl, macOS, Windows) the
