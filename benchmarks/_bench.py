@@ -2,7 +2,9 @@
 
 Import this module *before* torch: it sets ``OMP_WAIT_POLICY=PASSIVE`` (spin-waiting OpenMP
 threads made small models up to 10x slower on the shared 2-vCPU machines) and
-``HF_HUB_OFFLINE=1`` (no network look-ups when loading the starter model's text tower).
+``HF_HUB_OFFLINE=1`` (no network look-ups when loading the starter model's text tower), and keeps
+freed memory in the process as the product does (:func:`clipopt_core.runtime.memory.retain_freed_memory`;
+``CLIPOPT_RETAIN_FREED_MEMORY=0`` measures glibc's defaults).
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from clipopt_core.runtime.memory import retain_freed_memory  # noqa: E402
+
+RETAINED = retain_freed_memory()  # as the product's processes do (CLI, Dagster compute, Pipes child)
 
 import torch  # noqa: E402
 
@@ -143,7 +149,7 @@ def header(args: argparse.Namespace, **sizes: Any) -> None:
     extra = " ".join(f"{k}={v}" for k, v in sizes.items())
     print(f"# device={args.device} ({device}) torch={torch.__version__} threads={torch.get_num_threads()} "
           f"cpus={os.cpu_count()} model={args.model} smoke={args.smoke} "
-          f"warmup={args.warmup} repeats={args.repeats} {extra}", flush=True)
+          f"warmup={args.warmup} repeats={args.repeats} retain_freed_memory={RETAINED} {extra}", flush=True)
 
 
 class PeakRSS:
@@ -213,16 +219,15 @@ def fit_stepper(task: Any, config: Any, device: str) -> Callable[[Any], None]:
     optimizer = torch.optim.AdamW(task.param_groups(config), betas=config.betas, eps=config.eps)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    dtype = training._autocast_dtype(config.precision, torch.device(device))
+    dtype = training.autocast_dtype_for(config.precision, torch.device(device))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {"step": 0}
     task.train_mode()
 
     def step(batch: Any) -> None:
         for group in optimizer.param_groups:
             group["lr"] = training.cosine_lr(group["base_lr"], config.lr_floor, state["step"], 10_000)
-        training._optimizer_step(task, [batch], optimizer, scaler, params, config, dtype)
+        training.optimizer_step(task, [batch], optimizer, scaler, config, dtype)
         state["step"] += 1
 
     return step

@@ -8,12 +8,14 @@
 Images: ``embed.embed_images`` reads, decodes and eval-transforms real image files (drawn shapes
 written to a temp dir, or ``--images DIR``) through its DataLoader, for each ``--workers`` value;
 the reference runs ``model.encode_image`` + normalise in batches of the same size over tensors
-decoded and transformed beforehand (no I/O, no decoding in the loop). Ratio = our images/s /
-bare images/s. Target: >= 0.9. Both paths use the same ``--precision`` (``auto``: bf16 on CUDA) and
+decoded and transformed beforehand (no I/O, no decoding in the loop): it leaves out all loading,
+so the ratio shows what reading + decoding + resizing cost on top of the model. Ratio = our
+seconds / bare seconds, lower is better. Target: <= 1.1. Both paths use the same ``--precision`` (``auto``: bf16 on CUDA) and
 memory format (``--channels-last auto``: on CUDA); the table adds ``embed_images`` with
 ``batch_size="auto"`` (starts at ``AUTO_BATCH`` of the device, halves on out-of-memory).
 Texts: ``embed.embed_texts`` texts/s (tokenisation included) and, for information, the ratio
-to ``encode_text`` over pre-made tokens. Medians of ``--repeats`` passes after ``--warmup``.
+to ``encode_text`` over pre-made tokens (which leaves out tokenisation; same direction:
+seconds / seconds). Medians of ``--repeats`` passes after ``--warmup``.
 """
 from __future__ import annotations
 
@@ -111,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## {len(uris)} images from {args.images or 'drawn shapes'}, {len(captions)} texts")
     B.table(["pass", "median_s", "min-max_s", "items/s"], rows)
     bare = B.median(image_times["bare encode_image (pre-decoded)"])
-    ratios = {f"images_vs_bare_w{w}": bare / B.median(image_times[f"embed_images num_workers={w}"]) for w in workers}
-    ratios["texts_per_s"] = len(captions) / B.median(text_times["embed_texts"])
-    ratios["texts_vs_bare"] = B.median(text_times["bare encode_text (pre-tokenised)"]) / B.median(text_times["embed_texts"])
-    print("target: images_vs_bare >= 0.9 (throughput ratio, higher is better)")
+    ratios = {f"images_vs_bare_w{w}": B.median(image_times[f"embed_images num_workers={w}"]) / bare for w in workers}
+    ratios["texts_vs_bare"] = B.median(text_times["embed_texts"]) / B.median(text_times["bare encode_text (pre-tokenised)"])
+    print(f"embed_texts: {len(captions) / B.median(text_times['embed_texts']):.1f} texts/s")
+    print("target: images_vs_bare <= 1.1 (ours / reference seconds, lower is better)")
     B.ratio_line(**ratios)
     return 0
 

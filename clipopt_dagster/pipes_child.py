@@ -19,6 +19,7 @@ from typing import Any, Callable
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from clipopt_core.runtime import distributed  # noqa: E402
+from clipopt_core.runtime.memory import retain_freed_memory  # noqa: E402
 from clipopt_core.runtime.text import format_event, is_loggable, markdown_table  # noqa: E402
 from clipopt_core.train.job import REQUEST_ENV, StageRequest, run_stage  # noqa: E402
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--request", default=None, help=f"request JSON file (default: ${REQUEST_ENV})")
     request = StageRequest.load(parser.parse_args(argv).request)
+    retain_freed_memory()  # no page faults per training step (runtime/memory.py)
     request.join_ranks()  # know the rank before opening the channel
     if not distributed.is_main():
         run_stage(request)

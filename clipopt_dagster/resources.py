@@ -11,6 +11,7 @@ import polars as pl
 from pydantic import Field, field_validator
 
 from clipopt_core.layout import default_cache_dir, default_store_url
+from clipopt_core.runtime.memory import retain_freed_memory
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.launchers import TrainingLauncher
 
@@ -73,8 +74,10 @@ class ComputeResource(dg.ConfigurableResource):
         return value
 
     def setup_torch(self) -> None:
+        """Torch threads as configured; freed tensor memory kept for reuse (``runtime.memory``)."""
         import torch
 
+        retain_freed_memory()
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
 

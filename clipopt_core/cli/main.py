@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from clipopt_core.cli import shards as cli_shards  # noqa: E402 - argparse only; its heavy imports are lazy
 from clipopt_core.layout import default_cache_dir, default_store_url  # noqa: E402
 from clipopt_core.registry import STAGES  # noqa: E402
+from clipopt_core.runtime.memory import retain_freed_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_shards.add_parser(commands, default_store_url())
     add_serve_parser(commands)
     args = parser.parse_args(argv)
+    retain_freed_memory()  # no page faults per training step (runtime/memory.py)
     try:
         if args.command == "train":
             settings = json.loads(args.settings.read_text()) if args.settings else {}

@@ -126,7 +126,7 @@ def _fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.
     optimizer = torch.optim.AdamW(task.param_groups(config), betas=config.betas, eps=config.eps)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    autocast_dtype = _autocast_dtype(config.precision, device)
+    autocast_dtype = autocast_dtype_for(config.precision, device)
     _check_clipping(config)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
     steps_per_epoch = task.steps_per_epoch(config) // config.accumulation_steps
@@ -148,7 +148,7 @@ def _fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(group["base_lr"], config.lr_floor, state.step, total_steps)
-            stats = _optimizer_step(task, micro, optimizer, scaler, config, autocast_dtype)
+            stats = optimizer_step(task, micro, optimizer, scaler, config, autocast_dtype)
             after_step()
             micro = []
             state.step += 1
@@ -181,7 +181,8 @@ class _State:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: reduced precision on CUDA only, else ``None``."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     if device.type != "cuda" or precision == "fp32":
@@ -238,8 +239,9 @@ def unscale_and_clip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradSca
     return clip_gradients(clip_groups(optimizer), max_norm, scale)
 
 
-def _optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    config: TrainConfig, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+def optimizer_step(task: TrainTask, micro: list[Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   config: TrainConfig, autocast_dtype: torch.dtype | None) -> dict[str, float]:
+    """One optimizer step over the micro-batches ``micro`` as :func:`fit` takes it (benchmarks time this)."""
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {}
     for batch in micro:
