@@ -36,6 +36,11 @@ def tiny_run_config(**overrides: dict) -> dict:
     return {"ops": ops}
 
 
+def retraining_run_config(**overrides: dict) -> dict:
+    """:func:`tiny_run_config` for ``retraining_job``, which leaves the seed sweep out."""
+    return {"ops": {name: op for name, op in tiny_run_config(**overrides)["ops"].items() if name != "seed_sweep"}}
+
+
 def tiny_resources(tmp: Path, images: Path, captions: Path | None, store_url: str | None = None,
                    **store_options: str) -> dict[str, dg.ConfigurableResource]:
     return {

@@ -116,8 +116,10 @@ def test_edited_caption_corpus_retrains_the_realignments(first, sources) -> None
     tmp, _ = first
     images, captions = sources
     before = materialise(tmp, images, captions)
+    pairs = ArtifactStore(f"file://{tmp / 'artifacts'}").read_parquet("data/caption_pairs.parquet")
+    trained_on = Path(pairs.filter(pl.col("split") == "train")["uri"][0]).name  # a held-out caption would not count
     manifest = pl.read_csv(captions / "manifest.csv")
-    manifest.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("an entirely new caption"))
+    manifest.with_columns(pl.when(pl.col("path") == trained_on).then(pl.lit("an entirely new caption"))
                           .otherwise(pl.col("caption")).alias("caption")).write_csv(captions / "manifest.csv")
     after = materialise(tmp, images, captions)
     assert {"realigned_2sft", "realigned_mcip"} <= retrained(before, after)

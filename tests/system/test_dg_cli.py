@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline.conftest import tiny_run_config
+from tests.pipeline.conftest import retraining_run_config
 from tests.system.conftest import VENV_BIN
 
 pytestmark = pytest.mark.system
@@ -48,7 +48,7 @@ def test_dg_check_defs_fails_on_a_broken_module(tmp_path):
 
 def test_dg_launch_runs_the_retraining_job_without_a_superseded_warning(tmp_path, shapes_source, caption_source):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config()))
+    config.write_text(yaml.safe_dump(retraining_run_config()))
     env = {"CLIPOPT_IMAGES": str(shapes_source), "CLIPOPT_CAPTIONS": str(caption_source),
            "CLIPOPT_CACHE": str(tmp_path / "cache"), "CLIPOPT_ARTIFACTS": f"file://{tmp_path / 'artifacts'}"}
     done = dg(["launch", "--job", "retraining_job", "-m", "clipopt_dagster.definitions", "-c", str(config)],
