@@ -49,16 +49,16 @@ def _probe(setting: str) -> tuple[bool, float]:
 
 @glibc_only
 def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
+    """The same probe with and without the setting, in one test: the setting must remove most faults.
+
+    Absolute counts move with the machine (measured 0.4 vs 6.3 steps' worth on a quiet one, 1.3 with
+    the setting under heavy load), so the bound is relative to the opt-out run measured beside it.
+    """
     applied, rounds = _probe("1")
-    assert applied
-    assert rounds < 1  # measured 0.4: the blocks freed by the warm-up step are reused
-
-
-@glibc_only
-def test_opt_out_keeps_glibc_defaults() -> None:
-    applied, rounds = _probe("0")
-    assert not applied
-    assert rounds > 4  # measured 6.3: blocks above the mmap threshold are mapped and unmapped every step
+    default_applied, default_rounds = _probe("0")
+    assert applied and not default_applied
+    assert default_rounds > 4  # glibc's defaults: blocks above the mmap threshold are mapped and unmapped every step
+    assert rounds < default_rounds / 3
 
 
 def test_not_applied_when_opted_out(monkeypatch: pytest.MonkeyPatch) -> None:
