@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -199,15 +200,21 @@ class S3Server:
         self.start()
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A real S3 server for the whole session (tests may stop()/start() it; data persists)."""
-    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+@contextmanager
+def running(server: Any) -> Iterator[Any]:
+    """``server`` started for the block and stopped after it, whatever happens (any ``start``/``stop`` server)."""
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server for the whole session (tests may stop()/start() it; data persists)."""
+    with running(S3Server(tmp_path_factory.mktemp("seaweedfs"))) as server:
+        yield server
 
 
 @pytest.fixture

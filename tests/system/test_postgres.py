@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from tests.pipeline.conftest import tiny_resources, tiny_run_config
-from tests.system.conftest import VENV_BIN, ManagedProcess, wait_for
+from tests.system.conftest import VENV_BIN, ManagedProcess, running, wait_for
 from tests.system.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.system
@@ -31,12 +30,8 @@ RUNS = "query { runsOrError { ... on Runs { results { runId status jobName } } }
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        server.start()
+    with running(PostgresServer()) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
