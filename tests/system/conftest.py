@@ -184,7 +184,9 @@ class S3Server:
     def _ready(self) -> bool:
         fs = self.filesystem()
         fs.ls(self.bucket)  # raises until the gateway answers and the bucket exists
-        return True
+        probe = f"{self.bucket}/.ready-probe"
+        fs.pipe_file(probe, b"ok")  # and until the volume server stores and serves data: after a restart the
+        return fs.cat_file(probe) == b"ok"  # gateway answers first, and reads fail with "internal error" meanwhile
 
     def start(self, timeout: float = 30.0) -> None:
         if self.running:
