@@ -9,8 +9,8 @@
    image ids is skipped. Shards are independent (one worker, pod or GPU each).
 3. :func:`build_sharded_index` trains the IVF coarse quantiser (and PQ codebooks) **once** on a seeded
    sample drawn across all shards, adds each shard to its own copy of the trained empty index
-   (``add_with_ids``; independent, parallelisable), and merges them (``merge_from``; or serves them with
-   :func:`serve_shards` = ``faiss.IndexShards``). Ids are global row numbers in shard order (shard ``s``
+   (``add_with_ids``; independent, parallelisable), and merges them (``merge_from``; they could also be
+   served unmerged with ``faiss.IndexShards``). Ids are global row numbers in shard order (shard ``s``
    starts at the sum of the earlier shards' sizes), so ``<prefix>/index/ids.parquet`` row ``i`` is id ``i``,
    the convention of :class:`clipopt_core.serve.search.SearchService`. ``nprobe`` is tuned and recall@10 measured
    against exact search computed shard by shard.
@@ -115,14 +115,6 @@ def read_shard(store: ArtifactStore, prefix: str, shard: int, num_shards: int) -
     if frame.height == 0 or "embedding" not in frame.columns:
         return frame, np.zeros((0, 0), dtype=np.float32)
     return frame.drop("embedding"), np.ascontiguousarray(frame["embedding"].to_numpy(), dtype=np.float32)
-
-
-def serve_shards(indexes: Sequence[faiss.Index]) -> faiss.IndexShards:
-    """Search several shard indexes as one (ids kept; queries fan out over threads). Keep ``indexes`` alive."""
-    shards = faiss.IndexShards(indexes[0].d, True, False)  # threaded, ids not renumbered
-    for index in indexes:
-        shards.add_shard(index)
-    return shards
 
 
 def _empty_index(kind: str, n: int, dim: int, spec: index_lib.IndexSpec, seed: int,
