@@ -1,16 +1,14 @@
 """Resources: artifact store, compute settings, data sources and the DuckDB catalogue."""
 
-import random
-import time
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import duckdb
 import polars as pl
 from pydantic import Field, field_validator
 
 from clipopt_core.layout import default_cache_dir, default_store_url
+from clipopt_core.runtime.catalog import REPORT_HISTORY, Catalog, CatalogBusyError  # noqa: F401 (re-exported)
 from clipopt_core.runtime.memory import retain_freed_memory
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_dagster.launchers import TrainingLauncher
@@ -124,60 +122,19 @@ class DataSourceResource(dg.ConfigurableResource):
         return images, captions
 
 
-class CatalogBusyError(RuntimeError):
-    """The catalogue file stayed locked by another process for longer than ``lock_timeout_s``."""
-
-
 class CatalogResource(dg.ConfigurableResource):
-    """A DuckDB file with the history of evaluation reports (one row per variant per run).
-
-    DuckDB locks the file per process (one writer, or any number of read-only readers), so
-    a connection that finds it locked is retried with exponential backoff (50 ms doubling to
-    1 s, jittered) for up to ``lock_timeout_s`` seconds, then fails with :class:`CatalogBusyError`
-    naming the holder. Connections are held only for the few statements of each call.
-    """
+    """The DuckDB catalogue (:class:`clipopt_core.runtime.catalog.Catalog`): the history of evaluation
+    reports (one row per variant per run) and of the served models (one row per decision)."""
 
     path: str = Field(default_factory=lambda: f"{default_cache_dir()}/catalogue.duckdb")
     lock_timeout_s: float = Field(default=60.0, ge=0.0)
 
-    def append_report(self, frame: pl.DataFrame) -> int:
-        """Append ``frame`` to ``report_history`` (created on first use); returns the table's row count.
+    def catalog(self) -> Catalog:
+        return Catalog(self.path, self.lock_timeout_s)
 
-        Columns the table lacks (a newer report: interval columns ``<metric>_lo``/``_hi``, ``delta_*``)
-        are added first, so older rows read ``NULL`` there; columns the frame lacks stay ``NULL`` too.
-        """
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._connect(read_only=False) as connection:
-            arrow = frame.to_arrow()
-            connection.register("incoming", arrow)
-            connection.execute("CREATE TABLE IF NOT EXISTS report_history AS SELECT * FROM incoming LIMIT 0")
-            existing = {row[0] for row in connection.execute("DESCRIBE report_history").fetchall()}
-            for name, kind, *_ in connection.execute("DESCRIBE incoming").fetchall():
-                if name not in existing:
-                    quoted = '"' + name.replace('"', '""') + '"'
-                    connection.execute(f"ALTER TABLE report_history ADD COLUMN {quoted} {kind}")
-            connection.execute("INSERT INTO report_history BY NAME SELECT * FROM incoming")
-            return int(connection.execute("SELECT count(*) FROM report_history").fetchone()[0])
+    def append_report(self, frame: pl.DataFrame) -> int:
+        """Append ``frame`` to ``report_history``; returns the table's row count (new columns are added)."""
+        return self.catalog().append(REPORT_HISTORY, frame)
 
     def history(self) -> pl.DataFrame:
-        with self._connect(read_only=True) as connection:
-            return connection.sql("SELECT * FROM report_history ORDER BY run_id, variant").pl()  # duckdb 2: not execute().pl()
-
-    def _connect(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """Open the file, retrying while another process holds a conflicting lock."""
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.05
-        while True:
-            try:
-                return duckdb.connect(self.path, read_only=read_only)
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower():
-                    raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CatalogBusyError(
-                        f"catalogue {self.path} stayed locked for {self.lock_timeout_s:.0f}s: {exc}. Another process "
-                        "(named above) holds it; close it, or raise CatalogResource.lock_timeout_s."
-                    ) from exc
-                time.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
-                delay = min(delay * 2, 1.0)
+        return self.catalog().read(REPORT_HISTORY, "run_id, variant")
