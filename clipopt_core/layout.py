@@ -38,6 +38,7 @@ class Keys:
     report = "reports/evaluation.parquet"
     report_json = "reports/evaluation.json"
     report_md = "reports/evaluation.md"
+    per_query = "reports/per_query.parquet"  # every variant's per-query scores (champion/challenger compares them)
     teaser = "reports/teaser.png"
     gallery = "reports/gallery.png"
     seed_report = "reports/seeds.parquet"

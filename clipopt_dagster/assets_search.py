@@ -4,7 +4,8 @@ import time
 
 import dagster as dg
 
-from clipopt_core.layout import Keys, served_model_key
+from clipopt_core.layout import Keys
+from clipopt_core.serve.champion import resolve_served
 from clipopt_core.serve import shards as sharding
 from clipopt_core.serve.search import BASELINE_PREFIX, lazy_image_embedder
 from clipopt_dagster._helpers import GPU_POOL, md_table
@@ -24,8 +25,8 @@ def baseline_index(context: dg.AssetExecutionContext, config: IndexSettings, com
     compute.setup_torch()
     artifacts = store.store()
     manifest = artifacts.read_parquet(Keys.manifest)
-    model_key = served_model_key(artifacts, "baseline")
-    embed = lazy_image_embedder(artifacts, "baseline", compute.cache, device=compute.device)
+    _, model_key, spec = resolve_served(artifacts, compute.cache, "baseline")
+    embed = lazy_image_embedder(spec, compute.cache, device=compute.device)
     shards = []
     for shard in range(SHARD_COUNT):
         started = time.perf_counter()

@@ -1,5 +1,6 @@
 """Evaluation report over every variant, then embeddings and a faiss index for the served variant."""
 
+import dataclasses
 import os
 import time
 
@@ -9,23 +10,24 @@ import polars as pl
 
 from clipopt_core.serve import shards as sharding
 from clipopt_core.data.captions import caption_test_pairs
-from clipopt_core.evaluate.bootstrap import paired_bootstrap
+from clipopt_core.evaluate.bootstrap import paired_bootstrap, per_query_frame
 from clipopt_core.evaluate.protocol import QUERY_SETS
 from clipopt_core.evaluate.variants import evaluate_variants
 from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, text_gallery_image, to_markdown
+from clipopt_core.serve.champion import CHAMPION_KEY, champion_spec
+from clipopt_core.serve.champion import current as current_champion
 from clipopt_core.serve.promotion import promote_if_passed
 from clipopt_core.serve.search import lazy_image_embedder
-from clipopt_core.layout import Keys, served_model_key
+from clipopt_core.layout import Keys
 from clipopt_core.registry import VARIANTS
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_data import caption_corpus
 from clipopt_dagster.assets_training import TRAINING_ASSETS
 from clipopt_dagster.configs import EvalSettings, IndexSettings
 from clipopt_dagster.partitions import GALLERY_SHARDS, SHARD_COUNT
-from clipopt_dagster.promotion import refuse_unless_report_passed
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource
 
-@dg.asset(group_name="evaluation", deps=[*TRAINING_ASSETS, caption_corpus], code_version="2", pool=GPU_POOL,
+@dg.asset(group_name="evaluation", deps=[*TRAINING_ASSETS, caption_corpus], code_version="3", pool=GPU_POOL,
           kinds={"pytorch", "duckdb"})
 def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, compute: ComputeResource,
                       store: ArtifactStoreResource, catalog: CatalogResource) -> dg.MaterializeResult:
@@ -46,10 +48,12 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     frame = report_frame(metrics, intervals)
     run_id = context.run.run_id
     artifacts.write_parquet(Keys.report, frame)
+    artifacts.write_parquet(Keys.per_query, per_query_frame(per_query))
     artifacts.write_json(Keys.report_json, {
         "run_id": run_id, "metrics": metrics, "intervals": intervals, "per_source_i2i_map": per_source,
         "bootstrap": {"resamples": config.bootstrap_resamples, "confidence": config.confidence,
                       "seed": config.bootstrap_seed, "method": "paired percentile bootstrap over queries"},
+        "eval_config": dataclasses.asdict(config.core()),
         "serve_variant": config.serve_variant, "alignment_tolerance": config.alignment_tolerance,
         "min_i2i_gain": config.min_i2i_gain, "test_images": test.height, "test_caption_pairs": pairs.height,
         "test_caption_queries": len(per_query["baseline"]["t2i_r5"])})
@@ -75,23 +79,27 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     })
 
 
-@dg.asset(group_name="serving", deps=[evaluation_report], code_version="2", pool=GPU_POOL, kinds={"pytorch", "parquet"},
-          partitions_def=GALLERY_SHARDS, backfill_policy=dg.BackfillPolicy.multi_run(1))
+@dg.asset(group_name="serving", deps=[dg.AssetKey("served_model")], code_version="3", pool=GPU_POOL,
+          kinds={"pytorch", "parquet"}, partitions_def=GALLERY_SHARDS, backfill_policy=dg.BackfillPolicy.multi_run(1))
 def gallery_embeddings(context: dg.AssetExecutionContext, compute: ComputeResource,
                        store: ArtifactStoreResource) -> dg.MaterializeResult:
-    """One embedding per image of the manifest, from the variant the report serves, one file per shard.
+    """One embedding per image of the manifest, from the champion (``served_model``), one file per shard.
 
     A backfill runs one shard per run (fanned out by the run launcher); ``retraining_job`` covers every
     shard in one run. A shard already embedded by the same weights for the same images is skipped.
-    Nothing is embedded when the latest report failed one of its checks (:mod:`clipopt_dagster.promotion`).
+    Only a crowned champion is embedded: a variant that failed the report checks, or lost to the
+    champion, never is (:mod:`clipopt_dagster.assets_release`).
     """
     compute.setup_torch()
     artifacts = store.store()
-    variant = artifacts.read_json(Keys.report_json)["serve_variant"]
-    refuse_unless_report_passed(context, variant)
-    model_key = served_model_key(artifacts, variant)
+    champion = current_champion(artifacts)
+    if champion is None:
+        raise dg.Failure(f"no model serves yet ({artifacts.url(CHAMPION_KEY)} is missing): materialise served_model "
+                         "after an evaluation_report that passes its checks")
+    variant, model_key = champion.variant, champion.model_key
     manifest = artifacts.read_parquet(Keys.manifest)
-    embed = lazy_image_embedder(artifacts, variant, compute.cache, device=compute.device)  # batch fits GPU memory
+    embed = lazy_image_embedder(lambda: champion_spec(artifacts, champion, compute.cache), compute.cache,
+                                device=compute.device)  # batch fits GPU memory
     shards = []
     for key in context.partition_keys:
         started = time.perf_counter()

@@ -145,6 +145,13 @@ class EvalSettings(dg.Config):
         return BootstrapConfig(self.bootstrap_resamples, self.confidence, self.bootstrap_seed)
 
 
+class ReleaseSettings(dg.Config):
+    """``tolerance``: a challenger is refused when a gate metric (I2I mAP, T2I R@5, zero-shot top-1) is
+    significantly below the champion's (upper bound of the paired interval < 0) by more than this."""
+
+    tolerance: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
 class IndexSettings(dg.Config):
     kind: Literal["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"] = "auto"
     memory_budget_gib: float = Field(default=8.0, gt=0.0)

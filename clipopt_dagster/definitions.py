@@ -7,7 +7,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dagster as dg
 
 from clipopt_core.runtime.storage import configure_s3_defaults
-from clipopt_dagster import assets_data, assets_search, assets_serving, assets_sweep, assets_training, checks
+from clipopt_dagster import (assets_data, assets_release, assets_search, assets_serving, assets_sweep,
+                             assets_training, checks)
 from clipopt_dagster.automation import new_images_sensor, retraining_job, retraining_schedule, seed_sweep_job
 from clipopt_dagster.launchers import launcher_from_env
 from clipopt_dagster.resources import ArtifactStoreResource, CatalogResource, ComputeResource, DataSourceResource
@@ -43,7 +44,8 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
 # Image sources and image URIs on an S3-compatible server (every executor process loads this module).
 configure_s3_defaults(os.environ.get("CLIPOPT_S3_ENDPOINT"))
 
-ASSETS = dg.load_assets_from_modules([assets_data, assets_training, assets_serving, assets_search, assets_sweep])
+ASSETS = dg.load_assets_from_modules([assets_data, assets_training, assets_serving, assets_release, assets_search,
+                                      assets_sweep])
 ASSET_CHECKS = dg.load_asset_checks_from_modules([checks])
 
 defs = dg.Definitions(

@@ -5,20 +5,9 @@ image's shard is a stable hash of its id (:func:`clipopt_core.serve.shards.shard
 later land in the existing shards and re-embed only those. Changing the count re-shards the gallery.
 """
 
-import os
-
 import dagster as dg
 
-DEFAULT_SHARDS = 4
-
-
-def shard_count(environ: dict[str, str] | None = None) -> int:
-    """The number of gallery shards configured in ``environ`` (default: the process environment)."""
-    raw = (os.environ if environ is None else environ).get("CLIPOPT_GALLERY_SHARDS", str(DEFAULT_SHARDS))
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise ValueError(f"CLIPOPT_GALLERY_SHARDS must be a positive integer (shards of the gallery index), got {raw!r}")
-    return int(raw)
-
+from clipopt_core.serve.shards import shard_count  # noqa: F401  (re-exported: the code location's count)
 
 def shard_keys(count: int) -> list[str]:
     """Partition keys ``00000`` … of ``count`` shards (the number in the shard's file name)."""

@@ -1,9 +1,8 @@
-"""Serve only what passed, on the Dagster side: the served variant's embeddings need a passing report.
+"""Serve only what passed, on the Dagster side: the latest evaluation of the report's checks.
 
-The report's blocking checks stop ``gallery_embeddings`` in the run that evaluates; a later run of
-``gallery_embeddings`` alone (a backfill, a sensor) would otherwise embed the gallery with a variant
-that failed them. :func:`refuse_unless_report_passed` reads the latest evaluation of each report check
-from the instance and fails the step, before anything is written, when one of them failed.
+The report's blocking checks stop ``served_model`` in the run that evaluates; a later run of
+``served_model`` alone (a backfill, a sensor) reads :func:`failed_report_checks` from the instance and
+refuses the challenger (the champion keeps serving) when one of them failed.
 """
 import dagster as dg
 
@@ -19,13 +18,3 @@ def failed_report_checks(instance: dg.DagsterInstance) -> list[str]:
         if record is not None and record.status.value == "FAILED":
             failed.append(name)
     return failed
-
-
-def refuse_unless_report_passed(context: dg.AssetExecutionContext, variant: str) -> None:
-    """Raise :class:`dg.Failure` when the latest report failed a check: its variant is not published."""
-    failed = failed_report_checks(context.instance)
-    if failed:
-        raise dg.Failure(
-            f"not publishing gallery embeddings of {variant!r}: the latest evaluation_report failed {', '.join(failed)}. "
-            "Fix the training or the report thresholds and re-materialise evaluation_report (with its checks) first.",
-            metadata={"variant": variant, "failed_checks": ", ".join(failed)})

@@ -13,7 +13,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from clipopt_core.layout import Keys, served_model_key
+from clipopt_core.layout import Keys
+from clipopt_core.serve.champion import resolve_served
 from clipopt_core.registry import get_stage
 from clipopt_core.models.loading import ModelSpec, export_checkpoint, load_model
 from clipopt_core.runtime.storage import ArtifactStore
@@ -56,8 +57,8 @@ def publish_index(store: ArtifactStore, variant: str, cache: Path, *, prefix: st
     if prefix == Keys.serving:
         store.write_json(Keys.report_json, {"serve_variant": variant})
     manifest = store.read_parquet(Keys.manifest)
-    embed = lazy_image_embedder(store, variant, cache, batch_size=64)
-    key = served_model_key(store, variant)
+    _, key, spec = resolve_served(store, cache, variant)
+    embed = lazy_image_embedder(spec, cache, batch_size=64)
     for shard in range(num_shards):
         embed_shard(manifest, shard, num_shards, store, embed, model_key=key, prefix=prefix)
     return build_sharded_index(store, num_shards, prefix=prefix)[1]

@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("-k", type=int, default=10)
     report = commands.add_parser("report", help="print the latest evaluation report")
     report.add_argument("--store", default=default_store_url())
+    rollback = commands.add_parser("rollback", help="serve an earlier champion again; --list shows which model served when")
+    rollback.add_argument("--store", default=default_store_url())
+    rollback.add_argument("--catalogue", default=f"{default_cache_dir()}/catalogue.duckdb")
+    rollback.add_argument("--to", default=None, help="model key from --list (default: the champion before the current one)")
+    rollback.add_argument("--list", action="store_true", help="print the served-model history and change nothing")
+    rollback.add_argument("--device", default=os.environ.get("CLIPOPT_DEVICE", "cpu"))
     cli_shards.add_parser(commands, default_store_url())
     add_serve_parser(commands)
     args = parser.parse_args(argv)
@@ -61,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cli_shards.run(args), indent=2, default=str))
         elif args.command == "serve":
             run_serve(args)
+        elif args.command == "rollback":
+            print(run_rollback(args))
         else:
             print(run_report(args.store))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -148,6 +156,24 @@ def run_serve(args: argparse.Namespace) -> None:
                     access_log=args.access_log)
     finally:
         live.stop()
+
+
+def run_rollback(args: argparse.Namespace) -> str:
+    """``clipopt rollback``: the served-model history (``--list``) or a rollback's JSON summary."""
+    from clipopt_core.runtime.catalog import SERVED_HISTORY, Catalog
+    from clipopt_core.runtime.storage import ArtifactStore
+    from clipopt_core.runtime.text import markdown_table
+    from clipopt_core.serve.rollback import rollback
+    from clipopt_core.serve.shards import shard_count
+
+    catalog = Catalog(args.catalogue)
+    if args.list:
+        history = catalog.read(SERVED_HISTORY, "decided_at")
+        columns = ["decided_at", "action", "champion_model_key", "champion_report_id", "champion_data_fingerprint", "reason"]
+        return markdown_table(history.select(columns).to_dicts()) if history.height else "no served-model history yet"
+    summary = rollback(ArtifactStore(args.store), catalog, cache=Path(default_cache_dir()), num_shards=shard_count(),
+                       to=args.to, device=args.device)
+    return json.dumps(summary, indent=2)
 
 
 def run_report(store_url: str) -> str:

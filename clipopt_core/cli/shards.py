@@ -5,7 +5,7 @@
 
 ``embed`` with no ``--shard`` embeds the shard ``$JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job: one
 pod per shard), else every shard in turn; published shards of the same model are skipped. The model
-is the variant the evaluation report serves (``--variant`` overrides; ``baseline`` is the base model).
+is the champion (``releases/champion.json``; ``--variant`` overrides; ``baseline`` is the base model).
 ``build`` trains the quantiser once, adds the shards and writes ``<prefix>/index/`` (merged.faiss,
 one index per shard, ids.parquet, info.json). The default prefix is the one the ``gallery_embeddings``
 and ``faiss_index`` assets use, so ``clipopt search`` serves the result. Each prints a JSON summary.
@@ -60,20 +60,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from clipopt_core.layout import Keys
     from clipopt_core.serve import shards as sharding
-    from clipopt_core.layout import Keys, served_model_key
+    from clipopt_core.serve.champion import CHAMPION_KEY, resolve_served
     from clipopt_core.serve.search import lazy_image_embedder
 
     if not store.exists(Keys.manifest):
         raise FileNotFoundError(f"{store.url(Keys.manifest)} is missing; materialise image_manifest first")
-    variant = args.variant or (store.read_json(Keys.report_json)["serve_variant"] if store.exists(Keys.report_json)
-                               else "baseline")
-    model_key = served_model_key(store, variant)
+    cache = Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
+    nothing_served = not store.exists(CHAMPION_KEY) and not store.exists(Keys.report_json)
+    variant, model_key, spec = resolve_served(store, cache, args.variant or ("baseline" if nothing_served else None))
     shards = args.shard or ([int(os.environ["JOB_COMPLETION_INDEX"])] if "JOB_COMPLETION_INDEX" in os.environ
                             else list(range(args.num_shards)))
-    cache = Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
     manifest = store.read_parquet(Keys.manifest)
-    embed = lazy_image_embedder(store, variant, cache, device=args.device, batch_size=args.batch_size)
+    embed = lazy_image_embedder(spec, cache, device=args.device, batch_size=args.batch_size)
     results = [sharding.embed_shard(manifest, shard, args.num_shards, store, embed, model_key=model_key,
                                     prefix=args.prefix) for shard in shards]
     return {"variant": variant, "model_key": model_key,

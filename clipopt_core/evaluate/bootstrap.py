@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import polars as pl
 
 from clipopt_core.evaluate.metrics import DEFAULT_GROUPS
 
@@ -139,3 +140,20 @@ def _percentile(values: np.ndarray, confidence: float) -> Interval:
     tail = 100 * (1 - confidence) / 2
     lo, hi = np.percentile(kept, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def per_query_frame(scores: Mapping[str, Mapping[str, np.ndarray]]) -> pl.DataFrame:
+    """Long table of per-query scores (``variant, metric, query, score``) for the report's store copy."""
+    parts = [pl.DataFrame({"variant": variant, "metric": metric, "query": np.arange(len(values), dtype=np.int64),
+                           "score": np.asarray(values, dtype=np.float64)})
+             for variant, metrics in scores.items() for metric, values in metrics.items()]
+    schema = {"variant": pl.String, "metric": pl.String, "query": pl.Int64, "score": pl.Float64}
+    return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
+def variant_scores(frame: pl.DataFrame, variant: str) -> dict[str, np.ndarray]:
+    """``metric → [Q]`` per-query scores of ``variant`` from a :func:`per_query_frame` table (query order kept)."""
+    rows = frame.filter(pl.col("variant") == variant).sort("metric", "query")
+    if rows.height == 0:
+        raise KeyError(f"no per-query scores of variant {variant!r} in the report; re-materialise evaluation_report")
+    return {metric: group["score"].to_numpy() for (metric,), group in rows.group_by("metric", maintain_order=True)}

@@ -20,11 +20,12 @@ import numpy as np
 import polars as pl
 
 from clipopt_core.data.images import decode_image
-from clipopt_core.layout import Keys, served_model_key, variant_spec
+from clipopt_core.layout import Keys
 from clipopt_core.models.encode import embed_images, embed_texts
-from clipopt_core.models.loading import ClipBundle, load_model
+from clipopt_core.models.loading import ClipBundle, ModelSpec, load_model
 from clipopt_core.runtime.storage import ArtifactStore, sha256_file
 from clipopt_core.serve import index as index_lib
+from clipopt_core.serve.champion import resolve_served
 from clipopt_core.serve.shards import index_key, local_index_file, shard_key
 
 BASELINE_PREFIX = "serving-baseline"  # the baseline variant's gallery shards + index (same layout as Keys.serving)
@@ -83,8 +84,8 @@ class SearchService:
                    prefix: str = Keys.serving, variant: str | None = None) -> "SearchService":
         """Load a variant's model, the index under ``prefix`` (validated against its info) and the id table.
 
-        ``variant`` defaults to the report's ``serve_variant`` (the served index, ``prefix=Keys.serving``);
-        the baseline's index lives under :data:`BASELINE_PREFIX`. ``mmap`` maps the index file instead of
+        ``variant`` defaults to the champion (:mod:`clipopt_core.serve.champion`; the served index,
+        ``prefix=Keys.serving``); the baseline's index lives under :data:`BASELINE_PREFIX`. ``mmap`` maps the index file instead of
         reading it (a remote store's file is downloaded into ``cache_dir/index`` first), so a gallery index
         larger than RAM is searched via the page cache. Raises ``ValueError`` when the index was embedded by
         other weights than the variant's current ones (a retrain in progress), ``FileNotFoundError`` when
@@ -92,14 +93,14 @@ class SearchService:
         """
         cache = cache_dir or Path(os.environ.get("CLIPOPT_CACHE", Path.home() / ".cache" / "clipopt"))
         keys = {name: index_key(prefix, name) for name in ("info.json", "merged.faiss", "ids.parquet")}
-        for key in (Keys.report_json, *keys.values()):
+        for key in keys.values():
             if not store.exists(key):
                 asset = "faiss_index" if prefix == Keys.serving else "baseline_index"
                 raise FileNotFoundError(f"{store.url(key)} is missing; materialise {asset} first")
-        variant = variant or store.read_json(Keys.report_json)["serve_variant"]
+        requested = variant
+        variant, model_key, spec = resolve_served(store, cache, requested)
         info_bytes = store.read_bytes(keys["info.json"])
         info = json.loads(info_bytes)
-        model_key = served_model_key(store, variant)
         built_by = index_model_keys(store, prefix, info)
         if built_by and built_by != {model_key}:
             raise ValueError(f"{store.url(keys['merged.faiss'])} was embedded by {sorted(built_by)} but {variant} is now "
@@ -113,11 +114,11 @@ class SearchService:
         metadata = _id_table(store, keys["ids.parquet"])
         if metadata.height != index.ntotal:
             raise ValueError(f"index holds {index.ntotal} vectors but the id table {metadata.height} rows; rebuild faiss_index")
-        bundle = load_model(variant_spec(store, variant, cache), cache_dir=cache)
+        bundle = load_model(spec(), cache_dir=cache)
         if bundle.embed_dim != index.d:
             raise ValueError(f"{store.url(keys['merged.faiss'])} holds {index.d}-dim vectors but the served model "
                              f"({variant}) embeds in {bundle.embed_dim} dims; rebuild gallery_embeddings and faiss_index")
-        if served_model_key(store, variant) != model_key or store.read_bytes(keys["info.json"]) != info_bytes:
+        if resolve_served(store, cache, requested)[1] != model_key or store.read_bytes(keys["info.json"]) != info_bytes:
             raise ValueError(f"the {variant} model or index under {prefix!r} changed while loading; retry")
         published = store.fs.modified(store.path(keys["info.json"])).timestamp()  # local mtime / S3 LastModified
         identity = Identity(prefix=prefix, variant=variant, model_key=model_key, index_sha256=sha256_file(path),
@@ -183,16 +184,16 @@ def _id_table(store: ArtifactStore, key: str = Keys.index_ids) -> pl.DataFrame:
     return frame
 
 
-def lazy_image_embedder(store: ArtifactStore, variant: str, cache: Path, *, device: str = "cpu",
+def lazy_image_embedder(spec: Callable[[], ModelSpec], cache: Path, *, device: str = "cpu",
                         batch_size: int | Literal["auto"] = "auto") -> Callable[[Sequence[str]], np.ndarray]:
-    """``uris → float32 [n, D]`` (rows L2-normalised) with the weights of report ``variant``, for
+    """``uris → float32 [n, D]`` (rows L2-normalised) with the weights ``spec()`` loads, for
     :func:`clipopt_core.serve.shards.embed_shard`. The model loads on the first call, so a run whose shards
     are all current never loads it."""
     bundle: ClipBundle | None = None
 
     def embed(uris: Sequence[str]) -> np.ndarray:
         nonlocal bundle
-        bundle = bundle or load_model(variant_spec(store, variant, cache), cache_dir=cache, device=device)
+        bundle = bundle or load_model(spec(), cache_dir=cache, device=device)
         return embed_images(bundle, uris, batch_size=batch_size, device=device).numpy()
 
     return embed

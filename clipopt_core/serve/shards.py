@@ -41,10 +41,20 @@ from clipopt_core.serve import index as index_lib
 from clipopt_core.runtime.storage import ArtifactStore
 
 DEFAULT_PREFIX = "serving"
+DEFAULT_SHARDS = 4
 SERVED_FOLDER = "index"  # what clipopt search serves
 STAGING_FOLDER = "index-staging"  # a built candidate, promoted to SERVED_FOLDER only when it passes (serve.promotion)
 META_COLUMNS = ("image_id", "uri", "label", "caption", "source")
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # uris -> float32 [n, D], rows L2-normalised
+
+
+def shard_count(environ: dict[str, str] | None = None) -> int:
+    """The number of gallery shards configured in ``environ`` (default: the process environment):
+    ``CLIPOPT_GALLERY_SHARDS``, default :data:`DEFAULT_SHARDS`."""
+    raw = (os.environ if environ is None else environ).get("CLIPOPT_GALLERY_SHARDS", str(DEFAULT_SHARDS))
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"CLIPOPT_GALLERY_SHARDS must be a positive integer (shards of the gallery index), got {raw!r}")
+    return int(raw)
 
 
 def shard_of(image_id: str, num_shards: int) -> int:

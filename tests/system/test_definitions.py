@@ -36,8 +36,9 @@ GRAPH = {
     "realigned_mcip": (["caption_corpus", "image_splits", "mcip_encoder"], "training", [], GPU, "2"),
     "seed_sweep": (["base_model", "caption_corpus", "image_splits", "pseudo_captions"], "evaluation", [], GPU, "1"),
     "evaluation_report": (["caption_corpus", "mcip_encoder", "realigned_2sft", "realigned_mcip", "retrieval_encoder"],
-                          "evaluation", ["alignment_preserved", "retrieval_improved"], GPU, "2"),
-    "gallery_embeddings": (["evaluation_report"], "serving", [], GPU, "2"),
+                          "evaluation", ["alignment_preserved", "retrieval_improved"], GPU, "3"),
+    "served_model": (["evaluation_report"], "serving", [], GPU, "1"),
+    "gallery_embeddings": (["served_model"], "serving", [], GPU, "3"),
     "faiss_index": (["gallery_embeddings"], "serving", ["index_recall"], None, "2"),
     "baseline_index": (["base_model", "image_manifest"], "serving", [], GPU, "1"),
 }
