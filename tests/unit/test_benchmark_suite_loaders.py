@@ -448,3 +448,27 @@ def test_loaders_registry_loads_every_benchmark_from_its_root_alone(tmp_path: Pa
 def test_every_loader_names_a_missing_root(tmp_path: Path, key: str) -> None:
     with pytest.raises(BenchmarkLayoutError, match=r"absent does not exist or is not a folder; download"):
         LOADERS[key](str(tmp_path / "absent"))
+
+
+def test_loaders_read_a_non_local_fsspec_root(tmp_path: Path) -> None:
+    """The same layouts under ``memory://`` (the code path of ``s3://``: protocol kept, no os calls)."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    layouts = {"gpr1200": gpr1200_layout, "cub200": cub_layout, "aircraft": aircraft_layout,
+               "roxford5k": revisited_layout, "instre": instre_layout}
+    try:
+        for key, build in layouts.items():
+            local = build(tmp_path / key)
+            memory.put(str(local), f"/suite/{key}", recursive=True)
+            loaded = LOADERS[key](f"memory://suite/{key}")
+            local_set = LOADERS[key](str(local))
+            uris = getattr(loaded, "uris", None) or loaded.database
+            assert all(u.startswith("memory://") and f"/suite/{key}/" in u for u in uris), key
+            assert [u.split(f"/{key}/", 1)[1] for u in uris] == \
+                [u.split(f"/{key}/", 1)[1] for u in (getattr(local_set, "uris", None) or local_set.database)]
+            load_image(uris[-1])
+        with pytest.raises(BenchmarkLayoutError, match=r"memory:///suite/absent does not exist"):
+            load_cub("memory://suite/absent")
+    finally:
+        memory.rm("/suite", recursive=True)
