@@ -3,10 +3,16 @@
 Run A (tests/system/pool_job.py through ``dg launch``, the shipped instance profile with
 ``clipopt_gpu`` limited to 1) is killed while it holds the slot. Run B then must get the slot: the
 code location's executor finds A's process gone, marks A failed, frees its slot and says so in B's log.
+
+The same with real training: ``dg launch --assets raw_images,…,retrieval_encoder`` of the project's code location,
+killed mid-training after a checkpoint; the next launch frees the slot, resumes from the checkpoint
+and publishes the bytes an uninterrupted launch publishes.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +20,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import yaml
 
+from tests.pipeline.conftest import tiny_run_config
+from tests.reliability.conftest import SLOW_TRAIN
 from tests.system.conftest import VENV_BIN, wait_for
 from tests.system.postgres_server import PostgresServer
 
@@ -85,3 +94,69 @@ def test_a_live_holder_is_not_released(home, tmp_path):
         assert release_dead_claims(instance, "another-run", logger) == [] and messages == []
         instance.add_run_tags(run.run_id, {PID_TAG: str(2**22 + 12345)})  # beyond pid_max: no such process
         assert release_dead_claims(instance, "another-run", logger) == [run.run_id] and len(messages) == 1
+
+
+TRAINING = ["raw_images", "image_manifest", "image_splits", "base_model", "retrieval_encoder"]
+WEIGHTS = Path("models") / "retrieval_encoder" / "open_clip_model.safetensors"
+
+
+def _launch_training(tmp_path: Path, name: str, shapes: Path, **extra_env: str) -> subprocess.Popen:
+    """``dg launch`` of retrieval_encoder and its upstream assets in the code location, with its own cache and artifacts."""
+    config = tmp_path / "training.yaml"
+    ops = {k: v for k, v in tiny_run_config(retrieval_encoder={"config": {**SLOW_TRAIN, "epochs": 40}})["ops"].items()
+           if k in TRAINING}
+    config.write_text(yaml.safe_dump({"ops": ops}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+           "CLIPOPT_IMAGES": str(shapes), "CLIPOPT_CAPTIONS": "", "CLIPOPT_CACHE": str(tmp_path / name / "cache"),
+           "CLIPOPT_ARTIFACTS": f"file://{tmp_path / name / 'artifacts'}", **extra_env}
+    command = [str(VENV_BIN / "dg"), "launch", "--assets", ",".join(TRAINING), "-m", "clipopt_dagster.definitions",
+               "-c", str(config)]
+    log = open(tmp_path / f"{name}.log", "a")  # the child keeps its own descriptor
+    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _checkpoint_step(tmp_path: Path, name: str) -> int:
+    states = list((tmp_path / name / "cache" / "work" / "retrieval_encoder").glob("*/last/state.json"))
+    try:
+        return json.loads(states[0].read_text())["state"]["step"] if states else 0
+    except (json.JSONDecodeError, OSError):  # caught between the checkpoint's write and rename
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(tmp_path_factory: pytest.TempPathFactory, shapes_source: Path) -> bytes:
+    """The weights an uninterrupted launch publishes (its own sqlite instance from the repo's dagster.yaml)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    (folder / "home").mkdir()
+    shutil.copy(ROOT / "dagster.yaml", folder / "home" / "dagster.yaml")
+    reference = _launch_training(folder, "reference", shapes_source, DAGSTER_HOME=str(folder / "home"))
+    assert reference.wait(600) == 0, (folder / "reference.log").read_text()[-3000:]
+    return (folder / "reference" / "artifacts" / WEIGHTS).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_training_run_killed_mid_stage_resumes_in_the_next_run_and_publishes_the_same_weights(
+        home, tmp_path, shapes_source, uninterrupted_weights):
+    victim = _launch_training(tmp_path, "victim", shapes_source)
+    try:
+        wait_for(lambda: _checkpoint_step(tmp_path, "victim") >= 24 or victim.poll() is not None, 300,
+                 "run A's checkpoint at step 24", interval=0.01)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(30)
+    killed_at = _checkpoint_step(tmp_path, "victim")
+    assert victim.returncode == -signal.SIGKILL and 24 <= killed_at < 320, f"killed at step {killed_at}"
+    assert not (tmp_path / "victim" / "artifacts" / WEIGHTS).exists()
+
+    rerun = _launch_training(tmp_path, "victim", shapes_source)
+    assert rerun.wait(600) == 0, (tmp_path / "victim.log").read_text()[-3000:]
+    output = (tmp_path / "victim.log").read_text()
+    assert "freed the clipopt_gpu pool slot(s) of run" in output
+    steps = [int(step) for step in re.findall(r"step=(\d+), ", output.split("freed the clipopt_gpu pool slot(s)")[1])]
+    assert steps and steps[0] > killed_at, steps[:3]  # resumed from the checkpoint, did not start over
+    published = (tmp_path / "victim" / "artifacts" / WEIGHTS).read_bytes()
+    assert published == uninterrupted_weights
+    with dg.DagsterInstance.get() as instance:
+        statuses = sorted(run.status.value for run in instance.get_runs())
+        assert statuses == ["FAILURE", "SUCCESS"]  # the killed run was marked failed
+        assert instance.event_log_storage.get_concurrency_info("clipopt_gpu").claimed_slots == []
