@@ -169,7 +169,8 @@ def run_rollback(args: argparse.Namespace) -> str:
     catalog = Catalog(args.catalogue)
     if args.list:
         history = catalog.read(SERVED_HISTORY, "decided_at")
-        columns = ["decided_at", "action", "champion_model_key", "champion_report_id", "champion_data_fingerprint", "reason"]
+        columns = ["decided_at", "action", "champion_model_key", "champion_weights_sha256", "champion_report_id",
+                   "champion_data_fingerprint", "reason"]
         return markdown_table(history.select(columns).to_dicts()) if history.height else "no served-model history yet"
     summary = rollback(ArtifactStore(args.store), catalog, cache=Path(default_cache_dir()), num_shards=shard_count(),
                        to=args.to, device=args.device)

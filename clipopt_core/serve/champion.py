@@ -24,7 +24,7 @@ import polars as pl
 from clipopt_core.evaluate.bootstrap import BootstrapConfig, paired_bootstrap
 from clipopt_core.evaluate.protocol import QUERY_SETS
 from clipopt_core.layout import Keys, base_spec, served_model_key, variant_spec
-from clipopt_core.models.loading import ModelSpec, checkpoint_spec
+from clipopt_core.models.loading import WEIGHTS_FILE, ModelSpec, checkpoint_spec
 from clipopt_core.registry import BASELINE, get_stage
 from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore, StorageError
 
@@ -37,11 +37,13 @@ GATE_METRICS = {"i2i_map": None, "t2i_r5": "t2i_cls_r5", "zs_top1": None}
 @dataclass(frozen=True)
 class ServedModel:
     """A crowned model: ``model_key`` (``<variant>:<16 hex>``, :func:`clipopt_core.layout.served_model_key`),
+    ``weights_sha256`` (of its safetensors file; for the baseline the base model's weights digest),
     ``checkpoint`` (store key of its archived folder; ``None`` for the baseline, which is the base model
     record), the sha256 of the test split it was judged on, the id of that report's run, and when."""
 
     variant: str
     model_key: str
+    weights_sha256: str
     checkpoint: str | None
     data_fingerprint: str
     report_id: str
@@ -87,7 +89,15 @@ def crown(store: ArtifactStore, variant: str, *, data_fingerprint: str, report_i
             raise StorageError(f"{store.url(source)} is not a sealed checkpoint folder; re-materialise its stage")
         for name in [n for n in names if n != COMPLETE_MARKER] + [COMPLETE_MARKER]:  # the seal last
             store.copy(f"{source}/{name}", f"{checkpoint}/{name}")
-    return reinstate(store, ServedModel(variant, model_key, checkpoint, data_fingerprint, report_id, time.time()))
+    return reinstate(store, ServedModel(variant, model_key, weights_sha256(store, variant), checkpoint, data_fingerprint,
+                                        report_id, time.time()))
+
+
+def weights_sha256(store: ArtifactStore, variant: str) -> str:
+    """sha256 of ``variant``'s published weights (from its folder's seal; the base model's recorded digest)."""
+    if variant == BASELINE:
+        return str(store.read_json(Keys.base_model).get("weights_sha256", ""))
+    return store.read_json(f"{Keys.model(get_stage(variant).asset)}/{COMPLETE_MARKER}")["files"][WEIGHTS_FILE]
 
 
 def reinstate(store: ArtifactStore, served: ServedModel) -> ServedModel:

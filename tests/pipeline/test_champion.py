@@ -41,7 +41,7 @@ def _decision(result: dg.ExecuteInProcessResult) -> dict:
     return {k: v.value for k, v in result.asset_materializations_for_node("served_model")[0].metadata.items()}
 
 
-def test_promote_refuse_keep_and_roll_back(tmp_path, shapes_source, caption_source, all_assets, monkeypatch):
+def test_promote_refuse_keep_and_roll_back(tmp_path, shapes_source, caption_source, all_assets, monkeypatch, capsys):
     monkeypatch.setenv("CLIPOPT_CACHE", str(tmp_path / "cache"))
     resources = tiny_resources(tmp_path, shapes_source, caption_source)
     store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
@@ -85,3 +85,7 @@ def test_promote_refuse_keep_and_roll_back(tmp_path, shapes_source, caption_sour
     assert history["action"].to_list() == ["promote", "refused", "promote", "kept", "rollback"]
     assert history["champion_model_key"].to_list()[-1] == champion.model_key
     assert clipopt(["rollback", "--store", store.base_url, "--catalogue", catalogue, "--to", "stage1:0"]) == 2
+    capsys.readouterr()
+    assert clipopt(["rollback", "--list", "--catalogue", catalogue]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("| promote |") == 2 and champion.weights_sha256[:12] in listing

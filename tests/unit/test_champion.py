@@ -68,6 +68,7 @@ def test_crowning_archives_the_weights_so_a_retrain_does_not_change_what_serves(
     assert release.current(store) == first and first.model_key == served_model_key(store, "stage1")
     archived = release.champion_spec(store, first, tmp_path / "cache")
     weights = sha256_file(archived.name.removeprefix("local-dir:") + "/open_clip_model.safetensors")
+    assert first.weights_sha256 == weights
 
     publish_checkpoint(store, "stage1", 2, tmp_path)  # a retrain republishes models/retrieval_encoder
     assert served_model_key(store, "stage1") != first.model_key
@@ -88,7 +89,7 @@ def test_crowning_archives_the_weights_so_a_retrain_does_not_change_what_serves(
 def _history(tmp_path, *events: tuple[str, str]) -> pl.DataFrame:
     catalog = Catalog(str(tmp_path / "catalogue.duckdb"))
     for at, (action, key) in enumerate(events):
-        served = release.ServedModel(key.split(":")[0], key, None, "fp", f"run-{at}", float(at))
+        served = release.ServedModel(key.split(":")[0], key, "w" * 64, None, "fp", f"run-{at}", float(at))
         row = release.history_row(action, f"run-{at}", key, action, served).with_columns(pl.lit(float(at)).alias("decided_at"))
         catalog.append(SERVED_HISTORY, row)
     return catalog.read(SERVED_HISTORY, "decided_at")
