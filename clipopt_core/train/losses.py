@@ -22,6 +22,7 @@ __all__ = ["arc_margin", "arc_margin_logits", "cosine_fp32", "ArcMarginLoss", "M
            "SymmetricInfoNCE", "ProxyDtype", "ProxySharding"]
 
 _SIN_EPS = 1e-7  # floor on sin^2 so d sqrt/d cos stays finite at cos = +-1
+_NORM_EPS = 1e-12  # F.normalize's floor on a row norm
 
 ProxyDtype = Literal["fp32", "bf16"]
 ProxySharding = Literal["replicated", "sharded"]
@@ -66,51 +67,58 @@ def cosine_fp32(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _ArcMarginCrossEntropy(torch.autograd.Function):
-    """Mean ArcMargin cross-entropy of normalised features against (a row shard of) normalised proxies.
+    """Mean ArcMargin cross-entropy of normalised features against (a row shard of) the proxies.
 
     One [B, C_l] buffer: the cosines become the logits in place (s·cos, the target entry s·φ), the
     softmax is formed in place in the backward pass, and the margin touches only the B target entries
-    (gather/index-put). With ``sharded`` every rank holds classes ``[offset, offset + C_l)`` of the
-    same global batch: the row max, the sum of exponentials and the target logit are all-reduced
-    (model-parallel softmax), and the feature gradient is all-reduced so that every rank gets the
-    gradient of the global loss, as :func:`~clipopt_core.runtime.distributed.gather_rows` expects.
+    (gather/index-put). The proxies are normalised here too, with the backward of ``F.normalize``
+    written out in place (``(g − ŵ(ŵ·g)) / ‖w‖``): autograd's version makes ~6 [C, D] temporaries and
+    took most of the step at D = 512 > B. With ``sharded`` every rank holds classes
+    ``[offset, offset + C_l)`` of the same global batch: the row max, the sum of exponentials and the
+    target logit are all-reduced (model-parallel softmax), and the feature gradient is all-reduced so
+    that every rank gets the gradient of the global loss, as
+    :func:`~clipopt_core.runtime.distributed.gather_rows` expects.
     """
 
     @staticmethod
     def forward(ctx: Any, features: Tensor, proxies: Tensor, labels: Tensor, offset: int, scale: float, margin: float,
                 matmul_dtype: torch.dtype, sharded: bool) -> Tensor:
-        """features [B, D], proxies [C_l, D] (normalised, fp32/fp64), labels long [B] (global ids) -> scalar."""
+        """features [B, D] (normalised), proxies [C_l, D] (raw), both fp32/fp64; labels long [B] (global ids) -> scalar."""
         reduce = distributed.all_reduce_ if sharded else (lambda tensor, op="sum": tensor)
-        lhs, rhs = features.to(matmul_dtype), proxies.to(matmul_dtype)
-        logits = (lhs @ rhs.t()).to(features.dtype)  # [B, C_l] cosines, then logits in place
+        norm = proxies.norm(dim=1, keepdim=True)  # [C_l, 1]
+        unit = proxies / norm.clamp_min(_NORM_EPS)  # F.normalize
+        lhs = features.to(matmul_dtype)
+        logits = (lhs @ unit.to(matmul_dtype).t()).to(features.dtype)  # [B, C_l] cosines, then logits in place
         local = labels - offset
         rows = ((local >= 0) & (local < logits.shape[1])).nonzero().squeeze(1)  # rows whose target is here
         cols = local[rows]
         with torch.enable_grad():  # the margin and its slope on the [B_l] target cosines only
             target = logits[rows, cols].detach().requires_grad_(True)
             phi = arc_margin(target, margin)
-            (slope,) = torch.autograd.grad(phi.sum(), target)  # φ'(cos) as autograd of φ gives it
+            (slope,) = torch.autograd.grad(phi.sum(), target)  # φ'(cos) exactly as autograd of φ gives it
         logits.mul_(scale)
         logits[rows, cols] = scale * phi.detach()
         row_max = reduce(logits.amax(dim=1), "max")  # [B]
         lse = row_max + reduce((logits - row_max[:, None]).exp_().sum(dim=1)).log()  # [B]
         target_logit = reduce(torch.zeros_like(lse).index_put_((rows,), logits[rows, cols]))
-        ctx.save_for_backward(logits, lse, lhs, rhs, rows, cols, slope)
-        ctx.scale, ctx.sharded, ctx.dtypes = scale, sharded, (features.dtype, proxies.dtype)
+        ctx.save_for_backward(logits, lse, lhs, unit, norm, rows, cols, slope)
+        ctx.scale, ctx.sharded, ctx.dtype = scale, sharded, features.dtype
         return (lse - target_logit).mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        logits, lse, lhs, rhs, rows, cols, slope = ctx.saved_tensors
+        logits, lse, lhs, unit, norm, rows, cols, slope = ctx.saved_tensors
         probs = logits.sub_(lse[:, None]).exp_()  # softmax over all classes, this rank's columns [B, C_l]
         probs[rows, cols] = (probs[rows, cols] - 1.0) * slope  # d/dcos of the target: (p − 1)·φ'
         probs.mul_(grad * ctx.scale / probs.shape[0])
         g = probs.to(lhs.dtype)
-        grad_features = (g @ rhs).to(ctx.dtypes[0])  # [B, D]
+        grad_features = (g @ unit.to(lhs.dtype)).to(ctx.dtype)  # [B, D]
         if ctx.sharded:
             distributed.all_reduce_(grad_features)  # each rank saw C_l of the classes
-        grad_proxies = (g.t() @ lhs).to(ctx.dtypes[1])  # [C_l, D]
+        grad_unit = (g.t() @ lhs).to(ctx.dtype)  # [C_l, D], then d/dw of F.normalize in place
+        radial = torch.linalg.vecdot(unit, grad_unit, dim=1).unsqueeze(1) * (norm > _NORM_EPS)  # [C_l, 1]
+        grad_proxies = grad_unit.addcmul_(unit, radial, value=-1.0).div_(norm.clamp_min(_NORM_EPS))
         return grad_features, grad_proxies, None, None, None, None, None, None
 
 
@@ -159,11 +167,10 @@ class ArcMarginLoss(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             dtype = torch.float64 if torch.float64 in (embeddings.dtype, self.proxies.dtype) else torch.float32
             features = F.normalize(embeddings.to(dtype), dim=-1)
-            proxies = F.normalize(self.proxies.to(dtype), dim=-1)
             if self.sharded:
                 features, labels = distributed.gather_rows(features), distributed.gather_rows(labels)
             matmul_dtype = torch.bfloat16 if self.proxy_dtype == "bf16" else dtype
-            return _ArcMarginCrossEntropy.apply(features, proxies, labels, self.offset, self.scale, self.margin,
+            return _ArcMarginCrossEntropy.apply(features, self.proxies.to(dtype), labels, self.offset, self.scale, self.margin,
                                                 matmul_dtype, self.sharded)
 
 
