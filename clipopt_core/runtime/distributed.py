@@ -323,11 +323,13 @@ def is_row_sharded(tensor: torch.Tensor) -> bool:
     return bool(getattr(tensor, _ROW_SHARDED, False))
 
 
-def row_range(total: int) -> tuple[int, int]:
-    """``[start, stop)``: this rank's rows of ``total`` split near-evenly in rank order (``tensor_split``)."""
-    size, extra = divmod(total, world_size())
-    start = rank() * size + min(rank(), extra)
-    return start, start + size + (rank() < extra)
+def row_range(total: int, at: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``[start, stop)``: the rows of ``total`` that rank ``r`` of ``w`` holds (``at=(r, w)``, default this
+    rank of the group), split near-evenly in rank order as ``torch.tensor_split`` does."""
+    r, w = at if at is not None else (rank(), world_size())
+    size, extra = divmod(total, w)
+    start = r * size + min(r, extra)
+    return start, start + size + int(r < extra)
 
 
 def row_shard(full: torch.Tensor) -> torch.Tensor:

@@ -191,3 +191,13 @@ def test_sharded_batches_split_each_global_batch_into_disjoint_contiguous_slices
     for step, global_batch in enumerate(batches):
         assert [item for rank in range(4) for item in slices[rank][step]] == global_batch
     assert all(len(part) == len(batches) for part in slices)
+
+
+@pytest.mark.parametrize("total,world", [(16, 2), (10, 3), (5, 5), (7, 4)])
+def test_row_ranges_tile_the_rows_like_tensor_split(total: int, world: int) -> None:
+    ranges = [distributed.row_range(total, at=(r, world)) for r in range(world)]
+    assert [stop - start for start, stop in ranges] == [len(part) for part in torch.tensor_split(torch.arange(total), world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == total and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert distributed.row_range(total) == (0, total)  # a plain process holds every row
+    full = torch.arange(total * 2).view(total, 2)
+    assert distributed.row_shard(full) is full and torch.equal(distributed.gather_shard(full), full)
