@@ -31,6 +31,7 @@ from clipopt_core.train.tasks import RealignTask, RetrievalTask
 from clipopt_core.train.config import RealignConfig, RetrievalConfig
 from clipopt_core.train.loop import fit
 from clipopt_core.train.config import TrainConfig
+from clipopt_core.train.losses import ArcMarginLoss
 
 BASE = dict(epochs=1, batch_size=8, lr=3e-3, lr_floor=1e-4, weight_decay=0.01, precision="fp32", max_steps=4,
             eval_every_steps=2, checkpoint_every_steps=2, validate_at_start=False, grad_clip=1.0)
@@ -95,6 +96,26 @@ def run(scenario: str, data: Path, out: Path) -> None:
         save_file(weights, str(out / scenario / "weights.safetensors"))
 
 
+def arc_loss(out: Path) -> None:
+    """The sharded ArcMargin loss alone: 7 classes (4 + 3 rows on 2 ranks) on a fixed global batch of 6
+    (3 rows per rank, targets in both shards). Rank 0 writes ``arc_loss/grads.safetensors``: the loss, the
+    feature gradient over ranks divided by the rank count (what gradient averaging makes of it) and the
+    gathered proxy gradient, which one process must reproduce."""
+    torch.manual_seed(5)
+    loss = ArcMarginLoss(16, 7, sharding="sharded")
+    features = torch.randn(6, 16, generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([0, 6, 3, 4, 2, 5])
+    local = distributed.local_rows(torch.arange(6))
+    x = features[local].clone().requires_grad_(True)
+    value = loss(x, labels[local])
+    value.backward()
+    grads = {"loss": value.detach().reshape(1), "features": distributed.gather_shard(x.grad) / distributed.world_size(),
+             "proxies": distributed.gather_shard(loss.proxies.grad), "proxy_rows": torch.tensor([loss.proxies.shape[0]])}
+    if distributed.is_main():
+        (out / "arc_loss").mkdir(parents=True, exist_ok=True)
+        save_file(grads, str(out / "arc_loss" / "grads.safetensors"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, required=True)
@@ -104,7 +125,7 @@ def main() -> None:
     torch.set_num_threads(1)
     distributed.setup("cpu")
     for scenario in args.scenarios.split(","):
-        run(scenario, args.data, args.out)
+        arc_loss(args.out) if scenario == "arc_loss" else run(scenario, args.data, args.out)
     distributed.teardown()
 
 

@@ -32,7 +32,8 @@ from clipopt_core.models.loading import ModelSpec, load_model
 from clipopt_core.runtime.storage import ArtifactStore
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
-DDP_SCENARIOS = ("stage1", "mcip", "realign", "resume", "stage1_sharded", "mcip_sharded", "resume_prefix_sharded")
+DDP_SCENARIOS = ("stage1", "mcip", "realign", "resume", "stage1_sharded", "mcip_sharded", "resume_prefix_sharded",
+                 "arc_loss")
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -66,6 +67,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, rows: pl.DataFrame) -> tuple[
     worker = _worker_module()
     for scenario in ("stage1", "mcip", "realign", "resume_prefix", "resume"):
         worker.run(scenario, data, single)
+    worker.arc_loss(single)
     shutil.copytree(single / "resume_prefix" / "work", ranks / "resume" / "work")  # 2 steps by 1 process
     torchrun(str(WORKER), "--data", str(data), "--out", str(ranks), "--scenarios", ",".join(DDP_SCENARIOS))
     shutil.copytree(ranks / "resume_prefix_sharded" / "work", single / "from_sharded" / "resume" / "work")
@@ -128,6 +130,14 @@ def test_sharded_proxies_match_replicated_and_one_process(runs: tuple[Path, Path
     assert weights["arc.proxies"].shape[0] == classes  # gathered whole
     _assert_same_weights(load_file(str(single / scenario / "weights.safetensors")), weights, f"{scenario} vs 1 process")
     _assert_same_weights(load_file(str(ranks / scenario / "weights.safetensors")), weights, f"{scenario} vs replicated")
+
+
+def test_sharded_loss_and_gradients_equal_one_process_on_an_uneven_split(runs: tuple[Path, Path]) -> None:
+    one, two = (load_file(str(root / "arc_loss" / "grads.safetensors")) for root in runs)
+    assert (int(one["proxy_rows"]), int(two["proxy_rows"])) == (7, 4)  # 7 classes: rank 0 holds 4, rank 1 3
+    for key in ("loss", "features", "proxies"):
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+    assert one["proxies"].abs().sum(dim=1).gt(0).sum() == 7  # every class got a gradient
 
 
 def test_checkpoint_written_sharded_resumes_replicated(runs: tuple[Path, Path]) -> None:
