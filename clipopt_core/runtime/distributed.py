@@ -26,13 +26,13 @@ group, gloo on CPU, nccl on CUDA):
   so per-rank batch statistics do not matter; LayerNorm is per-sample. Dropout masks are drawn per
   rank (statistically, not bitwise, the single-process run; the recipes use dropout 0).
 
-ArcMargin proxies are replicated: ``C×D×4`` bytes of weights plus as much again for their gradient
-and twice that for AdamW's two moments, i.e. ``16·C·D`` bytes per rank (1 M classes × 512 dims = 8.2 GB per rank). Past a few GiB they should be sharded by class across
-ranks
-(model-parallel softmax, "partial FC"): each rank keeps ``C/W`` proxies and their Adam state, the
-features are gathered with :func:`gather_rows`, and the softmax denominator / target logit are
-all-reduced. That would live in a ``ShardedArcMarginLoss`` next to :class:`~clipopt_core.train.losses.ArcMarginLoss`
-with its proxies excluded from :func:`average_gradients`; it is not needed at the class counts here.
+* **Row-sharded parameters** (ArcMargin's ``proxy_sharding="sharded"``; docs/scaling.md): a parameter
+  marked by :func:`mark_row_sharded` holds only this rank's rows (:func:`row_range`) and its AdamW state
+  the same rows. It is left out of :func:`broadcast_modules` and :func:`average_gradients` (its gradient
+  is already the global one), its rows count once in the clipping norm (:func:`grad_norm`), and
+  checkpoints hold the full tensor (:func:`full_state_dict`, :func:`full_optimizer_state`; loaded back
+  with :func:`load_full_state_dict`, :func:`shard_optimizer_state`), so a checkpoint is the same
+  whichever mode or rank count wrote it.
 """
 from __future__ import annotations
 
@@ -138,16 +138,22 @@ def main_only(log: Callable[[dict[str, float]], None]) -> Callable[[dict[str, fl
 
 # -- parameters and gradients --------------------------------------------------------------------
 
-def broadcast_modules(module: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (what DDP does at construction)."""
-    if not _active():
-        return
-    device = _comm_device()
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            staged = tensor.detach().to(device).contiguous()
+def broadcast_tensor_(tensor: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank 0's (same shape everywhere); returns it."""
+    if _active():
+        with torch.no_grad():
+            staged = tensor.detach().to(_comm_device()).contiguous()
             dist.broadcast(staged, src=0)
             tensor.copy_(staged)
+    return tensor
+
+
+def broadcast_modules(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what DDP does at construction); row-sharded
+    parameters keep their own rows."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if not is_row_sharded(tensor):
+            broadcast_tensor_(tensor)
 
 
 def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
@@ -168,10 +174,12 @@ def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> Iterator[list[torch
 
 
 def average_gradients(params: Sequence[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Replace every ``p.grad`` by its mean over ranks (a missing grad counts as zeros if any rank has one)."""
+    """Replace every ``p.grad`` by its mean over ranks (a missing grad counts as zeros if any rank has one);
+    row-sharded parameters are skipped."""
     if not _active():
         return
     device = _comm_device()
+    params = [p for p in params if not is_row_sharded(p)]  # their gradient is already the global one
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
     dist.all_reduce(present, op=dist.ReduceOp.MAX)
     grads = []
@@ -299,3 +307,100 @@ def gather_captioned(features: torch.Tensor, captions: torch.Tensor,
     sizes = _all_sizes(features.shape[0])
     shifted = owner + sum(sizes[:dist.get_rank()])
     return gather_rows(features), gather_rows(captions), gather_rows(shifted)
+
+
+# -- row-sharded parameters (ArcMargin proxies sharded by class) ---------------------------------
+
+_ROW_SHARDED = "clipopt_row_sharded"
+
+
+def mark_row_sharded(parameter: nn.Parameter) -> None:
+    """Declare that ``parameter`` holds this rank's rows (:func:`row_range`) of a larger tensor."""
+    setattr(parameter, _ROW_SHARDED, True)
+
+
+def is_row_sharded(tensor: torch.Tensor) -> bool:
+    return bool(getattr(tensor, _ROW_SHARDED, False))
+
+
+def row_range(total: int, at: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``[start, stop)``: the rows of ``total`` that rank ``r`` of ``w`` holds (``at=(r, w)``, default this
+    rank of the group), split near-evenly in rank order as ``torch.tensor_split`` does."""
+    r, w = at if at is not None else (rank(), world_size())
+    size, extra = divmod(total, w)
+    start = r * size + min(r, extra)
+    return start, start + size + int(r < extra)
+
+
+def row_shard(full: torch.Tensor) -> torch.Tensor:
+    """A copy of this rank's rows of ``full [R, ...]`` (:func:`row_range`); ``full`` itself when alone."""
+    if not _active():
+        return full
+    start, stop = row_range(full.shape[0])
+    return full[start:stop].clone()
+
+
+def gather_shard(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows ``[R_r, ...]`` → the full ``[Σ R_r, ...]`` on every rank (no gradient)."""
+    with torch.no_grad():
+        return gather_rows(local.detach())
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place ``sum`` or ``max`` over ranks (through the backend's device); returns ``tensor``."""
+    if _active():
+        staged = tensor.to(_comm_device())
+        dist.all_reduce(staged, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        tensor.copy_(staged)
+    return tensor
+
+
+def grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the gradients of ``params`` (all with a grad), the rows of row-sharded ones summed over ranks."""
+    rows = [p.grad for p in params if is_row_sharded(p)]
+    whole = torch.nn.utils.get_total_norm([p.grad for p in params if not is_row_sharded(p)])
+    if not rows:
+        return whole
+    squares = all_reduce_(torch.nn.utils.get_total_norm(rows).double() ** 2)
+    return (whole.double().to(squares.device) ** 2 + squares).sqrt().to(whole.dtype)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict on the CPU with row-sharded parameters gathered whole (a collective: every rank calls it)."""
+    sharded = {name for name, p in module.named_parameters() if is_row_sharded(p)}
+    return {name: (gather_shard(t) if name in sharded else t).detach().cpu().contiguous()
+            for name, t in module.state_dict().items()}
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a :func:`full_state_dict` (from any mode or rank count), keeping this rank's rows of row-sharded parameters."""
+    sharded = {name for name, p in module.named_parameters() if is_row_sharded(p)}
+    module.load_state_dict({name: row_shard(t) if name in sharded else t for name, t in state.items()})
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    """``optimizer.state_dict()["state"]`` with the per-row state of row-sharded parameters gathered (a collective)."""
+    params = _optimizer_params(optimizer)
+    return {index: {name: gather_shard(value) if is_row_sharded(params[index]) and value.dim() else value
+                    for name, value in entries.items()}
+            for index, entries in optimizer.state_dict()["state"].items()}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer,
+                          state: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    """The inverse of :func:`full_optimizer_state`: this rank's rows of row-sharded parameters' state."""
+    params = _optimizer_params(optimizer)
+    return {index: {name: row_shard(value) if is_row_sharded(params[index]) and value.dim() else value
+                    for name, value in entries.items()}
+            for index, entries in state.items()}
+
+
+def proxy_memory_bytes(num_classes: int, dim: int, ranks: int = 1, sharded: bool = False) -> int:
+    """Bytes per rank of ArcMargin proxies trained by AdamW in fp32: weights, gradient, two moments (16 B/entry);
+    sharded: this rank's ceil(C/W) rows only. The step's [B, C_l] logit buffer comes on top (docs/scaling.md)."""
+    rows = -(-num_classes // ranks) if sharded else num_classes
+    return 16 * rows * dim

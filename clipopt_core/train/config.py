@@ -55,6 +55,11 @@ class RetrievalConfig:
     trains the trunk on pre-projection features and keeps the original projector.
     ``patch_dropout``: share of ViT patch tokens dropped while training (authors: 0.33 for
     SigLIP, none otherwise; docs/method.md#patch-dropout); must be 0 for towers without patches.
+    ``proxy_dtype``: ``fp32`` (default) or ``bf16`` cosine matmuls of the ArcMargin proxies (fp32 master
+    weights, gradients, AdamW state, margin and softmax in both; docs/scaling.md). ``proxy_sharding``
+    under ``torchrun``: ``replicated`` (default) proxies on every rank, or ``sharded`` by class across ranks
+    (each keeps C/W rows and their AdamW state; checkpoints hold them whole). Sharding changes where the
+    proxies live, not the result, so it is not part of the stage identity (:data:`NOT_IN_IDENTITY`).
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -68,6 +73,13 @@ class RetrievalConfig:
     num_workers: int = 0
     max_negative: Literal["authors", "hardest"] = "authors"
     patch_dropout: float = 0.0
+    proxy_dtype: Literal["fp32", "bf16"] = "fp32"
+    proxy_sharding: Literal["replicated", "sharded"] = "replicated"
+
+
+# stage settings that change how a run is executed, not the weights it trains (within float rounding):
+# left out of the stage identity (clipopt_core.train.identity), so switching them reuses finished work
+NOT_IN_IDENTITY = frozenset({"proxy_sharding"})
 
 
 # realignment: the authors' open_clip run does not clip gradients (docs/method.md#realignment)

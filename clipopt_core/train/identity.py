@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import polars as pl
 import torch
 
+from clipopt_core.train.config import NOT_IN_IDENTITY
+
 IDENTITY_VERSION = 2  # bump when training semantics change: v2 = the authors' MC loss, fp32 margins, square eval crop
 LOCATION_COLUMNS = frozenset({"uri", "path", "root"})
 
@@ -49,13 +51,14 @@ def stage_identity(kind: str, config: Any, *, start_weights: str, inputs: Mappin
 
     Args:
         kind: the stage kind (``retrieval``, ``mcip``, ``realign``).
-        config: the stage's frozen config dataclass (every field counts, seeds included).
+        config: the stage's frozen config dataclass (every field counts, seeds included, except the
+            execution-only top-level fields of :data:`~clipopt_core.train.config.NOT_IN_IDENTITY`).
         start_weights: sha256 of the weights training starts from (base model or encoder).
         inputs: named data frames the stage reads (splits, pseudo-captions, caption pairs, …).
     """
     record = {
         "version": IDENTITY_VERSION, "kind": kind, "start_weights": start_weights,
-        "config": dataclasses.asdict(config),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_IDENTITY},
         "inputs": {name: frame_digest(frame) for name, frame in sorted(inputs.items())},
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()

@@ -166,7 +166,7 @@ def _fit(task: TrainTask, config: TrainConfig, work_dir: Path, *, device: torch.
     _save_checkpoint(work_dir / LAST_DIR, task, optimizer, scaler, state)
     distributed.barrier()  # rank 0 has written the best file
     if (work_dir / BEST_FILE).exists():
-        task.modules.load_state_dict(load_file(str(work_dir / BEST_FILE)))
+        distributed.load_full_state_dict(task.modules, load_file(str(work_dir / BEST_FILE)))
     return FitResult(state.best_score, state.best_step, state.step, state.stopped_early, state.history,
                      time.perf_counter() - started)
 
@@ -218,7 +218,7 @@ def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float | None, sca
         with_grad = [p for p in params if p.grad is not None]
         if not with_grad:
             continue
-        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        norm = distributed.grad_norm(with_grad)  # row-sharded proxies: their rows summed over ranks
         if max_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
         squares += float(norm) ** 2
@@ -264,7 +264,7 @@ def _validate(task: TrainTask, state: _State, config: TrainConfig, work_dir: Pat
     improved = score > state.best_score
     if improved:
         state.best_score, state.best_step, state.evals_without_improvement = score, state.step, 0
-        _atomic_save({k: v.detach().cpu().contiguous() for k, v in task.modules.state_dict().items()}, work_dir / BEST_FILE)
+        _atomic_save(distributed.full_state_dict(task.modules), work_dir / BEST_FILE)
     else:
         state.evals_without_improvement += 1
         state.stopped_early = state.evals_without_improvement >= config.patience
@@ -283,15 +283,17 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _save_checkpoint(folder: Path, task: TrainTask, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler, state: _State) -> None:
-    """Write model, optimizer, scaler and RNG state to a temp folder, then swap it in (rank 0 only)."""
+    """Write model, optimizer, scaler and RNG state to a temp folder, then swap it in (rank 0 writes;
+    every rank joins in gathering row-sharded parameters and their optimizer state whole)."""
+    modules, per_param = distributed.full_state_dict(task.modules), distributed.full_optimizer_state(optimizer)
     if not distributed.is_main():
         return
     staging = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
     staging.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in task.modules.state_dict().items()}, str(staging / "modules.safetensors"))
+    save_file(modules, str(staging / "modules.safetensors"))
     opt_state = optimizer.state_dict()
     tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
-               for index, entries in opt_state["state"].items() for name, value in entries.items()}
+               for index, entries in per_param.items() for name, value in entries.items()}
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(staging / "optimizer.safetensors"))
     groups = [{k: v for k, v in group.items() if k != "params"} for group in opt_state["param_groups"]]
@@ -313,7 +315,7 @@ def _save_checkpoint(folder: Path, task: TrainTask, optimizer: torch.optim.Optim
 def _load_checkpoint(folder: Path, task: TrainTask, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> _State:
     """Restore everything :func:`_save_checkpoint` wrote; returns the loop state."""
     meta = json.loads((folder / "state.json").read_text())
-    task.modules.load_state_dict(load_file(str(folder / "modules.safetensors")))
+    distributed.load_full_state_dict(task.modules, load_file(str(folder / "modules.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.torch"))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
@@ -321,7 +323,7 @@ def _load_checkpoint(folder: Path, task: TrainTask, optimizer: torch.optim.Optim
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
     groups = [{**saved, "params": current["params"]} for saved, current in zip(meta["param_groups"], optimizer.state_dict()["param_groups"])]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    optimizer.load_state_dict({"state": distributed.shard_optimizer_state(optimizer, per_param), "param_groups": groups})
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         group["base_lr"] = saved["base_lr"]
     if meta["scaler"]:

@@ -9,24 +9,31 @@ margin's effect (docs/method.md#precision).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["arc_margin_logits", "cosine_fp32", "ArcMarginLoss", "MultiCaptionArcMarginLoss", "SymmetricInfoNCE"]
+from clipopt_core.runtime import distributed
+
+__all__ = ["arc_margin", "arc_margin_logits", "cosine_fp32", "ArcMarginLoss", "MultiCaptionArcMarginLoss",
+           "SymmetricInfoNCE", "ProxyDtype", "ProxySharding"]
 
 _SIN_EPS = 1e-7  # floor on sin^2 so d sqrt/d cos stays finite at cos = +-1
+_NORM_EPS = 1e-12  # F.normalize's floor on a row norm
+
+ProxyDtype = Literal["fp32", "bf16"]
+ProxySharding = Literal["replicated", "sharded"]
 
 
-def arc_margin_logits(cosine: Tensor, target_mask: Tensor, margin: float) -> Tensor:
-    """Apply the additive angular (ArcFace) margin to the target entries of ``cosine``.
+def arc_margin(cosine: Tensor, margin: float) -> Tensor:
+    """The additive angular (ArcFace) margin of target cosines, elementwise, not scaled.
 
-    cosine: [..., K] cosine similarities in [-1, 1]; target_mask: bool [..., K].
-    Returns [..., K] (not scaled): where ``target_mask``, ``cos(θ + m)`` while
-    ``cos θ > cos(π − m)`` and ``cos θ − m·sin(π − m)`` otherwise; elsewhere ``cos θ``.
-    Finite, with finite gradients, at ``cos θ = ±1`` (cosine clamped, sin² floored before sqrt).
+    cosine: [...] in [-1, 1]. Returns [...]: ``cos(θ + m)`` while ``cos θ > cos(π − m)`` and
+    ``cos θ − m·sin(π − m)`` otherwise; ``cosine`` itself when ``margin`` is 0. Finite, with finite
+    gradients, at ``cos θ = ±1`` (cosine clamped, sin² floored before sqrt; docs/method.md#losses).
     """
     if margin == 0.0:
         return cosine
@@ -36,8 +43,17 @@ def arc_margin_logits(cosine: Tensor, target_mask: Tensor, margin: float) -> Ten
     phi = cos * cos_m - sin * sin_m  # cos(θ + m)
     threshold = math.cos(math.pi - margin)
     fallback = cos - margin * math.sin(math.pi - margin)
-    phi = torch.where(cos > threshold, phi, fallback)
-    return torch.where(target_mask, phi, cosine)
+    return torch.where(cos > threshold, phi, fallback)
+
+
+def arc_margin_logits(cosine: Tensor, target_mask: Tensor, margin: float) -> Tensor:
+    """:func:`arc_margin` on the target entries of ``cosine``, ``cosine`` elsewhere.
+
+    cosine: [..., K] cosine similarities; target_mask: bool [..., K]. Returns [..., K] (not scaled).
+    """
+    if margin == 0.0:
+        return cosine
+    return torch.where(target_mask, arc_margin(cosine, margin), cosine)
 
 
 def cosine_fp32(a: Tensor, b: Tensor) -> Tensor:
@@ -50,26 +66,112 @@ def cosine_fp32(a: Tensor, b: Tensor) -> Tensor:
     return F.normalize(a.to(dtype), dim=-1) @ F.normalize(b.to(dtype), dim=-1).t()
 
 
-class ArcMarginLoss(nn.Module):
-    """ArcMargin (ArcFace) loss against learnable class proxies.
+class _ArcMarginCrossEntropy(torch.autograd.Function):
+    """Mean ArcMargin cross-entropy of normalised features against (a row shard of) the proxies.
 
-    ``proxies``: parameter [C, D], Xavier-uniform init, rows L2-normalised in ``forward``.
+    One [B, C_l] buffer: the cosines become the logits in place (s·cos, the target entry s·φ), the
+    softmax is formed in place in the backward pass, and the margin touches only the B target entries
+    (gather/index-put). The proxies are normalised here too, with the backward of ``F.normalize``
+    written out in place (``(g − ŵ(ŵ·g)) / ‖w‖``): autograd's version makes ~6 [C, D] temporaries and
+    took most of the step at D = 512 > B. With ``sharded`` every rank holds classes
+    ``[offset, offset + C_l)`` of the same global batch: the row max, the sum of exponentials and the
+    target logit are all-reduced (model-parallel softmax), and the feature gradient is all-reduced so
+    that every rank gets the gradient of the global loss, as
+    :func:`~clipopt_core.runtime.distributed.gather_rows` expects.
     """
 
-    def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.1) -> None:
+    @staticmethod
+    def forward(ctx: Any, features: Tensor, proxies: Tensor, labels: Tensor, offset: int, scale: float, margin: float,
+                matmul_dtype: torch.dtype, sharded: bool) -> Tensor:
+        """features [B, D] (normalised), proxies [C_l, D] (raw), both fp32/fp64; labels long [B] (global ids) -> scalar."""
+        reduce = distributed.all_reduce_ if sharded else (lambda tensor, op="sum": tensor)
+        norm = proxies.norm(dim=1, keepdim=True)  # [C_l, 1]
+        unit = proxies / norm.clamp_min(_NORM_EPS)  # F.normalize
+        lhs = features.to(matmul_dtype)
+        logits = (lhs @ unit.to(matmul_dtype).t()).to(features.dtype)  # [B, C_l] cosines, then logits in place
+        local = labels - offset
+        rows = ((local >= 0) & (local < logits.shape[1])).nonzero().squeeze(1)  # rows whose target is here
+        cols = local[rows]
+        with torch.enable_grad():  # the margin and its slope on the [B_l] target cosines only
+            target = logits[rows, cols].detach().requires_grad_(True)
+            phi = arc_margin(target, margin)
+            (slope,) = torch.autograd.grad(phi.sum(), target)  # φ'(cos) exactly as autograd of φ gives it
+        logits.mul_(scale)
+        logits[rows, cols] = scale * phi.detach()
+        row_max = reduce(logits.amax(dim=1), "max")  # [B]
+        lse = row_max + reduce((logits - row_max[:, None]).exp_().sum(dim=1)).log()  # [B]
+        target_logit = reduce(torch.zeros_like(lse).index_put_((rows,), logits[rows, cols]))
+        ctx.save_for_backward(logits, lse, lhs, unit, norm, rows, cols, slope)
+        ctx.scale, ctx.sharded, ctx.dtype = scale, sharded, features.dtype
+        return (lse - target_logit).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        logits, lse, lhs, unit, norm, rows, cols, slope = ctx.saved_tensors
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax over all classes, this rank's columns [B, C_l]
+        probs[rows, cols] = (probs[rows, cols] - 1.0) * slope  # d/dcos of the target: (p − 1)·φ'
+        probs.mul_(grad * ctx.scale / probs.shape[0])
+        g = probs.to(lhs.dtype)
+        grad_features = (g @ unit.to(lhs.dtype)).to(ctx.dtype)  # [B, D]
+        if ctx.sharded:
+            distributed.all_reduce_(grad_features)  # each rank saw C_l of the classes
+        grad_unit = (g.t() @ lhs).to(ctx.dtype)  # [C_l, D], then d/dw of F.normalize in place
+        radial = torch.linalg.vecdot(unit, grad_unit, dim=1).unsqueeze(1) * (norm > _NORM_EPS)  # [C_l, 1]
+        grad_proxies = grad_unit.addcmul_(unit, radial, value=-1.0).div_(norm.clamp_min(_NORM_EPS))
+        return grad_features, grad_proxies, None, None, None, None, None, None
+
+
+class ArcMarginLoss(nn.Module):
+    """ArcMargin (ArcFace) loss against learnable class proxies (docs/method.md#losses).
+
+    ``proxies``: parameter [C, D] (fp32), Xavier-uniform init, rows L2-normalised in ``forward``.
+    ``proxy_dtype``: ``fp32`` computes the cosine matmuls in fp32 (fp64 if an input is fp64);
+    ``bf16`` multiplies bf16 copies of the normalised features and proxies (fp32 accumulation) in the
+    forward and both backward matmuls. The parameter, its gradient, AdamW's moments (fp32 master
+    weights), the margin, the softmax and the cross-entropy stay fp32 in both.
+    ``sharding``: ``replicated`` (default) keeps all C rows on every rank, the local batch's mean
+    is the loss and the proxy gradient is averaged with the tower's. ``sharded`` keeps this rank's
+    rows ``[offset, offset + C/W)`` of rank 0's initial proxies (a row-sharded parameter, see
+    :func:`~clipopt_core.runtime.distributed.mark_row_sharded`), gathers the features and labels of
+    the global batch and returns the global batch's mean: the same loss and weights as ``replicated``.
+    Outside ``torchrun`` both are the one-process loss.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.1, *,
+                 proxy_dtype: ProxyDtype = "fp32", sharding: ProxySharding = "replicated") -> None:
         super().__init__()
-        self.scale = float(scale)
-        self.margin = float(margin)
-        self.proxies = nn.Parameter(torch.empty(num_classes, embed_dim))
-        nn.init.xavier_uniform_(self.proxies)
+        if proxy_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"proxy_dtype must be 'fp32' or 'bf16', got {proxy_dtype!r}")
+        if sharding not in ("replicated", "sharded"):
+            raise ValueError(f"proxy sharding must be 'replicated' or 'sharded', got {sharding!r}")
+        if sharding == "sharded" and num_classes < distributed.world_size():
+            raise ValueError(f"sharded proxies need at least one class per rank: {num_classes} classes, "
+                             f"{distributed.world_size()} ranks; use proxy_sharding 'replicated'")
+        self.scale, self.margin = float(scale), float(margin)
+        self.proxy_dtype, self.sharded = proxy_dtype, sharding == "sharded"
+        proxies = torch.empty(num_classes, embed_dim)
+        nn.init.xavier_uniform_(proxies)  # the full matrix on every rank: the same RNG draws in both modes
+        self.offset = 0
+        if self.sharded:
+            distributed.broadcast_tensor_(proxies)  # rank 0's proxies, as broadcast_modules gives replicated ones
+            self.offset = distributed.row_range(num_classes)[0]
+            proxies = distributed.row_shard(proxies)
+        self.proxies = nn.Parameter(proxies)
+        if self.sharded:
+            distributed.mark_row_sharded(self.proxies)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """embeddings [B, D] (normalised inside), labels long [B] in [0, C) -> fp32 scalar mean CE."""
+        """embeddings [B, D] (normalised inside), labels long [B] in [0, C) -> fp32 scalar mean CE
+        (fp64 when an input is fp64); sharded: the mean over the global batch."""
         with torch.autocast(embeddings.device.type, enabled=False):
-            cosine = cosine_fp32(embeddings, self.proxies)  # [B, C]
-            target = F.one_hot(labels, num_classes=cosine.shape[1]).bool()
-            logits = self.scale * arc_margin_logits(cosine, target, self.margin)
-            return F.cross_entropy(logits, labels)
+            dtype = torch.float64 if torch.float64 in (embeddings.dtype, self.proxies.dtype) else torch.float32
+            features = F.normalize(embeddings.to(dtype), dim=-1)
+            if self.sharded:
+                features, labels = distributed.gather_rows(features), distributed.gather_rows(labels)
+            matmul_dtype = torch.bfloat16 if self.proxy_dtype == "bf16" else dtype
+            return _ArcMarginCrossEntropy.apply(features, self.proxies.to(dtype), labels, self.offset, self.scale, self.margin,
+                                                matmul_dtype, self.sharded)
 
 
 MaxNegative = Literal["authors", "hardest"]

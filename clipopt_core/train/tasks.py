@@ -52,7 +52,8 @@ class RetrievalTask:
             parameter.requires_grad_(True)
         with torch.no_grad():
             feature_dim = self._features(torch.zeros(1, 3, bundle.image_size, bundle.image_size)).shape[-1]
-        self.arc = ArcMarginLoss(feature_dim, num_classes, config.arc_scale, config.arc_margin)
+        self.arc = ArcMarginLoss(feature_dim, num_classes, config.arc_scale, config.arc_margin,
+                                 proxy_dtype=config.proxy_dtype, sharding=config.proxy_sharding)
         self.multi_caption = MultiCaptionArcMarginLoss(config.arc_scale, config.arc_margin, config.max_negative_weight,
                                                        config.max_negative)
         self.modules = nn.ModuleDict({"model": model, "arc": self.arc})

@@ -13,7 +13,9 @@ from clipopt_core.train.losses import (
     MultiCaptionArcMarginLoss,
     SymmetricInfoNCE,
     arc_margin_logits,
+    cosine_fp32,
 )
+from clipopt_core.runtime.distributed import proxy_memory_bytes
 
 S, M = 30.0, 0.1
 
@@ -77,7 +79,7 @@ def test_arc_margin_zero_margin_is_plain_ce() -> None:
     x = torch.randn(12, 16)
     y = torch.randint(0, 7, (12,))
     cos = F.normalize(x, dim=-1) @ F.normalize(loss.proxies, dim=-1).t()
-    assert torch.equal(loss(x, y), F.cross_entropy(S * cos, y))
+    torch.testing.assert_close(loss(x, y), F.cross_entropy(S * cos, y), rtol=1e-6, atol=0.0)  # fused: summation order differs
 
 
 @pytest.mark.parametrize(
@@ -128,6 +130,98 @@ def test_arc_margin_loss_decreases_towards_own_proxy() -> None:
     goal = F.normalize(loss.proxies.detach(), dim=-1) * start.norm(dim=-1, keepdim=True)
     vals = [loss((1 - t) * start + t * goal, y).item() for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert all(a > b for a, b in zip(vals, vals[1:])), vals
+
+
+def reference_arc_margin_loss(embeddings: torch.Tensor, proxies: torch.Tensor, labels: torch.Tensor,
+                              scale: float, margin: float) -> torch.Tensor:
+    """The ArcMarginLoss.forward this project had before the lean step (dense [B, C] one-hot, margin on all entries)."""
+    cosine = cosine_fp32(embeddings, proxies)
+    target = F.one_hot(labels, num_classes=cosine.shape[1]).bool()
+    return F.cross_entropy(scale * arc_margin_logits(cosine, target, margin), labels)
+
+
+def _lean_and_reference(loss: ArcMarginLoss, x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(loss, d/dx, d/dproxies) of the module and of the reference formulation on the same inputs."""
+    results = []
+    for run in ("lean", "reference"):
+        xi = x.detach().clone().requires_grad_(True)
+        proxies = loss.proxies if run == "lean" else loss.proxies.detach().clone().requires_grad_(True)
+        proxies.grad = None
+        value = loss(xi, y) if run == "lean" else reference_arc_margin_loss(xi, proxies, y, loss.scale, loss.margin)
+        value.backward()
+        results.append((value.detach(), xi.grad, proxies.grad))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m", [0.1, 0.0, 1.4])  # 1.4: many targets below cos(π − m), the fallback branch
+def test_lean_arc_margin_equals_the_reference_formulation(m: float, dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    loss = ArcMarginLoss(embed_dim=24, num_classes=40, scale=S, margin=m).to(dtype)
+    x = torch.randn(32, 24, dtype=dtype)
+    y = torch.randint(0, 40, (32,))
+    if dtype == torch.float64:  # on the target proxy: cos = 1, sin² floored, clamp edge (ill-conditioned:
+        x[:3] = loss.proxies.detach()[[5, 6, 7]] * 2.0  # φ' ~ 10³ amplifies fp32 rounding, so fp64 only)
+        y[:3] = torch.tensor([5, 6, 7])
+    if m == 1.4:
+        target_cos = (F.normalize(x, dim=-1) * F.normalize(loss.proxies.detach(), dim=-1)[y]).sum(-1)
+        assert (target_cos < math.cos(math.pi - m)).sum() >= 3
+    lean, ref = _lean_and_reference(loss, x, y)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert lean[0].dtype == ref[0].dtype == dtype
+    for got, want in zip(lean, ref):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+def test_lean_arc_margin_ignores_autocast_and_takes_labels_in_any_order() -> None:
+    torch.manual_seed(4)
+    loss = ArcMarginLoss(embed_dim=16, num_classes=9)
+    x, y = torch.randn(12, 16), torch.randint(0, 9, (12,))
+    plain = loss(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = loss(x, y)
+    assert autocast.dtype == torch.float32 and autocast.item() == pytest.approx(plain.item(), rel=1e-6)
+    order = torch.randperm(12)
+    assert loss(x[order], y[order]).item() == pytest.approx(plain.item(), rel=1e-6)  # a mean over rows
+    other = loss(x, (y + 1) % 9)
+    assert abs(other.item() - plain.item()) > 1e-3  # the labels matter
+
+
+def test_bf16_proxy_matmul_is_close_to_fp32_and_keeps_fp32_master_weights() -> None:
+    torch.manual_seed(5)
+    fp32 = ArcMarginLoss(embed_dim=64, num_classes=200)
+    bf16 = ArcMarginLoss(embed_dim=64, num_classes=200, proxy_dtype="bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    x, y = torch.randn(48, 64), torch.randint(0, 200, (48,))
+    (a, ax, ap), (b, bx, bp) = (_lean_and_reference(module, x, y)[0] for module in (fp32, bf16))
+    assert bf16.proxies.dtype == bp.dtype == torch.float32  # master weights and their gradient stay fp32
+    assert b.item() == pytest.approx(a.item(), rel=2e-3) and b.item() != a.item()  # bf16 products, fp32 softmax
+    for got, want in ((bx, ax), (bp, ap)):
+        assert (got - want).norm() / want.norm() < 3e-2
+
+
+def test_sharded_proxies_outside_torchrun_are_the_whole_matrix() -> None:
+    torch.manual_seed(6)
+    replicated = ArcMarginLoss(embed_dim=8, num_classes=5)
+    torch.manual_seed(6)
+    sharded = ArcMarginLoss(embed_dim=8, num_classes=5, sharding="sharded")
+    assert torch.equal(sharded.proxies, replicated.proxies)
+    x, y = torch.randn(4, 8), torch.tensor([0, 4, 2, 2])
+    assert sharded(x, y).item() == replicated(x, y).item()
+
+
+def test_arc_margin_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="proxy_dtype must be 'fp32' or 'bf16', got 'fp16'"):
+        ArcMarginLoss(8, 3, proxy_dtype="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="proxy sharding must be 'replicated' or 'sharded', got 'split'"):
+        ArcMarginLoss(8, 3, sharding="split")  # type: ignore[arg-type]
+
+
+def test_proxy_memory_per_rank() -> None:
+    assert proxy_memory_bytes(10**6, 512) == 16 * 10**6 * 512  # weights + gradient + two AdamW moments, fp32
+    assert proxy_memory_bytes(10**6, 512, ranks=8) == proxy_memory_bytes(10**6, 512)  # replicated: every rank
+    assert proxy_memory_bytes(10**6, 512, ranks=8, sharded=True) == 16 * 125_000 * 512
+    assert proxy_memory_bytes(10, 4, ranks=3, sharded=True) == 16 * 4 * 4  # the largest shard: ceil(10 / 3) rows
 
 
 # ---------------------------------------------------------------- MultiCaptionArcMarginLoss

@@ -93,3 +93,17 @@ def test_stage_identity_changes_with_every_input() -> None:
         stage_identity("retrieval", config, start_weights="w", inputs={"splits": SPLITS, "pseudo_captions": SPLITS}),
     ]
     assert len({base, *changed}) == len(changed) + 1
+
+
+def test_proxy_sharding_is_not_part_of_the_identity_but_proxy_dtype_is() -> None:
+    def identity(kind: str, settings: dict) -> str:
+        return stage_identity(kind, stage_config(kind, settings), start_weights="w", inputs={"splits": SPLITS})
+
+    for kind in ("retrieval", "mcip"):  # where the proxies live does not change the trained weights
+        assert identity(kind, {"proxy_sharding": "sharded"}) == identity(kind, {})
+        assert identity(kind, {"proxy_dtype": "bf16"}) != identity(kind, {})  # bf16 products change them
+    assert stage_config("mcip", {"proxy_sharding": "sharded", "proxy_dtype": "bf16"}).proxy_sharding == "sharded"
+    with pytest.raises(ValueError, match="RetrievalConfig.proxy_sharding must be one of 'replicated', 'sharded'; got 'split'"):
+        stage_config("retrieval", {"proxy_sharding": "split"})
+    with pytest.raises(ValueError, match="unknown RealignConfig field.s. proxy_dtype"):
+        stage_config("realign", {"proxy_dtype": "bf16"})

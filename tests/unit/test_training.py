@@ -575,6 +575,20 @@ def test_mcip_max_negative_reaches_the_loss(shapes_rows: pl.DataFrame, cache_dir
     assert values["authors"] != pytest.approx(values["hardest"], rel=1e-3)
 
 
+def test_proxy_dtype_reaches_the_arc_margin_loss(shapes_rows: pl.DataFrame, cache_dir: Path):
+    values = {}
+    for dtype in ("fp32", "bf16"):
+        config = RetrievalConfig(train=one_step(), proxy_dtype=dtype)
+        torch.manual_seed(0)  # the same proxies in both
+        task = retrieval_task(cache_dir, shapes_rows, config)
+        assert task.arc.proxy_dtype == dtype and task.arc.proxies.dtype == torch.float32  # fp32 master weights
+        task.train_mode()
+        torch.manual_seed(0)
+        _, stats = task.loss(next(iter(task.batches(config.train, 0, 0))))
+        values[dtype] = stats["arc"]
+    assert values["bf16"] == pytest.approx(values["fp32"], rel=1e-2) and values["bf16"] != values["fp32"]
+
+
 def test_mining_spec_defaults_to_the_base_model():
     base = ModelSpec("ViT-B-32", "laion2b_s34b_b79k", image_size=256)
     assert mining_spec(MiningConfig(), base) == base  # the base model, its image size included
