@@ -7,6 +7,7 @@ official layout fails with the loader's :class:`~clipopt_core.suite.types.Benchm
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -69,6 +70,17 @@ def table_values(results: Iterable[ColumnResult]) -> dict[str, dict[str, float]]
         for variant in result.metrics:
             values.setdefault(variant, {})[result.column] = result.headline(variant)
     return values
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (nested dicts, lists, floats) with every NaN as ``None``, for strict JSON."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def skipped_reasons(results: Iterable[ColumnResult]) -> dict[str, str]:
