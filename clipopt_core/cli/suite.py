@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> str:
     variant = args.variant or ("checkpoint" if args.checkpoint else "baseline")
     base_name, _, base_tag = (args.paper_base or f"{args.model}:{args.pretrained or ''}").partition(":")
     base = paper.paper_base(base_name, base_tag)
+    if args.paper_base and base is None:
+        known = ", ".join(f"{name}:{tag}" for name, tag in paper.BASE_MODELS)
+        raise ValueError(f"--paper-base {args.paper_base} is not a base model of the paper; known: {known}")
     bundle = load_model(spec, cache_dir=Path(args.cache), device=args.device)
     embedder = SuiteEmbedder(bundle, device=args.device, batch_size=args.batch_size, cache_dir=args.embeddings_cache)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731

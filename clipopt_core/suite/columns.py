@@ -4,7 +4,7 @@ A column needs one or more *roots* (a benchmark's folder in its official layout,
 named by the keys of :data:`ROOTS`; a roots file maps those keys to folders. A column whose root is
 not configured is skipped with a message naming the key and what it must point to; the others run.
 The loaders are :mod:`clipopt_core.suite.datasets` (imported when a column loads, through :func:`loader`).
-docs/method.md, "Benchmark suite", lists the columns and their protocols.
+docs/method.md#benchmark-suite lists the columns and their protocols.
 """
 from __future__ import annotations
 

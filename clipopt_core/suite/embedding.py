@@ -8,7 +8,7 @@ tower) share the work. With ``cache_dir`` the embeddings also persist as ``.npy`
 name, then renamed), so Dagster partitions evaluated in separate runs share them too.
 
 Crops (``ImageSet.crops``) are applied to the decoded image *before* the eval transform
-(docs/method.md, "Evaluation"): the cropped images are written losslessly (PNG) to a temporary folder
+(docs/method.md#benchmark-suite): the cropped images are written losslessly (PNG) to a temporary folder
 and embedded by :func:`clipopt_core.models.encode.embed_images` like any other image.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The paper's protocols for the Table 1 benchmarks, on L2-normalised embeddings (cosine = dot product).
 
-docs/method.md, "Evaluation" and "Benchmark suite":
+The protocols of docs/method.md#benchmark-suite:
 
 * **I2I mAP** (GPR1200, INSTRE, CUB-200): every image a query against the whole set, the query itself
   counted as a hit (:func:`clipopt_core.evaluate.metrics.image_to_image_map`, ``include_query=True``).
@@ -92,13 +92,14 @@ def trapezoid_ap(ranks: np.ndarray, positives: int) -> float:
 
 
 def knn_correct(queries: Tensor, query_labels: Tensor, database: Tensor, database_labels: Tensor, *, k: int = 21,
-                temperature: float = 0.1, chunk_size: int = 1024) -> Tensor:
+                temperature: float = 0.1, chunk_size: int = 256) -> Tensor:
     """Weighted kNN top-1 of ``queries [Q, D]`` against a separate ``database [N, D]``: ``[Q]`` float64 1/0.
 
     The ``min(k, N)`` most similar database images vote for their label with weight
     ``exp(sim / temperature)``; the largest summed weight wins (ties: smallest label). Labels are
     integer class ids shared by both sides (``query_labels [Q]``, ``database_labels [N]``). Which of
-    several equally similar images at the k-th place is kept is ``torch.topk``'s choice.
+    several equally similar images at the k-th place is kept is ``torch.topk``'s choice. The largest
+    temporary is the ``[chunk_size, N]`` float32 similarity block (1.3 GB for ImageNet train at 256).
     """
     if temperature <= 0 or k < 1 or chunk_size < 1:
         raise ValueError(f"need temperature > 0, k >= 1 and chunk_size >= 1; got {temperature}, {k}, {chunk_size}")

@@ -1,6 +1,6 @@
 """Table 1: rows are variants, columns the benchmarks present, the four group means and AVG, in percent.
 
-AVG is the plain mean of the benchmark columns (docs/method.md, "Evaluation"), not the mean of the group
+AVG is the plain mean of the benchmark columns (docs/method.md#benchmark-suite), not the mean of the group
 means; a group mean and AVG cover only the columns present, and their headers say so (``AVG (12/14)``)
 when some are missing. When the paper reports the same base model, each variant it reports gets two
 more rows: the paper's figures over the same columns (``· paper``) and ours minus the paper's (``· Δ``).
