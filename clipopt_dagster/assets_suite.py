@@ -12,6 +12,7 @@ Roots come from the run config (``roots``) over a YAML roots file (``roots_file`
 
 import os
 import time
+from typing import Literal
 
 import dagster as dg
 
@@ -45,13 +46,14 @@ def result_key(column: str) -> str:
 
 class SuiteSettings(dg.Config):
     """``roots``: benchmark key → folder (local or ``s3://``), over those of ``roots_file`` (a YAML file;
-    empty: ``$CLIPOPT_SUITE_ROOTS``, if set). ``variants``: the report variants to evaluate."""
+    empty: ``$CLIPOPT_SUITE_ROOTS``, if set). ``variants``: the report variants to evaluate. ``templates``:
+    zero-shot prompts, OpenAI's 80 (the paper) or three short ones; ``knn_k``/``knn_temperature``: the paper's."""
 
     roots_file: str = ""
     roots: dict[str, str] = {}
     variants: list[str] = list(VARIANTS)
     batch_size: int = 64
-    templates: str = "openai80"
+    templates: Literal["openai80", "short"] = "openai80"
     knn_k: int = 21
     knn_temperature: float = 0.1
 
@@ -60,8 +62,6 @@ class SuiteSettings(dg.Config):
         return {**(read_roots(path) if path else {}), **parse_roots(self.roots)}
 
     def options(self) -> SuiteOptions:
-        if self.templates not in ("openai80", "short"):
-            raise ValueError(f"templates must be openai80 or short, got {self.templates!r}")
         templates = OPENAI_TEMPLATES if self.templates == "openai80" else SHORT_TEMPLATES
         return SuiteOptions(templates=templates, knn_k=self.knn_k, knn_temperature=self.knn_temperature)
 

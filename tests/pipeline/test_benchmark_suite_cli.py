@@ -51,6 +51,13 @@ def test_benchmark_suite_cli_checkpoint_against_the_papers_row(roots, capsys):
     md = out.read_text()
     assert md.strip() == capsys.readouterr().out.strip()
     assert "| mcip_realign · paper | 87.0 | 88.0 |" in md and "| mcip_realign · Δ |" in md and "I2I (2/4)" in md
+    # the checkpoint's weights file with its open_clip name evaluates the same weights
+    as_file = tmp / "file.json"
+    assert run(tmp, "--checkpoint", str(folder / "open_clip_model.safetensors"), "--columns", "i2i_gpr1200",
+               "--out", str(as_file)) == 0
+    report = json.loads(as_file.read_text())
+    assert report["variant"] == "checkpoint" and report["paper_base"] is None
+    assert f"| checkpoint | {report['table'][0]['i2i_gpr1200']:.1f} |" in md.replace("mcip_realign", "checkpoint")
 
 
 @pytest.mark.parametrize("extra, message", [
