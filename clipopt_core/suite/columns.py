@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-import numpy as np
 import yaml
 
 from clipopt_core.evaluate.protocol import OPENAI_TEMPLATES
@@ -28,7 +27,7 @@ GROUP_LABELS = {"i2i": "I2I", "knn": "kNN", "zs": "ZS", "t2i": "T2I"}
 ROOTS: dict[str, str] = {
     "gpr1200": "the GPR1200 images folder",
     "instre": "the INSTRE folder (INSTRE-S1, INSTRE-S2, INSTRE-M)",
-    "cub": "the CUB_200_2011 folder (images.txt, image_class_labels.txt, train_test_split.txt, images/)",
+    "cub200": "the CUB_200_2011 folder (images.txt, image_class_labels.txt, train_test_split.txt, images/)",
     "roxford5k": "the revisited Oxford folder (gnd_roxford5k.pkl and jpg/)",
     "imagenet": "the ILSVRC2012 folder (train/ and val/, one folder per wnid)",
     "imagenet_sketch": "the ImageNet-Sketch folder (one folder per wnid)",
@@ -114,10 +113,10 @@ def _eval_zero_shot(embedder: SuiteEmbedder, images: Any, options: SuiteOptions)
     return protocols.evaluate_zero_shot(embedder, images, templates=options.templates)
 
 
-def _eval_zero_shot_present(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> dict[str, float]:
-    """Zero-shot among the classes that have images (ImageNet-A: its 200 of the 1000 ImageNet classes)."""
+def _eval_zero_shot_imagenet_a(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> dict[str, float]:
+    """Zero-shot among ImageNet-A's 200 classes of the 1000 (``imagenet_a_class_ids``), as is standard."""
     return protocols.evaluate_zero_shot(embedder, images, templates=options.templates,
-                                        classes=np.unique(images.labels).tolist())
+                                        classes=[int(c) for c in loader("imagenet_a_class_ids")()])
 
 
 def _eval_t2i(embedder: SuiteEmbedder, captions: Any, options: SuiteOptions) -> dict[str, float]:
@@ -127,7 +126,7 @@ def _eval_t2i(embedder: SuiteEmbedder, captions: Any, options: SuiteOptions) -> 
 COLUMNS: tuple[Column, ...] = (
     Column("i2i_gpr1200", "GPR1200", "i2i", ("gpr1200",), "map", _i2i("gpr1200", "load_gpr1200"), _eval_i2i),
     Column("i2i_instre", "INSTRE", "i2i", ("instre",), "map", _i2i("instre", "load_instre"), _eval_i2i),
-    Column("i2i_cub200", "CUB200", "i2i", ("cub",), "map", _i2i("cub", "load_cub", "test"), _eval_i2i),
+    Column("i2i_cub200", "CUB200", "i2i", ("cub200",), "map", _i2i("cub200", "load_cub", "test"), _eval_i2i),
     Column("i2i_roxford5k", "ROxford", "i2i", ("roxford5k",), "medium",
            _i2i("roxford5k", "load_revisited", "roxford5k"), _eval_revisited),
     Column("knn_imagenet", "IN-V", "knn", ("imagenet",), "top1",
@@ -143,7 +142,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("zs_imagenet_sketch", "IN-S", "zs", ("imagenet_sketch",), "top1",
            _i2i("imagenet_sketch", "load_imagenet_sketch"), _eval_zero_shot),
     Column("zs_imagenet_a", "IN-A", "zs", ("imagenet_a",), "top1", _i2i("imagenet_a", "load_imagenet_a"),
-           _eval_zero_shot_present),
+           _eval_zero_shot_imagenet_a),
     Column("zs_objectnet", "ON", "zs", ("objectnet",), "top1", _i2i("objectnet", "load_objectnet"), _eval_zero_shot),
     Column("t2i_flickr30k", "Flickr30k", "t2i", ("flickr30k",), "r5",
            _i2i("flickr30k", "load_karpathy", "flickr30k", "test"), _eval_t2i),

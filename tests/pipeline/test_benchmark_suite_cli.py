@@ -16,7 +16,7 @@ from tests.benchmark_suite_data import fake_loaders, write_caption_set, write_im
 def roots(tmp_path, monkeypatch):
     images, captions = write_image_set(tmp_path / "gpr"), write_caption_set(tmp_path / "f30k")
     fake_loaders(monkeypatch, {"load_gpr1200": images, "load_karpathy": captions, "load_cub": images})
-    (tmp_path / "roots.yaml").write_text("roots:\n  gpr1200: gpr\n  flickr30k: f30k\n  cub: gpr\n")
+    (tmp_path / "roots.yaml").write_text("roots:\n  gpr1200: gpr\n  flickr30k: f30k\n  cub200: gpr\n")
     return tmp_path, images
 
 

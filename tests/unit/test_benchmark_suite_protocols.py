@@ -218,8 +218,8 @@ def test_missing_root_skips_the_column_with_the_key_to_set(tmp_path):
     assert result.skipped and "roots.objectnet" in result.skipped and not result.metrics
     with pytest.raises(ValueError, match="unknown benchmark root.*imagenet21k"):
         parse_roots({"imagenet21k": "x"})
-    (tmp_path / "roots.yaml").write_text("cub: birds\n")
-    assert read_roots(tmp_path / "roots.yaml") == {"cub": str(tmp_path / "birds")}
+    (tmp_path / "roots.yaml").write_text("cub200: birds\n")
+    assert read_roots(tmp_path / "roots.yaml") == {"cub200": str(tmp_path / "birds")}
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         read_roots(tmp_path / "nope.yaml")
 
@@ -238,6 +238,29 @@ def test_evaluate_column_loads_once_and_evaluates_every_variant(monkeypatch):
     again = ColumnResult.from_json(result.to_json())
     assert table_values([again]) == {"baseline": {"i2i_gpr1200": pytest.approx(8 / 9)}, "mcip": {"i2i_gpr1200": 1.0}}
     assert skipped_reasons([again, ColumnResult("t2i_coco", skipped="set roots.coco")]) == {"t2i_coco": "set roots.coco"}
+
+
+def test_imagenet_a_columns_zero_shot_on_its_200_classes_and_knn_on_imagenet_train(monkeypatch):
+    """The image is nearest the class 'fox' (id 2), labelled 'dog' (id 1); ImageNet-A's ids are {0, 1} here.
+    Its kNN database is ImageNet *train*, where the nearest image is a dog."""
+    classes = {"cat": torch.tensor([1.0, 0.0]), "dog": torch.tensor([0.0, 1.0]),
+               "fox": F.normalize(torch.tensor([1.0, 1.0]), dim=0)}
+    names = ("cat", "dog", "fox")
+    a_set = ImageSet("imagenet_a", ("i",), np.array([1]), names)
+    train = ImageSet("train", ("t0", "t1"), np.array([1, 0]), names)
+    calls = []
+    sets = {"load_imagenet_a": lambda root: a_set, "load_imagenet": lambda root, split: {"train": train}[split],
+            "imagenet_a_class_ids": lambda: np.array([0, 1])}
+    monkeypatch.setattr("clipopt_core.suite.columns.loader",
+                        lambda name: lambda *args: calls.append((name, args)) or sets[name](*args))
+    embedder = TableEmbedder({"i": F.normalize(torch.tensor([0.9, 1.0]), dim=0), "t0": torch.tensor([0.0, 1.0]),
+                              "t1": torch.tensor([1.0, 0.0])}, classes=classes)
+    roots = {"imagenet": "/in", "imagenet_a": "/a"}
+    zs = evaluate_column(get_column("zs_imagenet_a"), roots, {"v": lambda: embedder})
+    assert zs.headline("v") == 1.0  # among all 1000 (here 3) it would pick fox: wrong
+    knn = evaluate_column(get_column("knn_imagenet_a"), roots, {"v": lambda: embedder})
+    assert knn.headline("v") == 1.0
+    assert ("load_imagenet", ("/in", "train")) in calls and ("load_imagenet_a", ("/a",)) in calls
 
 
 # ---------------------------------------------------------------- Table 1 and the paper's figures
