@@ -12,14 +12,18 @@ Roots come from the run config (``roots``) over a YAML roots file (``roots_file`
 
 import os
 import time
+from dataclasses import replace
+from functools import partial
 from typing import Literal
 
 import dagster as dg
+from pydantic import field_validator
 
 from clipopt_core.evaluate.protocol import OPENAI_TEMPLATES
 from clipopt_core.layout import MODEL_ROOT, base_spec, served_model_key, variant_spec
 from clipopt_core.models.loading import load_model
 from clipopt_core.registry import VARIANTS
+from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.suite import paper
 from clipopt_core.suite.columns import COLUMN_NAMES, SuiteOptions, get_column, parse_roots, read_roots
 from clipopt_core.suite.embedding import SuiteEmbedder
@@ -57,6 +61,14 @@ class SuiteSettings(dg.Config):
     knn_k: int = 21
     knn_temperature: float = 0.1
 
+    @field_validator("variants")
+    @classmethod
+    def _known(cls, variants: list[str]) -> list[str]:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        return variants
+
     def resolved_roots(self) -> dict[str, str]:
         path = self.roots_file or os.environ.get(ROOTS_ENV, "")
         return {**(read_roots(path) if path else {}), **parse_roots(self.roots)}
@@ -64,6 +76,14 @@ class SuiteSettings(dg.Config):
     def options(self) -> SuiteOptions:
         templates = OPENAI_TEMPLATES if self.templates == "openai80" else SHORT_TEMPLATES
         return SuiteOptions(templates=templates, knn_k=self.knn_k, knn_temperature=self.knn_temperature)
+
+
+def variant_embedder(artifacts: ArtifactStore, variant: str, compute: ComputeResource, batch_size: int) -> SuiteEmbedder:
+    """An embedder of ``variant``'s published weights, its embeddings kept in ``<cache>/suite-embeddings``."""
+    bundle = load_model(variant_spec(artifacts, variant, compute.cache, MODEL_ROOT), cache_dir=compute.cache,
+                        device=compute.device)
+    return SuiteEmbedder(bundle, device=compute.device, batch_size=batch_size,
+                         cache_dir=compute.cache / "suite-embeddings")
 
 
 @dg.asset(group_name=GROUP, deps=[base_model, *TRAINING_ASSETS], partitions_def=BENCHMARK_COLUMNS, code_version="1",
@@ -78,26 +98,14 @@ def benchmark_suite(context: dg.AssetExecutionContext, config: SuiteSettings, co
     compute.setup_torch()
     artifacts = store.store()
     roots, options = config.resolved_roots(), config.options()
-    for variant in config.variants:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    embeddings_cache = compute.cache / "suite-embeddings"
-
-    def embedder(variant: str):
-        def make() -> SuiteEmbedder:
-            spec = variant_spec(artifacts, variant, compute.cache, MODEL_ROOT)
-            bundle = load_model(spec, cache_dir=compute.cache, device=compute.device)
-            return SuiteEmbedder(bundle, device=compute.device, batch_size=config.batch_size, cache_dir=embeddings_cache)
-        return make
-
+    embedders = {variant: partial(variant_embedder, artifacts, variant, compute, config.batch_size)
+                 for variant in config.variants}
     rows = []
     for key in context.partition_keys:
         started = time.perf_counter()
-        result = evaluate_column(get_column(key), roots, {v: embedder(v) for v in config.variants}, options,
-                                 log=context.log.info)
+        result = evaluate_column(get_column(key), roots, embedders, options, log=context.log.info)
         if not result.skipped:
-            result = ColumnResult(result.column, result.metrics, None, result.seconds,
-                                  {v: served_model_key(artifacts, v) for v in config.variants})
+            result = replace(result, model_keys={v: served_model_key(artifacts, v) for v in config.variants})
         artifacts.write_json(result_key(key), json_safe(result.to_json()))
         rows.append({"column": key, "seconds": round(time.perf_counter() - started, 1),
                      **({"skipped": result.skipped} if result.skipped else

@@ -113,7 +113,7 @@ def test_a_root_without_the_layout_fails_its_partition(suite_store):
 def test_unknown_root_key_or_variant_is_a_clear_error(suite_store):
     tmp, _, _, _ = suite_store
     for config, message in (({"roots": {"imagenet1k": "x"}}, "unknown benchmark root"),
-                            ({"variants": ["baseline", "stage9"]}, "unknown variant 'stage9'")):
+                            ({"variants": ["baseline", "stage9"]}, "unknown variant(s) stage9")):
         result = materialise_column(tmp, "i2i_gpr1200", raise_on_error=False, **config)
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         assert message in str(failure.event_specific_data.error)
