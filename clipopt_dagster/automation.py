@@ -10,7 +10,8 @@ from clipopt_dagster.resources import ComputeResource, DataSourceResource
 
 retraining_job = dg.define_asset_job(
     "retraining_job",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("seed_sweep"),
+    # the seed sweep and the benchmark suite (its own roots, its own partitions) run on request only
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("seed_sweep") - dg.AssetSelection.groups("benchmark_suite"),
     description="Re-ingest the source, retrain every variant, re-evaluate, and rebuild the served index "
                 "(every gallery shard in this one run).",
     tags=ALL_SHARDS_TAGS,

@@ -7,6 +7,8 @@ Commands:
   clipopt report [--store URL]                                        print the latest evaluation report
   clipopt index-shards {embed,build} --num-shards N [--store URL] …   sharded embeddings + index (big galleries)
   clipopt serve [--store URL] [--host 127.0.0.1] [--port 8000]       HTTP API + web page, hot-swapped on publication
+  clipopt benchmark-suite --model NAME (--pretrained TAG | --checkpoint PATH) --roots roots.yaml [--out t1.md]
+      the paper's Table 1 on any open_clip model, from benchmark folders on disk
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from clipopt_core.cli import shards as cli_shards  # noqa: E402 - argparse only; its heavy imports are lazy
+from clipopt_core.cli import suite as cli_suite  # noqa: E402 - argparse only; its heavy imports are lazy
 from clipopt_core.layout import default_cache_dir, default_store_url  # noqa: E402
 from clipopt_core.registry import STAGES  # noqa: E402
 from clipopt_core.runtime.memory import retain_freed_memory  # noqa: E402
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("--device", default=os.environ.get("CLIPOPT_DEVICE", "cpu"))
     cli_shards.add_parser(commands, default_store_url())
     add_serve_parser(commands)
+    cli_suite.add_parser(commands, default_cache_dir())
     args = parser.parse_args(argv)
     retain_freed_memory()  # no page faults per training step (runtime/memory.py)
     try:
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             run_serve(args)
         elif args.command == "rollback":
             print(run_rollback(args))
+        elif args.command == "benchmark-suite":
+            print(cli_suite.run(args))
         else:
             print(run_report(args.store))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:

@@ -17,7 +17,7 @@ from dagster_k8s import k8s_job_executor
 from clipopt_dagster import definitions as local
 
 defs = dg.Definitions(
-    assets=local.ASSETS,
+    assets=[*local.ASSETS, *local.SUITE_ASSETS],
     asset_checks=local.ASSET_CHECKS,
     jobs=[local.retraining_job],
     schedules=[local.retraining_schedule],

@@ -41,6 +41,9 @@ GRAPH = {
     "gallery_embeddings": (["served_model"], "serving", [], GPU, "3"),
     "faiss_index": (["gallery_embeddings"], "serving", ["index_recall"], None, "2"),
     "baseline_index": (["base_model", "image_manifest"], "serving", [], GPU, "1"),
+    "benchmark_suite": (["base_model", "mcip_encoder", "realigned_2sft", "realigned_mcip", "retrieval_encoder"],
+                        "benchmark_suite", [], GPU, "1"),
+    "table1_report": (["benchmark_suite"], "benchmark_suite", [], None, "1"),
 }
 BLOCKING_CHECKS = {"manifest_valid": True, "alignment_preserved": True, "retrieval_improved": True,
                    "index_recall": True}
@@ -97,7 +100,8 @@ def test_checks_jobs_schedules_sensors_snapshot(defs):
     assert new_images_sensor.default_status == dg.DefaultSensorStatus.STOPPED
 
     job = defs.resolve_job_def("retraining_job")
-    assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} == set(GRAPH) - {"seed_sweep"}
+    assert {key.to_user_string() for key in job.asset_layer.executable_asset_keys} == set(GRAPH) - {
+        "seed_sweep", "benchmark_suite", "table1_report"}  # the suite needs its own roots: never in the default job
     retried = {key.to_user_string(): assets.op.retry_policy for assets in ASSETS for key in assets.keys
                if assets.op.retry_policy}
     assert set(retried) == TRAINING_RETRIES and all(policy.max_retries >= 1 for policy in retried.values())
@@ -109,7 +113,10 @@ def test_gallery_embeddings_are_sharded_and_the_job_covers_every_shard(defs):
     graph = defs.resolve_asset_graph()
     partitioned = {key.to_user_string(): graph.get(key).partitions_def for key in graph.get_all_asset_keys()
                    if graph.get(key).partitions_def is not None}
-    assert list(partitioned) == ["gallery_embeddings"]
+    assert sorted(partitioned) == ["benchmark_suite", "gallery_embeddings"]
+    from clipopt_core.suite.columns import COLUMN_NAMES
+
+    assert partitioned["benchmark_suite"].get_partition_keys() == list(COLUMN_NAMES)  # one per Table 1 column
     keys = partitioned["gallery_embeddings"].get_partition_keys()
     assert keys == [f"{shard:05d}" for shard in range(SHARD_COUNT)] and SHARD_COUNT == 4  # default count
     assert graph.get(dg.AssetKey("gallery_embeddings")).backfill_policy == dg.BackfillPolicy.multi_run(1)
