@@ -12,7 +12,6 @@ import pytest
 
 from clipopt_core.cli import main as cli
 from clipopt_core.suite.columns import COLUMN_NAMES
-
 from tests.unit import test_benchmark_suite_loaders as layouts
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
