@@ -2,10 +2,16 @@
 
 All functions take torch tensors and compute on the tensors' device. Queries are
 processed in chunks of ``chunk_size`` rows, so the largest temporary is a
-``[chunk_size, N]`` similarity block (never ``[N, N]``). The full-ranking metric
-(:func:`image_to_image_map`) needs a full sort of that block; its peak memory is about
-``16-24 * chunk_size * N`` bytes (1.6-2.4 GB at N=100k, chunk 1024), so lower ``chunk_size``
-for very large ``N``. The top-k metrics need about a third of that.
+``[chunk_size, N]`` similarity block (never ``[N, N]``). No metric sorts a block: average
+precision needs only the ranks of each query's *relevant* items, found by a binary search of every
+item among the (few) relevant scores of its row and a count (O(N log P) per query, P = relevant
+items), and the top-k metrics use ``torch.topk``. Peak memory is about ``2 * 8 * chunk_size * N``
+bytes for mAP (int64 placements; 1.6 GB at N=100k, chunk 1024) and about half that for the others.
+Beyond the matrix product itself (N²·D for N queries) nothing grows faster than N·log.
+
+Every image→image metric takes an optional ``queries`` (``[Q]`` row indices): only those rows are
+queries, each still ranked against the whole set, and the other rows' scores are ``nan`` -- the
+seeded query sample of :class:`clipopt_core.evaluate.protocol.EvalConfig` for very large test sets.
 
 Ranking and ties
 ----------------
@@ -82,15 +88,75 @@ def _check_chunk(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _similarities_without_self(x: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(start, end, sims [end-start, N])`` query chunks of ``x @ x.T`` with each query's own column at -inf."""
-    n = x.shape[0]
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        rows = torch.arange(start, end, device=x.device)
-        sims = x[start:end] @ x.T
-        sims[rows - start, rows] = float("-inf")
-        yield start, end, sims
+def _similarities_without_self(x: Tensor, rows: Tensor, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(query rows [B], sims [B, N])`` chunks of ``x[rows] @ x.T`` with each query's own column at -inf."""
+    for part in rows.split(chunk_size):
+        sims = x[part] @ x.T
+        sims[torch.arange(part.numel(), device=x.device), part] = float("-inf")
+        yield part, sims
+
+
+def _query_rows(queries: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """Validated ``[Q]`` int64 query row indices (all ``n`` rows when ``queries`` is ``None``)."""
+    if queries is None:
+        return torch.arange(n, device=device)
+    rows = torch.as_tensor(queries, dtype=torch.long).reshape(-1).to(device)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ValueError(f"queries must be row indices in [0, {n}), got {int(rows.min())}..{int(rows.max())}")
+    return rows
+
+
+def _positives(inv: Tensor, part: Tensor, include_query: bool) -> tuple[Tensor, Tensor]:
+    """``(row [R], column [R])`` of the relevant items of queries ``part [B]`` (same class id in ``inv [N]``),
+    row-major with ascending columns, built from the class member lists (no ``[B, N]`` mask)."""
+    members = torch.sort(inv, stable=True).indices  # item indices grouped by class, ascending within a class
+    sizes = torch.bincount(inv)
+    first = sizes.cumsum(0) - sizes
+    per_row = sizes[inv[part]]
+    r = torch.repeat_interleave(torch.arange(part.numel(), device=inv.device), per_row)
+    offset = torch.arange(r.numel(), device=inv.device) - (per_row.cumsum(0) - per_row)[r]
+    c = members[first[inv[part]][r] + offset]
+    if include_query:
+        return r, c
+    keep = c != part[r]
+    return r[keep], c[keep]
+
+
+def _positive_ranks(sims: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """1-based ranks ``[R]`` of the relevant items ``(r, c)`` (row-major) under the module's tie rule, without
+    sorting a row: rank = 1 + #items scoring higher + #items scoring the same with a smaller index.
+
+    ``sims [B, N]``. Each row's relevant scores are sorted (P of them); every item of the row is placed among
+    them by binary search (O(N log P)), and a histogram of the placements counts the items above each.
+    """
+    b, n = sims.shape
+    score = sims[r, c]
+    per_row = torch.bincount(r, minlength=b)
+    width = max(int(per_row.max()) if r.numel() else 0, 1)
+    slot = torch.arange(r.numel(), device=sims.device) - (per_row.cumsum(0) - per_row)[r]
+    thresholds = torch.full((b, width), float("inf"), dtype=sims.dtype, device=sims.device)
+    thresholds[r, slot] = score
+    thresholds, order = thresholds.sort(dim=1)
+    positions = torch.arange(width, device=sims.device).expand_as(order)
+    starts = torch.ones_like(thresholds, dtype=torch.bool)
+    starts[:, 1:] = thresholds[:, 1:] != thresholds[:, :-1]
+    first = torch.where(starts, positions, 0).cummax(dim=1).values  # first sorted slot holding the same score
+    where = first.gather(1, torch.empty_like(order).scatter_(1, order, positions))  # slot of each relevant item
+    place = torch.searchsorted(thresholds, sims, out_int32=True)  # [B, N]: relevant scores strictly below each item
+    base = torch.arange(b, device=sims.device, dtype=torch.int32)[:, None] * (width + 1)
+    histogram = torch.bincount((place + base).view(-1), minlength=b * (width + 1)).view(b, width + 1)
+    above = histogram.flip(1).cumsum(1).flip(1)[:, 1:]  # item j is above threshold k iff place_j > k
+    rank = above[r, where[r, slot]] + 1
+    # items scoring exactly a relevant score (the relevant item itself among them): more than one = a tie
+    level = thresholds.gather(1, place.clamp_(max=width - 1).long())
+    er, ec = (level == sims).nonzero(as_tuple=True)
+    equal = torch.zeros(b * width, dtype=torch.long, device=sims.device).index_add_(
+        0, er * width + place[er, ec].long(), torch.ones_like(er)).view(b, width)
+    tied = (equal[r, where[r, slot]] > 1).nonzero()[:, 0]
+    for chunk in tied.split(256):  # count the equal items with a smaller index explicitly (rare)
+        earlier = torch.arange(n, device=sims.device)[None, :] < c[chunk, None]
+        rank[chunk] += ((sims[r[chunk]] == score[chunk, None]) & earlier).sum(dim=1)
+    return rank
 
 
 def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -123,38 +189,41 @@ def mean_of_scores(scores: Tensor) -> float:
 
 
 def image_to_image_ap(
-    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> Tensor:
-    """Average precision of every query (see :func:`image_to_image_map`): ``[N]`` float64, ``nan`` where skipped."""
+    """Average precision of every query (see :func:`image_to_image_map`): ``[N]`` float64, ``nan`` where skipped.
+
+    ``queries``: optional ``[Q]`` row indices; only those rows are queries (each still ranks the whole
+    set) and every other entry is ``nan`` -- a query sample for very large test sets.
+    """
     _check_chunk(chunk_size)
     x, y = _prep(embeddings, labels)
     n = x.shape[0]
     _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     n_rel = counts[inv] - (0 if include_query else 1)
     ap = torch.full((n,), float("nan"), dtype=torch.float64, device=x.device)
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        rows = torch.arange(s, e, device=x.device)
-        sims = x[s:e] @ x.T
-        if not include_query:
-            sims[rows - s, rows] = float("-inf")  # self goes last and is marked irrelevant
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    for part in _query_rows(queries, n, x.device).split(chunk_size):
+        sims = x[part] @ x.T
+        if not include_query:  # self goes last and is not relevant
+            sims[torch.arange(part.numel(), device=x.device), part] = float("-inf")
+        r, c = _positives(inv, part, include_query)
+        rank = _positive_ranks(sims, r, c)
         del sims
-        rel = inv[order] == inv[s:e, None]
-        if not include_query:
-            rel &= order != rows[:, None]
-        del order
-        hits = rel.cumsum(dim=1, dtype=torch.int32)  # relevant items seen up to each rank
-        r, c = rel.nonzero(as_tuple=True)  # only relevant positions: memory ~ sum of class sizes
-        prec = hits[r, c].double() / (c + 1).double()
-        ap_sum = torch.zeros(e - s, dtype=torch.float64, device=x.device).index_add_(0, r, prec)
-        nr = n_rel[s:e]
-        ap[s:e] = torch.where(nr > 0, ap_sum / nr.clamp(min=1).double(), ap[s:e])
+        order = (r * (n + 1) + rank).argsort()  # each row's relevant items in rank order
+        r, rank = r[order], rank[order]
+        per_row = torch.bincount(r, minlength=part.numel())
+        hits = torch.arange(r.numel(), device=x.device) - (per_row.cumsum(0) - per_row)[r] + 1  # relevant seen so far
+        ap_sum = torch.zeros(part.numel(), dtype=torch.float64, device=x.device).index_add_(
+            0, r, hits.double() / rank.double())
+        nr = n_rel[part]
+        ap[part] = torch.where(nr > 0, ap_sum / nr.clamp(min=1).double(), float("nan"))
     return ap
 
 
 def image_to_image_map(
-    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> float:
     """Mean average precision with every image a query against the whole set.
 
@@ -164,37 +233,43 @@ def image_to_image_map(
         include_query: GPR1200 protocol (default): the query stays in the ranking at its own
             (tie-rule) position and counts as relevant. ``False`` removes it from the ranking.
         chunk_size: number of queries per ``[chunk_size, N]`` similarity block.
+        queries: optional ``[Q]`` row indices that are queries (default: every row).
 
     AP = mean over relevant positions r of precision@r. Queries without any relevant item
     (singleton classes when ``include_query=False``) are skipped; ``nan`` if none remain.
     """
-    return mean_of_scores(image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size))
+    return mean_of_scores(image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size,
+                                            queries=queries))
 
 
-def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> float:
+def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024,
+                               queries: Tensor | None = None) -> float:
     """Recall@1 (query excluded): share of queries whose nearest other image has the same label.
 
     ``embeddings [N, D]``, ``labels [N]``. Queries of singleton classes are skipped; ``nan``
     if none remain. Ties: the smallest index among equally similar images wins.
     """
-    return mean_of_scores(image_to_image_hits_at_1(embeddings, labels, chunk_size=chunk_size))
+    return mean_of_scores(image_to_image_hits_at_1(embeddings, labels, chunk_size=chunk_size, queries=queries))
 
 
-def image_to_image_hits_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
-    """Per-query hit of :func:`image_to_image_recall_at_1`: ``[N]`` float64 1/0, ``nan`` for singleton classes."""
+def image_to_image_hits_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024,
+                             queries: Tensor | None = None) -> Tensor:
+    """Per-query hit of :func:`image_to_image_recall_at_1`: ``[N]`` float64 1/0, ``nan`` for singleton classes
+    and for rows that are not among ``queries`` (``[Q]`` row indices; default every row)."""
     _check_chunk(chunk_size)
     x, y = _prep(embeddings, labels)
     _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     hits = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
-    for s, e, sims in _similarities_without_self(x, chunk_size):
+    for part, sims in _similarities_without_self(x, _query_rows(queries, x.shape[0], x.device), chunk_size):
         nearest = sims.argmax(dim=1)  # torch.argmax returns the first (smallest-index) maximum
-        hits[s:e] = (inv[nearest] == inv[s:e]).double()
+        hits[part] = (inv[nearest] == inv[part]).double()
     hits[counts[inv] <= 1] = float("nan")
     return hits
 
 
 def knn_accuracy(
-    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> float:
     """Leave-one-out weighted k-NN top-1 accuracy.
 
@@ -204,13 +279,15 @@ def knn_accuracy(
     All queries count (a singleton class can never be predicted correctly). ``nan`` if N < 2.
     """
     return mean_of_scores(knn_correct_per_query(embeddings, labels, k=k, temperature=temperature,
-                                                chunk_size=chunk_size))
+                                                chunk_size=chunk_size, queries=queries))
 
 
 def knn_correct_per_query(
-    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> Tensor:
-    """Per-query correctness of :func:`knn_accuracy`: ``[N]`` float64 1/0 (all ``nan`` if N < 2)."""
+    """Per-query correctness of :func:`knn_accuracy`: ``[N]`` float64 1/0 (all ``nan`` if N < 2), ``nan`` for
+    rows not among ``queries`` (``[Q]`` row indices; default every row)."""
     _check_chunk(chunk_size)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -222,14 +299,14 @@ def knn_correct_per_query(
         return correct
     _, inv = torch.unique(y, return_inverse=True)  # class index = rank of the sorted label
     n_cls = int(inv.max()) + 1
-    for s, e, sims in _similarities_without_self(x, chunk_size):
+    for part, sims in _similarities_without_self(x, _query_rows(queries, n, x.device), chunk_size):
         vals, idx = _stable_topk(sims, k_eff)
         vals = vals.double()
         # subtracting the row max rescales all weights of a row equally: argmax unchanged, no overflow
         w = torch.exp((vals - vals[:, :1]) / temperature)
-        votes = torch.zeros(e - s, n_cls, dtype=torch.float64, device=x.device).scatter_add_(1, inv[idx], w)
+        votes = torch.zeros(part.numel(), n_cls, dtype=torch.float64, device=x.device).scatter_add_(1, inv[idx], w)
         pred = votes.argmax(dim=1)  # first maximum = smallest class index
-        correct[s:e] = (pred == inv[s:e]).double()
+        correct[part] = (pred == inv[part]).double()
     return correct
 
 
@@ -375,7 +452,8 @@ def group_means(
 
 
 def map_by_query_source(
-    embeddings: Tensor, labels: Tensor, sources: Sequence[str], *, include_query: bool = True, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, sources: Sequence[str], *, include_query: bool = True, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> dict[str, float]:
     """Per-domain I2I mAP (GPR1200 style): each query ranks the *whole* set, APs averaged by the query's source.
 
@@ -386,7 +464,8 @@ def map_by_query_source(
     """
     if len(sources) != embeddings.shape[0]:
         raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
-    ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size).cpu()
+    ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size,
+                           queries=queries).cpu()
     src_arr = np.asarray(list(sources), dtype=object)
     out: dict[str, float] = {}
     for src in sorted(set(src_arr.tolist())):
