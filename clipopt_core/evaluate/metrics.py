@@ -46,6 +46,7 @@ __all__ = [
     "image_to_image_map",
     "image_to_image_recall_at_1",
     "image_to_image_hits_at_1",
+    "nearest_neighbours",
     "knn_accuracy",
     "knn_correct_per_query",
     "zero_shot_accuracy",
@@ -240,6 +241,20 @@ def image_to_image_map(
     """
     return mean_of_scores(image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size,
                                             queries=queries))
+
+
+def nearest_neighbours(embeddings: Tensor, queries: Tensor, k: int, *, chunk_size: int = 1024) -> Tensor:
+    """The ``min(k, N-1)`` nearest other rows of each query row: ``[Q, k]`` int64, nearest first.
+
+    ``embeddings [N, D]``, ``queries [Q]`` row indices. Tie rule: the smallest index first.
+    """
+    _check_chunk(chunk_size)
+    x, _ = _prep(embeddings)
+    rows = _query_rows(queries, x.shape[0], x.device)
+    k_eff = min(k, x.shape[0] - 1)
+    if k_eff < 1 or rows.numel() == 0:
+        return torch.zeros(rows.numel(), max(k_eff, 0), dtype=torch.long, device=x.device)
+    return torch.cat([_stable_topk(sims, k_eff)[1] for _, sims in _similarities_without_self(x, rows, chunk_size)])
 
 
 def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024,

@@ -55,6 +55,9 @@ class RetrievalConfig:
     trains the trunk on pre-projection features and keeps the original projector.
     ``patch_dropout``: share of ViT patch tokens dropped while training (authors: 0.33 for
     SigLIP, none otherwise; docs/method.md#patch-dropout); must be 0 for towers without patches.
+    ``val_max_images``: validation during training scores I2I mAP on at most this many validation images --
+    whole classes in an order seeded by ``train.seed``, the same images at every evaluation -- or on the
+    whole validation split when it is smaller or this is ``None`` (docs/method.md#validation).
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -68,6 +71,7 @@ class RetrievalConfig:
     num_workers: int = 0
     max_negative: Literal["authors", "hardest"] = "authors"
     patch_dropout: float = 0.0
+    val_max_images: int | None = 2000
 
 
 # realignment: the authors' open_clip run does not clip gradients (docs/method.md#realignment)
