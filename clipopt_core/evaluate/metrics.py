@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipopt_core.evaluate.ranks import relevant_items, relevant_ranks
+
 __all__ = [
     "DEFAULT_GROUPS",
     "image_to_image_ap",
@@ -107,59 +109,6 @@ def _query_rows(queries: Tensor | None, n: int, device: torch.device) -> Tensor:
     return rows
 
 
-def _positives(inv: Tensor, part: Tensor, include_query: bool) -> tuple[Tensor, Tensor]:
-    """``(row [R], column [R])`` of the relevant items of queries ``part [B]`` (same class id in ``inv [N]``),
-    row-major with ascending columns, built from the class member lists (no ``[B, N]`` mask)."""
-    members = torch.sort(inv, stable=True).indices  # item indices grouped by class, ascending within a class
-    sizes = torch.bincount(inv)
-    first = sizes.cumsum(0) - sizes
-    per_row = sizes[inv[part]]
-    r = torch.repeat_interleave(torch.arange(part.numel(), device=inv.device), per_row)
-    offset = torch.arange(r.numel(), device=inv.device) - (per_row.cumsum(0) - per_row)[r]
-    c = members[first[inv[part]][r] + offset]
-    if include_query:
-        return r, c
-    keep = c != part[r]
-    return r[keep], c[keep]
-
-
-def _positive_ranks(sims: Tensor, r: Tensor, c: Tensor) -> Tensor:
-    """1-based ranks ``[R]`` of the relevant items ``(r, c)`` (row-major) under the module's tie rule, without
-    sorting a row: rank = 1 + #items scoring higher + #items scoring the same with a smaller index.
-
-    ``sims [B, N]``. Each row's relevant scores are sorted (P of them); every item of the row is placed among
-    them by binary search (O(N log P)), and a histogram of the placements counts the items above each.
-    """
-    b, n = sims.shape
-    score = sims[r, c]
-    per_row = torch.bincount(r, minlength=b)
-    width = max(int(per_row.max()) if r.numel() else 0, 1)
-    slot = torch.arange(r.numel(), device=sims.device) - (per_row.cumsum(0) - per_row)[r]
-    thresholds = torch.full((b, width), float("inf"), dtype=sims.dtype, device=sims.device)
-    thresholds[r, slot] = score
-    thresholds, order = thresholds.sort(dim=1)
-    positions = torch.arange(width, device=sims.device).expand_as(order)
-    starts = torch.ones_like(thresholds, dtype=torch.bool)
-    starts[:, 1:] = thresholds[:, 1:] != thresholds[:, :-1]
-    first = torch.where(starts, positions, 0).cummax(dim=1).values  # first sorted slot holding the same score
-    where = first.gather(1, torch.empty_like(order).scatter_(1, order, positions))  # slot of each relevant item
-    place = torch.searchsorted(thresholds, sims, out_int32=True)  # [B, N]: relevant scores strictly below each item
-    base = torch.arange(b, device=sims.device, dtype=torch.int32)[:, None] * (width + 1)
-    histogram = torch.bincount((place + base).view(-1), minlength=b * (width + 1)).view(b, width + 1)
-    above = histogram.flip(1).cumsum(1).flip(1)[:, 1:]  # item j is above threshold k iff place_j > k
-    rank = above[r, where[r, slot]] + 1
-    # items scoring exactly a relevant score (the relevant item itself among them): more than one = a tie
-    level = thresholds.gather(1, place.clamp_(max=width - 1).long())
-    er, ec = (level == sims).nonzero(as_tuple=True)
-    equal = torch.zeros(b * width, dtype=torch.long, device=sims.device).index_add_(
-        0, er * width + place[er, ec].long(), torch.ones_like(er)).view(b, width)
-    tied = (equal[r, where[r, slot]] > 1).nonzero()[:, 0]
-    for chunk in tied.split(256):  # count the equal items with a smaller index explicitly (rare)
-        earlier = torch.arange(n, device=sims.device)[None, :] < c[chunk, None]
-        rank[chunk] += ((sims[r[chunk]] == score[chunk, None]) & earlier).sum(dim=1)
-    return rank
-
-
 def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` per row of ``sims [B, N]`` with ties broken by the smallest column index.
 
@@ -208,8 +157,8 @@ def image_to_image_ap(
         sims = x[part] @ x.T
         if not include_query:  # self goes last and is not relevant
             sims[torch.arange(part.numel(), device=x.device), part] = float("-inf")
-        r, c = _positives(inv, part, include_query)
-        rank = _positive_ranks(sims, r, c)
+        r, c = relevant_items(inv, part, include_query=include_query)
+        rank = relevant_ranks(sims, r, c)
         del sims
         order = (r * (n + 1) + rank).argsort()  # each row's relevant items in rank order
         r, rank = r[order], rank[order]
