@@ -59,6 +59,7 @@ __all__ = [
     "mean_of_scores",
     "group_means",
     "map_by_query_source",
+    "mean_by_group",
 ]
 
 # The paper's columns (docs/method.md, "Evaluation"): one headline column per benchmark kind; T2I is
@@ -69,6 +70,9 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
     "zs": ["zs_top1"],
     "t2i": ["t2i_r5"],
 }
+
+
+ZERO_SHOT_BLOCK_SCORES = 1 << 26  # zero-shot scores images in [rows, C] blocks of at most this many (256 MiB)
 
 
 def _prep(embeddings: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -291,9 +295,10 @@ def zero_shot_correct_per_query(image_embeddings: Tensor, class_embeddings: Tens
     if c.shape[1] != x.shape[1]:
         raise ValueError(f"dim mismatch: images {x.shape[1]} vs classes {c.shape[1]}")
     correct = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], 4096):
-        pred = (x[s : s + 4096] @ c.to(x.dtype).T).argmax(dim=1)
-        correct[s : s + 4096] = (pred == y[s : s + 4096]).double()
+    step = max(1, min(4096, ZERO_SHOT_BLOCK_SCORES // max(c.shape[0], 1)))  # [step, C] scores at a time
+    for s in range(0, x.shape[0], step):
+        pred = (x[s : s + step] @ c.to(x.dtype).T).argmax(dim=1)
+        correct[s : s + step] = (pred == y[s : s + step]).double()
     return correct
 
 
@@ -428,12 +433,20 @@ def map_by_query_source(
     """
     if len(sources) != embeddings.shape[0]:
         raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
-    ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size,
-                           queries=queries).cpu()
-    src_arr = np.asarray(list(sources), dtype=object)
+    ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size, queries=queries)
+    return mean_by_group(ap, sources)
+
+
+def mean_by_group(scores: Tensor, groups: Sequence[str]) -> dict[str, float]:
+    """``{group: mean of its non-nan scores}`` in sorted group order (``nan`` for a group with none);
+    ``scores [N]`` per-query scores, ``groups`` length N (e.g. the per-query APs by source)."""
+    if len(groups) != scores.shape[0]:
+        raise ValueError(f"groups has {len(groups)} entries but there are {scores.shape[0]} scores")
+    scores = scores.cpu()
+    src_arr = np.asarray(list(groups), dtype=object)
     out: dict[str, float] = {}
     for src in sorted(set(src_arr.tolist())):
-        values = ap[torch.from_numpy(src_arr == src)]
+        values = scores[torch.from_numpy(src_arr == src)]
         values = values[~values.isnan()]
         out[src] = float(values.mean()) if len(values) else float("nan")
     return out

@@ -199,7 +199,7 @@ def evaluate_model(bundle: ClipBundle, split: pl.DataFrame, config: EvalConfig =
     results.update(metrics.group_means(results))
     by_source = {}
     if config.per_source and split["source"].n_unique() > 1:
-        by_source = metrics.map_by_query_source(images, labels, split["source"].to_list(), queries=queries)
+        by_source = metrics.mean_by_group(per_query["i2i_map"], split["source"].to_list())  # the same APs
     examples = _t2i_examples(benchmark, pair_texts, pair_images, config.gallery_queries)
     rows = gallery_rows(split.height, config.image_gallery_queries)
     neighbours = metrics.nearest_neighbours(images, torch.tensor(rows, dtype=torch.long), 5).tolist()

@@ -95,3 +95,27 @@ def test_query_rows_out_of_range_are_refused() -> None:
     x, y = tied_set(0, n=10)
     with pytest.raises(ValueError, match=r"queries must be row indices in \[0, 10\)"):
         image_to_image_ap(x, y, queries=torch.tensor([10]))
+
+
+def test_mean_by_group_averages_the_non_nan_scores_of_each_group() -> None:
+    from clipopt_core.evaluate.metrics import mean_by_group
+
+    scores = torch.tensor([0.5, float("nan"), 1.0, 0.0, float("nan")], dtype=torch.float64)
+    assert mean_by_group(scores, ["b", "a", "b", "a", "c"]) == pytest.approx({"a": 0.0, "b": 0.75, "c": float("nan")},
+                                                                            nan_ok=True)
+    assert list(mean_by_group(scores, ["z", "y", "x", "y", "z"])) == ["x", "y", "z"]
+    with pytest.raises(ValueError, match="groups has 2 entries"):
+        mean_by_group(scores, ["a", "b"])
+
+
+@pytest.mark.parametrize("block", [1 << 26, 3 * 2000, 10])
+def test_zero_shot_scores_in_blocks_bounded_by_the_class_count(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    from clipopt_core.evaluate import metrics
+
+    monkeypatch.setattr(metrics, "ZERO_SHOT_BLOCK_SCORES", block)  # 1 << 26: one block; 6000: 3 rows; 10: 1 row
+    g = torch.Generator().manual_seed(0)
+    classes = torch.nn.functional.normalize(torch.randn(2000, 4, generator=g), dim=1)
+    images = torch.nn.functional.normalize(torch.randn(50, 4, generator=g), dim=1)
+    labels = (images @ classes.T).argmax(dim=1)
+    labels[::2] = (labels[::2] + 1) % 2000  # every other one wrong
+    assert metrics.zero_shot_correct_per_query(images, classes, labels).tolist() == [0.0, 1.0] * 25
