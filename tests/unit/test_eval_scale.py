@@ -224,3 +224,13 @@ def test_decode_cache_holds_a_set_that_fits_and_nothing_when_off(small_images: l
     assert (off.cached_items, len(loads)) == (0, 12)
     with pytest.raises(ValueError, match="cache_bytes"):
         ImageDataset(small_images, [0] * 6, lambda image: image, cache_bytes=-1)
+
+
+def test_val_max_images_is_a_checked_stage_setting() -> None:
+    from clipopt_core.train.schema import flat_defaults, stage_config
+
+    assert flat_defaults("retrieval")["val_max_images"] == 2000 and flat_defaults("mcip")["val_max_images"] == 2000
+    assert stage_config("retrieval", {"val_max_images": None}).val_max_images is None
+    assert stage_config("mcip", {"val_max_images": 500}).val_max_images == 500
+    with pytest.raises(ValueError, match="val_max_images"):
+        stage_config("retrieval", {"val_max_images": 0})
