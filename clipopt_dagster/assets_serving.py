@@ -5,7 +5,6 @@ import os
 import time
 
 import dagster as dg
-import numpy as np
 import polars as pl
 
 from clipopt_core.serve import shards as sharding
@@ -13,7 +12,8 @@ from clipopt_core.data.captions import caption_test_pairs
 from clipopt_core.evaluate.bootstrap import paired_bootstrap, per_query_frame
 from clipopt_core.evaluate.protocol import QUERY_SETS
 from clipopt_core.evaluate.variants import evaluate_variants
-from clipopt_core.evaluate.report import gallery_image, report_frame, teaser_plot, text_gallery_image, to_markdown
+from clipopt_core.evaluate.report import (neighbour_gallery_image, report_frame, teaser_plot, text_gallery_image,
+                                         to_markdown)
 from clipopt_core.serve.champion import CHAMPION_KEY, champion_spec
 from clipopt_core.serve.champion import current as current_champion
 from clipopt_core.serve.promotion import promote_if_passed
@@ -40,7 +40,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     results = evaluate_variants(artifacts, VARIANTS, test, pairs, config.core(), cache_dir=compute.cache,
                                 device=compute.device, log=context.log.info)
     metrics = {variant: result.metrics for variant, result in results.items()}
-    embeddings = {variant: result.image_embeddings for variant, result in results.items()}
+    neighbours = {variant: result.i2i_examples for variant, result in results.items()}
     per_source = {variant: result.per_source for variant, result in results.items()}
     per_query = {variant: result.per_query for variant, result in results.items()}
     examples = {variant: result.t2i_examples for variant, result in results.items()}
@@ -61,8 +61,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
     artifacts.write_bytes(Keys.report_md, markdown.encode())
     teaser = teaser_plot(frame)
     artifacts.write_bytes(Keys.teaser, teaser)
-    queries = np.linspace(0, test.height - 1, num=min(3, test.height)).astype(int).tolist()
-    gallery = gallery_image(test["uri"].to_list(), embeddings, queries)
+    gallery = neighbour_gallery_image(test["uri"].to_list(), neighbours)
     artifacts.write_bytes(Keys.gallery, gallery)
     gallery_t2i = text_gallery_image(examples)
     artifacts.write_bytes(Keys.gallery_t2i, gallery_t2i)

@@ -127,6 +127,8 @@ class EvalSettings(dg.Config):
     exceeds this.
     ``bootstrap_resamples``/``bootstrap_seed``/``confidence``: the paired bootstrap over queries.
     ``gallery_queries``: held-out captions shown in the text→image gallery.
+    ``max_image_queries``: unset = every test image is a query of I2I mAP/R@1/kNN; a number = a seeded
+    sample of that many query images, each ranked against the whole split (very large test sets).
     """
 
     templates: Literal["openai80", "short"] = "openai80"
@@ -137,9 +139,11 @@ class EvalSettings(dg.Config):
     bootstrap_seed: int = 0
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
     gallery_queries: int = Field(default=4, ge=0, le=50)
+    max_image_queries: int | None = Field(default=None, ge=1)
 
     def core(self) -> EvalConfig:
-        return EvalConfig(templates=_templates(self.templates), gallery_queries=self.gallery_queries)
+        return EvalConfig(templates=_templates(self.templates), gallery_queries=self.gallery_queries,
+                          max_image_queries=self.max_image_queries)
 
     def bootstrap(self) -> BootstrapConfig:
         return BootstrapConfig(self.bootstrap_resamples, self.confidence, self.bootstrap_seed)

@@ -84,31 +84,57 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest(), "little") >> 1
 
 
+DEFAULT_DECODE_CACHE_BYTES = 1 << 30  # 1 GiB of decoded pixels per process (each loader worker has its own)
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes of a decoded image's pixels: width × height × bands (3 for RGB)."""
+    return image.width * image.height * len(image.getbands())
+
+
 class ImageDataset(Dataset):
     """Images by URI with integer labels; items are ``(transform(image) [3,S,S], label, index)``.
 
     An index is either ``int`` (no augmentation seed: used for evaluation) or
     ``(int, seed)`` from :class:`EpochBatches` (seeded augmentation for training).
-    Decoded images are kept in memory after first use when ``cache_decoded``.
+
+    Decoded images are kept in memory after first use when ``cache_decoded``, up to ``cache_bytes``
+    of pixels (:func:`decoded_bytes`; default :data:`DEFAULT_DECODE_CACHE_BYTES`): images are kept in the
+    order they are first read until the next one would pass the budget, and the rest are decoded on
+    every read. A set that fits is thus decoded once; a larger one keeps a fixed part (no eviction churn
+    under the random batch order) and memory stays bounded whatever the set's size.
     """
 
-    def __init__(self, uris: Sequence[str], labels: Sequence[int], transform: Callable, cache_decoded: bool = True) -> None:
+    def __init__(self, uris: Sequence[str], labels: Sequence[int], transform: Callable, cache_decoded: bool = True,
+                 cache_bytes: int = DEFAULT_DECODE_CACHE_BYTES) -> None:
         if len(uris) != len(labels):
             raise ValueError(f"{len(uris)} uris but {len(labels)} labels")
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.uris = list(uris)
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         self.transform = transform
-        self._cache: dict[int, Image.Image] | None = {} if cache_decoded else None
+        self.cache_bytes = cache_bytes if cache_decoded else 0
+        self._cache: dict[int, Image.Image] = {}
+        self.cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.uris)
 
+    @property
+    def cached_items(self) -> int:
+        """How many decoded images the cache holds now."""
+        return len(self._cache)
+
     def image(self, index: int) -> Image.Image:
-        if self._cache is None:
-            return load_image(self.uris[index])
-        if index not in self._cache:
-            self._cache[index] = load_image(self.uris[index])
-        return self._cache[index]
+        if index in self._cache:
+            return self._cache[index]
+        image = load_image(self.uris[index])
+        size = decoded_bytes(image)
+        if self.cached_bytes + size <= self.cache_bytes:
+            self._cache[index] = image
+            self.cached_bytes += size
+        return image
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         index, seed = item if isinstance(item, tuple) else (item, None)

@@ -2,10 +2,16 @@
 
 All functions take torch tensors and compute on the tensors' device. Queries are
 processed in chunks of ``chunk_size`` rows, so the largest temporary is a
-``[chunk_size, N]`` similarity block (never ``[N, N]``). The full-ranking metric
-(:func:`image_to_image_map`) needs a full sort of that block; its peak memory is about
-``16-24 * chunk_size * N`` bytes (1.6-2.4 GB at N=100k, chunk 1024), so lower ``chunk_size``
-for very large ``N``. The top-k metrics need about a third of that.
+``[chunk_size, N]`` similarity block (never ``[N, N]``). No metric sorts a block: average
+precision needs only the ranks of each query's *relevant* items, found by a binary search of every
+item among the (few) relevant scores of its row and a count (O(N log P) per query, P = relevant
+items), and the top-k metrics use ``torch.topk``. Peak memory is about ``2 * 8 * chunk_size * N``
+bytes for mAP (int64 placements; 1.6 GB at N=100k, chunk 1024) and about half that for the others.
+Beyond the matrix product itself (N²·D for N queries) nothing grows faster than N·log.
+
+Every image→image metric takes an optional ``queries`` (``[Q]`` row indices): only those rows are
+queries, each still ranked against the whole set, and the other rows' scores are ``nan`` -- the
+seeded query sample of :class:`clipopt_core.evaluate.protocol.EvalConfig` for very large test sets.
 
 Ranking and ties
 ----------------
@@ -34,12 +40,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipopt_core.evaluate.ranks import relevant_items, relevant_ranks
+
 __all__ = [
     "DEFAULT_GROUPS",
     "image_to_image_ap",
     "image_to_image_map",
     "image_to_image_recall_at_1",
     "image_to_image_hits_at_1",
+    "nearest_neighbours",
     "knn_accuracy",
     "knn_correct_per_query",
     "zero_shot_accuracy",
@@ -50,6 +59,7 @@ __all__ = [
     "mean_of_scores",
     "group_means",
     "map_by_query_source",
+    "mean_by_group",
 ]
 
 # The paper's columns (docs/method.md, "Evaluation"): one headline column per benchmark kind; T2I is
@@ -60,6 +70,9 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
     "zs": ["zs_top1"],
     "t2i": ["t2i_r5"],
 }
+
+
+ZERO_SHOT_BLOCK_SCORES = 1 << 26  # zero-shot scores images in [rows, C] blocks of at most this many (256 MiB)
 
 
 def _prep(embeddings: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -82,15 +95,22 @@ def _check_chunk(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _similarities_without_self(x: Tensor, chunk_size: int) -> Iterator[tuple[int, int, Tensor]]:
-    """Yield ``(start, end, sims [end-start, N])`` query chunks of ``x @ x.T`` with each query's own column at -inf."""
-    n = x.shape[0]
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        rows = torch.arange(start, end, device=x.device)
-        sims = x[start:end] @ x.T
-        sims[rows - start, rows] = float("-inf")
-        yield start, end, sims
+def _similarities_without_self(x: Tensor, rows: Tensor, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(query rows [B], sims [B, N])`` chunks of ``x[rows] @ x.T`` with each query's own column at -inf."""
+    for part in rows.split(chunk_size):
+        sims = x[part] @ x.T
+        sims[torch.arange(part.numel(), device=x.device), part] = float("-inf")
+        yield part, sims
+
+
+def _query_rows(queries: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """Validated ``[Q]`` int64 query row indices (all ``n`` rows when ``queries`` is ``None``)."""
+    if queries is None:
+        return torch.arange(n, device=device)
+    rows = torch.as_tensor(queries, dtype=torch.long).reshape(-1).to(device)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ValueError(f"queries must be row indices in [0, {n}), got {int(rows.min())}..{int(rows.max())}")
+    return rows
 
 
 def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -123,38 +143,41 @@ def mean_of_scores(scores: Tensor) -> float:
 
 
 def image_to_image_ap(
-    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> Tensor:
-    """Average precision of every query (see :func:`image_to_image_map`): ``[N]`` float64, ``nan`` where skipped."""
+    """Average precision of every query (see :func:`image_to_image_map`): ``[N]`` float64, ``nan`` where skipped.
+
+    ``queries``: optional ``[Q]`` row indices; only those rows are queries (each still ranks the whole
+    set) and every other entry is ``nan`` -- a query sample for very large test sets.
+    """
     _check_chunk(chunk_size)
     x, y = _prep(embeddings, labels)
     n = x.shape[0]
     _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     n_rel = counts[inv] - (0 if include_query else 1)
     ap = torch.full((n,), float("nan"), dtype=torch.float64, device=x.device)
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        rows = torch.arange(s, e, device=x.device)
-        sims = x[s:e] @ x.T
-        if not include_query:
-            sims[rows - s, rows] = float("-inf")  # self goes last and is marked irrelevant
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+    for part in _query_rows(queries, n, x.device).split(chunk_size):
+        sims = x[part] @ x.T
+        if not include_query:  # self goes last and is not relevant
+            sims[torch.arange(part.numel(), device=x.device), part] = float("-inf")
+        r, c = relevant_items(inv, part, include_query=include_query)
+        rank = relevant_ranks(sims, r, c)
         del sims
-        rel = inv[order] == inv[s:e, None]
-        if not include_query:
-            rel &= order != rows[:, None]
-        del order
-        hits = rel.cumsum(dim=1, dtype=torch.int32)  # relevant items seen up to each rank
-        r, c = rel.nonzero(as_tuple=True)  # only relevant positions: memory ~ sum of class sizes
-        prec = hits[r, c].double() / (c + 1).double()
-        ap_sum = torch.zeros(e - s, dtype=torch.float64, device=x.device).index_add_(0, r, prec)
-        nr = n_rel[s:e]
-        ap[s:e] = torch.where(nr > 0, ap_sum / nr.clamp(min=1).double(), ap[s:e])
+        order = (r * (n + 1) + rank).argsort()  # each row's relevant items in rank order
+        r, rank = r[order], rank[order]
+        per_row = torch.bincount(r, minlength=part.numel())
+        hits = torch.arange(r.numel(), device=x.device) - (per_row.cumsum(0) - per_row)[r] + 1  # relevant seen so far
+        ap_sum = torch.zeros(part.numel(), dtype=torch.float64, device=x.device).index_add_(
+            0, r, hits.double() / rank.double())
+        nr = n_rel[part]
+        ap[part] = torch.where(nr > 0, ap_sum / nr.clamp(min=1).double(), float("nan"))
     return ap
 
 
 def image_to_image_map(
-    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, include_query: bool = True, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> float:
     """Mean average precision with every image a query against the whole set.
 
@@ -164,37 +187,57 @@ def image_to_image_map(
         include_query: GPR1200 protocol (default): the query stays in the ranking at its own
             (tie-rule) position and counts as relevant. ``False`` removes it from the ranking.
         chunk_size: number of queries per ``[chunk_size, N]`` similarity block.
+        queries: optional ``[Q]`` row indices that are queries (default: every row).
 
     AP = mean over relevant positions r of precision@r. Queries without any relevant item
     (singleton classes when ``include_query=False``) are skipped; ``nan`` if none remain.
     """
-    return mean_of_scores(image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size))
+    return mean_of_scores(image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size,
+                                            queries=queries))
 
 
-def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> float:
+def nearest_neighbours(embeddings: Tensor, queries: Tensor, k: int, *, chunk_size: int = 1024) -> Tensor:
+    """The ``min(k, N-1)`` nearest other rows of each query row: ``[Q, k]`` int64, nearest first.
+
+    ``embeddings [N, D]``, ``queries [Q]`` row indices. Tie rule: the smallest index first.
+    """
+    _check_chunk(chunk_size)
+    x, _ = _prep(embeddings)
+    rows = _query_rows(queries, x.shape[0], x.device)
+    k_eff = min(k, x.shape[0] - 1)
+    if k_eff < 1 or rows.numel() == 0:
+        return torch.zeros(rows.numel(), max(k_eff, 0), dtype=torch.long, device=x.device)
+    return torch.cat([_stable_topk(sims, k_eff)[1] for _, sims in _similarities_without_self(x, rows, chunk_size)])
+
+
+def image_to_image_recall_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024,
+                               queries: Tensor | None = None) -> float:
     """Recall@1 (query excluded): share of queries whose nearest other image has the same label.
 
     ``embeddings [N, D]``, ``labels [N]``. Queries of singleton classes are skipped; ``nan``
     if none remain. Ties: the smallest index among equally similar images wins.
     """
-    return mean_of_scores(image_to_image_hits_at_1(embeddings, labels, chunk_size=chunk_size))
+    return mean_of_scores(image_to_image_hits_at_1(embeddings, labels, chunk_size=chunk_size, queries=queries))
 
 
-def image_to_image_hits_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024) -> Tensor:
-    """Per-query hit of :func:`image_to_image_recall_at_1`: ``[N]`` float64 1/0, ``nan`` for singleton classes."""
+def image_to_image_hits_at_1(embeddings: Tensor, labels: Tensor, *, chunk_size: int = 1024,
+                             queries: Tensor | None = None) -> Tensor:
+    """Per-query hit of :func:`image_to_image_recall_at_1`: ``[N]`` float64 1/0, ``nan`` for singleton classes
+    and for rows that are not among ``queries`` (``[Q]`` row indices; default every row)."""
     _check_chunk(chunk_size)
     x, y = _prep(embeddings, labels)
     _, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     hits = torch.full((x.shape[0],), float("nan"), dtype=torch.float64, device=x.device)
-    for s, e, sims in _similarities_without_self(x, chunk_size):
+    for part, sims in _similarities_without_self(x, _query_rows(queries, x.shape[0], x.device), chunk_size):
         nearest = sims.argmax(dim=1)  # torch.argmax returns the first (smallest-index) maximum
-        hits[s:e] = (inv[nearest] == inv[s:e]).double()
+        hits[part] = (inv[nearest] == inv[part]).double()
     hits[counts[inv] <= 1] = float("nan")
     return hits
 
 
 def knn_accuracy(
-    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> float:
     """Leave-one-out weighted k-NN top-1 accuracy.
 
@@ -204,13 +247,15 @@ def knn_accuracy(
     All queries count (a singleton class can never be predicted correctly). ``nan`` if N < 2.
     """
     return mean_of_scores(knn_correct_per_query(embeddings, labels, k=k, temperature=temperature,
-                                                chunk_size=chunk_size))
+                                                chunk_size=chunk_size, queries=queries))
 
 
 def knn_correct_per_query(
-    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, *, k: int = 21, temperature: float = 0.1, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> Tensor:
-    """Per-query correctness of :func:`knn_accuracy`: ``[N]`` float64 1/0 (all ``nan`` if N < 2)."""
+    """Per-query correctness of :func:`knn_accuracy`: ``[N]`` float64 1/0 (all ``nan`` if N < 2), ``nan`` for
+    rows not among ``queries`` (``[Q]`` row indices; default every row)."""
     _check_chunk(chunk_size)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -222,14 +267,14 @@ def knn_correct_per_query(
         return correct
     _, inv = torch.unique(y, return_inverse=True)  # class index = rank of the sorted label
     n_cls = int(inv.max()) + 1
-    for s, e, sims in _similarities_without_self(x, chunk_size):
+    for part, sims in _similarities_without_self(x, _query_rows(queries, n, x.device), chunk_size):
         vals, idx = _stable_topk(sims, k_eff)
         vals = vals.double()
         # subtracting the row max rescales all weights of a row equally: argmax unchanged, no overflow
         w = torch.exp((vals - vals[:, :1]) / temperature)
-        votes = torch.zeros(e - s, n_cls, dtype=torch.float64, device=x.device).scatter_add_(1, inv[idx], w)
+        votes = torch.zeros(part.numel(), n_cls, dtype=torch.float64, device=x.device).scatter_add_(1, inv[idx], w)
         pred = votes.argmax(dim=1)  # first maximum = smallest class index
-        correct[s:e] = (pred == inv[s:e]).double()
+        correct[part] = (pred == inv[part]).double()
     return correct
 
 
@@ -250,9 +295,10 @@ def zero_shot_correct_per_query(image_embeddings: Tensor, class_embeddings: Tens
     if c.shape[1] != x.shape[1]:
         raise ValueError(f"dim mismatch: images {x.shape[1]} vs classes {c.shape[1]}")
     correct = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], 4096):
-        pred = (x[s : s + 4096] @ c.to(x.dtype).T).argmax(dim=1)
-        correct[s : s + 4096] = (pred == y[s : s + 4096]).double()
+    step = max(1, min(4096, ZERO_SHOT_BLOCK_SCORES // max(c.shape[0], 1)))  # [step, C] scores at a time
+    for s in range(0, x.shape[0], step):
+        pred = (x[s : s + step] @ c.to(x.dtype).T).argmax(dim=1)
+        correct[s : s + step] = (pred == y[s : s + step]).double()
     return correct
 
 
@@ -375,7 +421,8 @@ def group_means(
 
 
 def map_by_query_source(
-    embeddings: Tensor, labels: Tensor, sources: Sequence[str], *, include_query: bool = True, chunk_size: int = 1024
+    embeddings: Tensor, labels: Tensor, sources: Sequence[str], *, include_query: bool = True, chunk_size: int = 1024,
+    queries: Tensor | None = None,
 ) -> dict[str, float]:
     """Per-domain I2I mAP (GPR1200 style): each query ranks the *whole* set, APs averaged by the query's source.
 
@@ -386,11 +433,20 @@ def map_by_query_source(
     """
     if len(sources) != embeddings.shape[0]:
         raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
-    ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size).cpu()
-    src_arr = np.asarray(list(sources), dtype=object)
+    ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size, queries=queries)
+    return mean_by_group(ap, sources)
+
+
+def mean_by_group(scores: Tensor, groups: Sequence[str]) -> dict[str, float]:
+    """``{group: mean of its non-nan scores}`` in sorted group order (``nan`` for a group with none);
+    ``scores [N]`` per-query scores, ``groups`` length N (e.g. the per-query APs by source)."""
+    if len(groups) != scores.shape[0]:
+        raise ValueError(f"groups has {len(groups)} entries but there are {scores.shape[0]} scores")
+    scores = scores.cpu()
+    src_arr = np.asarray(list(groups), dtype=object)
     out: dict[str, float] = {}
     for src in sorted(set(src_arr.tolist())):
-        values = ap[torch.from_numpy(src_arr == src)]
+        values = scores[torch.from_numpy(src_arr == src)]
         values = values[~values.isnan()]
         out[src] = float(values.mean()) if len(values) else float("nan")
     return out

@@ -16,6 +16,7 @@ mAP; and per-query scores for the bootstrap (:data:`QUERY_SETS` says which queri
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -42,7 +43,13 @@ QUERY_SETS = {"i2i_map": "test_images", "i2i_r1": "test_images", "knn_top1": "te
 @dataclass(frozen=True)
 class EvalConfig:
     """``templates``: zero-shot prompts with ``{}`` for the class name (default: OpenAI's 80).
-    ``gallery_queries``: held-out captions whose top-5 images are kept for the text→image gallery."""
+    ``gallery_queries``: held-out captions whose top-5 images are kept for the text→image gallery.
+    ``image_gallery_queries``: test images whose top-5 neighbours are kept for the image→image gallery.
+    ``max_image_queries``: ``None`` (default) makes every test image a query of I2I mAP, R@1 and kNN;
+    a number draws that many query images, seeded by ``query_seed`` (:func:`query_sample`), each still
+    ranked against the whole test split -- for very large test sets (docs/method.md, "Evaluation").
+    ``class_chunk``: classes whose prompts are embedded at once for zero-shot (memory ∝ chunk × templates).
+    ``embedding_cache_bytes``: what the :class:`EmbeddingCache` of several variants may hold, bytes."""
 
     templates: tuple[str, ...] = OPENAI_TEMPLATES
     knn_k: int = 21
@@ -50,6 +57,11 @@ class EvalConfig:
     batch_size: int = 64
     per_source: bool = True
     gallery_queries: int = 4
+    image_gallery_queries: int = 3
+    max_image_queries: int | None = None
+    query_seed: int = 0
+    class_chunk: int = 256
+    embedding_cache_bytes: int = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -73,25 +85,43 @@ class T2IExample:
 
 @dataclass
 class EvalResult:
+    """``image_embeddings``: [N, D] normalised test embeddings in split order, or ``None`` once released
+    (:func:`clipopt_core.evaluate.variants.evaluate_variants` keeps only ``i2i_examples`` per variant).
+    ``i2i_examples``: query row → its top-5 neighbour rows (query excluded), for the image→image gallery."""
+
     metrics: dict[str, float]
-    image_embeddings: torch.Tensor  # [N, D] normalised, rows in split order
+    image_embeddings: torch.Tensor | None
     per_source: dict[str, float] = field(default_factory=dict)
     per_query: dict[str, np.ndarray] = field(default_factory=dict)  # metric -> [Q] float64, nan = skipped
     t2i_examples: list[T2IExample] = field(default_factory=list)
+    i2i_examples: dict[int, list[int]] = field(default_factory=dict)
 
 
 class EmbeddingCache:
     """Embeddings reused across variants whose tower weights are identical (``stage1`` and ``2sft`` share
     the image tower; ``baseline``, ``stage1`` and ``mcip`` the text tower). Keyed by a hash of the tower's
-    parameters and what was embedded; holds ``[N, D]`` float32 CPU tensors only."""
+    parameters and what was embedded; holds CPU tensors of at most ``max_bytes`` together (least recently
+    used first out; one entry larger than that is returned but not kept), so memory does not grow with
+    the number of variants."""
 
-    def __init__(self) -> None:
-        self._store: dict[tuple[str, str], torch.Tensor] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._store: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return sum(t.numel() * t.element_size() for t in self._store.values())
 
     def get(self, key: tuple[str, str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if key not in self._store:
-            self._store[key] = compute()
-        return self._store[key]
+        if key in self._store:
+            self._store.move_to_end(key)
+            return self._store[key]
+        value = compute()
+        self._store[key] = value
+        while self.max_bytes is not None and self._store and self.nbytes > self.max_bytes:
+            self._store.popitem(last=False)
+        return value
 
 
 def tower_fingerprints(bundle: ClipBundle) -> tuple[str, str]:
@@ -143,14 +173,16 @@ def evaluate_model(bundle: ClipBundle, split: pl.DataFrame, config: EvalConfig =
     images = images_of(split["uri"].to_list(), "test_images:" + _digest(split["uri"].to_list()))
     label_ids, class_names = encode_labels(split["label"].to_list())
     labels = torch.tensor(label_ids)
+    queries = query_sample(split.height, config.max_image_queries, config.query_seed)
     per_query = {
-        "i2i_map": metrics.image_to_image_ap(images, labels, include_query=True),
-        "i2i_r1": metrics.image_to_image_hits_at_1(images, labels),
+        "i2i_map": metrics.image_to_image_ap(images, labels, include_query=True, queries=queries),
+        "i2i_r1": metrics.image_to_image_hits_at_1(images, labels, queries=queries),
         "knn_top1": metrics.knn_correct_per_query(images, _ids(split["category"].to_list()), k=config.knn_k,
-                                                  temperature=config.knn_temperature),
+                                                  temperature=config.knn_temperature, queries=queries),
     }
     classifier = cache.get((text_tower, "zs:" + _digest([*class_names, *config.templates])),
-                           lambda: zero_shot_classifier(bundle, class_names, config.templates, device=device))
+                           lambda: class_embeddings(bundle, class_names, config.templates, chunk=config.class_chunk,
+                                                    device=device))
     per_query["zs_top1"] = metrics.zero_shot_correct_per_query(images, classifier, labels)
     class_texts, class_groups, image_groups = _class_caption_queries(split["caption"].to_list())
     class_hits = metrics.text_to_image_hits(texts_of(class_texts, "cls:" + _digest(class_texts)), images,
@@ -167,13 +199,65 @@ def evaluate_model(bundle: ClipBundle, split: pl.DataFrame, config: EvalConfig =
     results.update(metrics.group_means(results))
     by_source = {}
     if config.per_source and split["source"].n_unique() > 1:
-        by_source = metrics.map_by_query_source(images, labels, split["source"].to_list())
+        by_source = metrics.mean_by_group(per_query["i2i_map"], split["source"].to_list())  # the same APs
     examples = _t2i_examples(benchmark, pair_texts, pair_images, config.gallery_queries)
-    return EvalResult(results, images, by_source, scores, examples)
+    rows = gallery_rows(split.height, config.image_gallery_queries)
+    neighbours = metrics.nearest_neighbours(images, torch.tensor(rows, dtype=torch.long), 5).tolist()
+    return EvalResult(results, images, by_source, scores, examples, dict(zip(rows, neighbours)))
 
 
-def validation_map(split: pl.DataFrame, *, batch_size: int = 64, device: str | torch.device = "cpu") -> Callable[[ClipBundle], float]:
-    """A validation function for retrieval stages: I2I mAP of the model on ``split``."""
+def query_sample(n: int, count: int | None, seed: int) -> torch.Tensor | None:
+    """``count`` query rows of ``n`` drawn without replacement by a generator seeded with ``seed``, ascending
+    ([count] int64); ``None`` (every row a query) when ``count`` is ``None`` or not below ``n``."""
+    if count is None or count >= n:
+        return None
+    if count < 1:
+        raise ValueError(f"max_image_queries must be >= 1 or None (every image), got {count}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
+def gallery_rows(n: int, count: int) -> list[int]:
+    """``count`` evenly spaced rows of ``n`` (first and last included): the image→image gallery's queries."""
+    return sorted(set(np.linspace(0, n - 1, num=min(count, n)).astype(int).tolist())) if n and count > 0 else []
+
+
+def class_embeddings(bundle: ClipBundle, class_names: Sequence[str], templates: Sequence[str], *, chunk: int = 256,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """Zero-shot class embeddings [C, D] (:func:`~clipopt_core.models.encode.zero_shot_classifier`), ``chunk``
+    classes at a time, so at most ``chunk × len(templates)`` prompt embeddings are held at once."""
+    if chunk < 1:
+        raise ValueError(f"class_chunk must be >= 1, got {chunk}")
+    parts = [zero_shot_classifier(bundle, class_names[start:start + chunk], templates, device=device)
+             for start in range(0, len(class_names), chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def validation_subset(split: pl.DataFrame, max_images: int | None, seed: int = 0) -> pl.DataFrame:
+    """The validation rows scored during training: the whole ``split`` when it has at most ``max_images`` rows
+    (or ``max_images`` is ``None``), else whole classes in a seeded order until ``max_images`` rows are filled
+    (a class that does not fit is passed over), in split order. Whole classes keep every kept query's
+    relevant set complete, so the subset's mAP is an ordinary mAP of a smaller test set."""
+    if max_images is None or split.height <= max_images:
+        return split
+    if max_images < 1:
+        raise ValueError(f"val_max_images must be >= 1 or None (the whole split), got {max_images}")
+    sizes = split.group_by("label").len().sort("label")
+    order = torch.randperm(sizes.height, generator=torch.Generator().manual_seed(seed)).tolist()
+    kept, total = [], 0
+    for label, size in (sizes.row(i) for i in order):
+        if total + size <= max_images:
+            kept.append(label)
+            total += size
+    if not kept:  # every class is larger than the budget: the first class of the order, cut to the budget
+        return split.filter(pl.col("label") == sizes["label"][order[0]]).head(max_images)
+    return split.filter(pl.col("label").is_in(kept))
+
+
+def validation_map(split: pl.DataFrame, *, batch_size: int = 64, device: str | torch.device = "cpu",
+                   max_images: int | None = None, seed: int = 0) -> Callable[[ClipBundle], float]:
+    """A validation function for retrieval stages: I2I mAP of the model on ``split``, or on its bounded,
+    fixed subset :func:`validation_subset` (``max_images``, ``seed``): the same images at every evaluation."""
+    split = validation_subset(split, max_images, seed)
     labels = _ids(split["label"].to_list())
     uris = split["uri"].to_list()
 

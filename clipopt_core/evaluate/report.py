@@ -11,6 +11,7 @@ import torch
 
 from clipopt_core.data.datasets import load_image
 from clipopt_core.evaluate.bootstrap import Interval
+from clipopt_core.evaluate.metrics import nearest_neighbours
 from clipopt_core.evaluate.protocol import METRIC_COLUMNS, T2IExample
 from clipopt_core.registry import VARIANTS
 
@@ -133,13 +134,28 @@ def gallery_image(uris: Sequence[str], embeddings_by_variant: Mapping[str, torch
                   *, top_k: int = 5, thumb: int = 64) -> bytes:
     """PNG bytes: for each variant and query, the query then its top-``top_k`` neighbours (query excluded).
 
-    ``embeddings_by_variant``: variant → [N, D] normalised embeddings of ``uris`` (same order).
+    ``embeddings_by_variant``: variant → [N, D] normalised embeddings of ``uris`` (same order). With many
+    variants or images prefer :func:`neighbour_gallery_image` on each result's ``i2i_examples``.
+    """
+    rows = torch.tensor(list(query_rows), dtype=torch.long)
+    neighbours = {variant: dict(zip(rows.tolist(), nearest_neighbours(embeddings, rows, top_k).tolist()))
+                  for variant, embeddings in embeddings_by_variant.items()}
+    return neighbour_gallery_image(uris, neighbours, thumb=thumb)
+
+
+def neighbour_gallery_image(uris: Sequence[str], neighbours_by_variant: Mapping[str, Mapping[int, Sequence[int]]],
+                            *, thumb: int = 64) -> bytes:
+    """PNG bytes: for each variant (registry order) and query row, the query then its neighbour rows.
+
+    ``neighbours_by_variant``: variant → {query row: neighbour rows, nearest first} (rows index ``uris``), e.g.
+    :attr:`clipopt_core.evaluate.protocol.EvalResult.i2i_examples`.
     """
     from PIL import Image, ImageDraw
 
-    variants = [v for v in VARIANTS if v in embeddings_by_variant]
-    width = (top_k + 1) * thumb + 110
-    canvas = Image.new("RGB", (width, len(variants) * len(query_rows) * thumb), "white")
+    variants = [v for v in VARIANTS if v in neighbours_by_variant]
+    top_k = max((len(rows) for v in variants for rows in neighbours_by_variant[v].values()), default=0)
+    lines = sum(len(neighbours_by_variant[v]) for v in variants)
+    canvas = Image.new("RGB", ((top_k + 1) * thumb + 110, max(lines * thumb, 1)), "white")
     draw = ImageDraw.Draw(canvas)
     cache: dict[int, Image.Image] = {}
 
@@ -150,11 +166,7 @@ def gallery_image(uris: Sequence[str], embeddings_by_variant: Mapping[str, torch
 
     y = 0
     for variant in variants:
-        embeddings = embeddings_by_variant[variant]
-        for query in query_rows:
-            scores = embeddings @ embeddings[query]
-            scores[query] = float("-inf")
-            neighbours = scores.topk(min(top_k, len(uris) - 1)).indices.tolist()
+        for query, neighbours in neighbours_by_variant[variant].items():
             draw.text((4, y + thumb // 2 - 6), variant, fill="black")
             for column, row in enumerate([query, *neighbours]):
                 canvas.paste(tile(row), (110 + column * thumb, y))

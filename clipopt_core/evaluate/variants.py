@@ -3,9 +3,13 @@
 One function serves the evaluation report and the seed sweep, so both measure with the same
 protocol (:func:`clipopt_core.evaluate.protocol.evaluate_model`) and share embeddings between
 variants whose towers are identical (e.g. stage 1 and 2SFT have the same image tower).
+Memory does not grow with the number of variants: the shared cache is bounded
+(``EvalConfig.embedding_cache_bytes``) and each variant's result keeps its scores and the gallery's
+top-5 neighbours, not its ``[N, D]`` test embeddings.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,12 +28,14 @@ def evaluate_variants(store: ArtifactStore, variants: Sequence[str], test: pl.Da
     """``{variant: result}`` on the labelled ``test`` split and the held-out ``caption_pairs`` (``uri``, ``caption``).
 
     ``root``: the store folder of the stages' checkpoints (``models``, or a seed's ``sweeps/seed-<n>/models``).
+    Each result's ``image_embeddings`` is ``None`` (released); ``i2i_examples`` holds what the gallery draws.
     """
-    cache = EmbeddingCache()
+    cache = EmbeddingCache(config.embedding_cache_bytes)
     results = {}
     for variant in variants:
         started = time.perf_counter()
         bundle = load_model(variant_spec(store, variant, cache_dir, root), cache_dir=cache_dir, device=device)
-        results[variant] = evaluate_model(bundle, test, config, caption_pairs=caption_pairs, cache=cache, device=device)
-        log(f"{variant}: {results[variant].metrics} ({time.perf_counter() - started:.1f}s)")
+        result = evaluate_model(bundle, test, config, caption_pairs=caption_pairs, cache=cache, device=device)
+        results[variant] = dataclasses.replace(result, image_embeddings=None)
+        log(f"{variant}: {result.metrics} ({time.perf_counter() - started:.1f}s)")
     return results

@@ -36,6 +36,8 @@ from typing import Any, Callable, Sequence
 import faiss
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from clipopt_core.serve import index as index_lib
 from clipopt_core.runtime.storage import ArtifactStore
@@ -45,6 +47,7 @@ DEFAULT_SHARDS = 4
 SERVED_FOLDER = "index"  # what clipopt search serves
 STAGING_FOLDER = "index-staging"  # a built candidate, promoted to SERVED_FOLDER only when it passes (serve.promotion)
 META_COLUMNS = ("image_id", "uri", "label", "caption", "source")
+DEFAULT_BATCH_ROWS = 65_536  # images embedded and written per parquet row group (768-d: 192 MiB of vectors)
 EmbedFn = Callable[[Sequence[str]], np.ndarray]  # uris -> float32 [n, D], rows L2-normalised
 
 
@@ -90,12 +93,17 @@ def _ids_digest(model_key: str, rows: pl.DataFrame) -> str:
 
 
 def embed_shard(manifest: pl.DataFrame, shard: int, num_shards: int, store: ArtifactStore, embed: EmbedFn, *,
-                model_key: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+                model_key: str, prefix: str = DEFAULT_PREFIX, batch_rows: int = DEFAULT_BATCH_ROWS) -> dict[str, Any]:
     """Embed and publish one shard (skipped when already published for the same model and rows).
 
     Returns the sidecar: ``shard, num_shards, rows, dim, model_key, digest, key`` and ``skipped``.
     The parquet holds the manifest's metadata columns present plus ``embedding`` (float32 [D] per row).
+    ``embed`` is called on at most ``batch_rows`` images at a time and each batch is written as one parquet
+    row group of a local temporary file, published when complete: memory holds one batch's vectors
+    (``batch_rows × D × 4`` bytes), not the shard's vectors plus a frame copy of them.
     """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     rows = shard_rows(manifest, shard, num_shards)
     key = shard_key(prefix, shard, num_shards)
     digest = _ids_digest(model_key, rows)
@@ -104,16 +112,35 @@ def embed_shard(manifest: pl.DataFrame, shard: int, num_shards: int, store: Arti
         existing = store.read_json(sidecar_key)
         if existing.get("digest") == digest:
             return {**existing, "skipped": True}
-    vectors = np.ascontiguousarray(embed(rows["uri"].to_list()), dtype=np.float32) if rows.height else None
-    dim = int(vectors.shape[1]) if vectors is not None else 0
-    frame = rows.select([c for c in META_COLUMNS if c in rows.columns])
-    if vectors is not None:
-        frame = frame.with_columns(pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, dim)))
-    sha = store.write_parquet(key, frame)
+    meta = rows.select([c for c in META_COLUMNS if c in rows.columns])
+    if rows.height == 0:
+        dim, sha = 0, store.write_parquet(key, meta)
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / "shard.parquet"
+            dim = _write_embedded(local, meta, rows["uri"], embed, batch_rows)
+            sha = store.put_file(local, key)
     sidecar = {"shard": shard, "num_shards": num_shards, "rows": rows.height, "dim": dim, "model_key": model_key,
                "digest": digest, "key": key, "sha256": sha}
     store.write_json(sidecar_key, sidecar)  # written last: a shard without its sidecar is recomputed
     return {**sidecar, "skipped": False}
+
+
+def _write_embedded(path: Path, meta: pl.DataFrame, uris: pl.Series, embed: EmbedFn, batch_rows: int) -> int:
+    """Write ``meta`` plus ``embedding`` (fixed-size float32 lists) to ``path``, one row group per batch; returns D."""
+    writer, dim = None, 0
+    try:
+        for start in range(0, meta.height, batch_rows):
+            vectors = np.ascontiguousarray(embed(uris.slice(start, batch_rows).to_list()), dtype=np.float32)
+            dim = int(vectors.shape[1])
+            embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+            table = meta.slice(start, batch_rows).to_arrow().append_column("embedding", embedding)
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return dim
 
 
 def read_shard(store: ArtifactStore, prefix: str, shard: int, num_shards: int) -> tuple[pl.DataFrame, np.ndarray]:

@@ -60,6 +60,9 @@ class RetrievalConfig:
     under ``torchrun``: ``replicated`` (default) proxies on every rank, or ``sharded`` by class across ranks
     (each keeps C/W rows and their AdamW state; checkpoints hold them whole). Sharding changes where the
     proxies live, not the result, so it is not part of the stage identity (:data:`NOT_IN_IDENTITY`).
+    ``val_max_images``: validation during training scores I2I mAP on at most this many validation images --
+    whole classes in an order seeded by ``train.seed``, the same images at every evaluation -- or on the
+    whole validation split when it is smaller or this is ``None`` (docs/method.md#validation).
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -75,6 +78,7 @@ class RetrievalConfig:
     patch_dropout: float = 0.0
     proxy_dtype: Literal["fp32", "bf16"] = "fp32"
     proxy_sharding: Literal["replicated", "sharded"] = "replicated"
+    val_max_images: int | None = 2000
 
 
 # stage settings that change how a run is executed, not the weights it trains (within float rounding):

@@ -63,9 +63,9 @@ def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: Retrieva
     caption_embeddings, captions_of = None, None
     if config.mc_weight:
         caption_embeddings, captions_of = _caption_matrix(bundle, train, pseudo_captions, device)
+    validate = validation_map(val, device=device, max_images=config.val_max_images, seed=config.train.seed)
     with seeded(config.train.seed):  # the ArcMargin proxies' init must not depend on the process' RNG state
-        task = RetrievalTask(bundle, dataset, len(class_names), config, validation_map(val, device=device),
-                             caption_embeddings, captions_of)
+        task = RetrievalTask(bundle, dataset, len(class_names), config, validate, caption_embeddings, captions_of)
     summary = {"stage": stage, "train_images": train.height, "train_classes": len(class_names),
                "val_images": val.height, "config": asdict(config), "identity": identity}
     result = fit(task, config.train, work_dir, device=device, log=log)

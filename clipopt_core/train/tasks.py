@@ -32,7 +32,8 @@ class RetrievalTask:
         bundle: the model (its text tower is frozen here).
         dataset: training images; items ``(image [3,S,S], label)`` with seeded augmentation.
         num_classes: number of distinct labels (ArcMargin proxies).
-        validate_fn: returns validation mAP of the current model (higher is better).
+        validate_fn: returns validation mAP of the current model (higher is better); the runner scores a
+            bounded, fixed subset of the validation split (``val_max_images``; docs/method.md#validation).
         caption_embeddings: MCIP only, frozen text embeddings [P, D] of all pseudo-captions.
         captions_of: MCIP only, for each training item the caption rows it owns (0–top_k).
     """

@@ -204,3 +204,22 @@ def test_index_scale_benchmark_smoke() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "extrapolation" in done.stdout and done.stdout.strip().splitlines()[-1].startswith("RATIO ")
+
+
+def test_a_shard_is_embedded_and_written_in_bounded_batches(tmp_path: Path, gallery) -> None:
+    import pyarrow.parquet as pq
+
+    manifest, vectors = gallery
+    whole, batched = ArtifactStore(f"file://{tmp_path / 'whole'}"), ArtifactStore(f"file://{tmp_path / 'batched'}")
+    calls: list[int] = []
+    sharding.embed_shard(manifest, 1, SHARDS, whole, embed_from(vectors), model_key="m")
+    result = sharding.embed_shard(manifest, 1, SHARDS, batched, embed_from(vectors, calls), model_key="m", batch_rows=400)
+    assert max(calls) == 400 and sum(calls) == result["rows"] and len(calls) == -(-result["rows"] // 400)
+    key = sharding.shard_key(sharding.DEFAULT_PREFIX, 1, SHARDS)
+    assert pq.ParquetFile(batched.path(key)).num_row_groups == len(calls)  # one row group per batch
+    (meta_a, vec_a), (meta_b, vec_b) = (sharding.read_shard(s, sharding.DEFAULT_PREFIX, 1, SHARDS) for s in (whole, batched))
+    assert meta_a.equals(meta_b) and np.array_equal(vec_a, vec_b) and vec_b.shape == (result["rows"], DIM)
+    manifest_rows = sharding.shard_rows(manifest, 1, SHARDS)
+    assert np.array_equal(vec_b, vectors[[int(u.removeprefix("mem://")) for u in manifest_rows["uri"]]])
+    with pytest.raises(ValueError, match="batch_rows"):
+        sharding.embed_shard(manifest, 0, SHARDS, batched, embed_from(vectors), model_key="m", batch_rows=0)
