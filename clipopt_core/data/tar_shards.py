@@ -59,11 +59,20 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def iter_samples(url: str, *, storage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of one shard: dicts ``{"__key__": key, "__url__": url, ext: bytes, ...}`` in archive order."""
+def iter_samples(url: str, *, storage_options: dict[str, Any] | None = None,
+                 offsets: bool = False) -> Iterator[dict[str, Any]]:
+    """Samples of one shard: dicts ``{"__key__": key, "__url__": url, ext: bytes, ...}`` in archive order.
+
+    ``offsets``: each sample also carries ``"__offsets__": {ext: (byte offset, size)}``, where the member's
+    bytes lie in the shard file, so a reader can later fetch one member with one range read. Only an
+    uncompressed tar has such offsets: a compressed shard raises :class:`ShardError`.
+    """
     current: dict[str, Any] | None = None
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            if offsets and not _uncompressed(tar):
+                raise ShardError(f"shard {url} is compressed: member offsets need an uncompressed .tar; "
+                                 "re-write it without compression")
             for member in tar:
                 if not member.isfile():
                     continue
@@ -75,12 +84,19 @@ def iter_samples(url: str, *, storage_options: dict[str, Any] | None = None) -> 
                     current = {"__key__": key, "__url__": url}
                 handle = tar.extractfile(member)
                 current[ext] = handle.read() if handle is not None else b""
+                if offsets:
+                    current.setdefault("__offsets__", {})[ext] = (member.offset_data, member.size)
     except (tarfile.TarError, EOFError) as error:
         raise ShardError(f"shard {url} is not a readable tar ({error}); re-write or remove it") from error
     except FileNotFoundError as error:
         raise ShardError(f"shard {url} does not exist; check the shard list") from error
     if current is not None:
         yield current
+
+
+def _uncompressed(tar: tarfile.TarFile) -> bool:
+    """Whether a stream-mode archive reads its file as is (``comptype`` of the stdlib's stream is ``"tar"``)."""
+    return getattr(tar.fileobj, "comptype", "tar") == "tar"
 
 
 def iter_shards(spec: str, *, storage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:

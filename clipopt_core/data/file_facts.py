@@ -1,0 +1,166 @@
+"""Facts about the files of an image source, each file read once: content hash and decode result.
+
+A *fact* of a file is its SHA-256, and its ``width``/``height`` when it decodes, else the ``reason`` and
+``detail`` of its rejection (:func:`~clipopt_core.data.images.decode_image`). Computing it reads the file
+once; reads, hashes and decodes run in a thread pool (``workers``; file reads, hashing and Pillow's
+decoders release the GIL), a bounded batch at a time so memory does not grow with the source.
+
+Facts are kept per source root in a small parquet table under the cache folder, keyed by the file's
+*signature*: ``size:mtime_ns:ctime_ns:inode`` for a local file (what ``git`` trusts for its index), the
+size and ETag (or modification time) from one listing for an object store. A file whose signature is
+unchanged is never opened again, so the sensor's tick costs one ``stat`` per file; a file written
+again (same size, new mtime) is re-hashed, and a ``touch`` without a change re-hashes to the same
+content. Nothing downstream trusts a signature for identity: the manifest carries the content hash
+(``sha256``), which is what :mod:`clipopt_core.train.identity` hashes.
+
+Callers pass only paths already checked to stay inside the root (:mod:`clipopt_core.data.manifest`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import fsspec
+import polars as pl
+
+from clipopt_core.data.images import ImageRejected, decode_image
+
+DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's own default
+BATCH_FILES = 4096  # files read per batch: bounds the bytes in flight and the futures held
+FACT_SCHEMA = {"path": pl.String, "signature": pl.String, "sha256": pl.String, "width": pl.Int64,
+               "height": pl.Int64, "reason": pl.String, "detail": pl.String}
+FACTS_FOLDER = "source_facts"
+Progress = Callable[[int, int], None]
+
+
+def read_fact(data: bytes, name: str) -> tuple[str, int | None, int | None, str | None, str | None]:
+    """``(sha256, width, height, reason, detail)`` of one file's bytes; ``name`` names it in messages."""
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        width, height = decode_image(data, name=name).size
+    except ImageRejected as exc:
+        return digest, None, None, exc.reason, str(exc)
+    return digest, width, height, None, None
+
+
+def parallel_map(function: Callable, items: Iterable, workers: int) -> Iterable:
+    """``map(function, items)`` in order; on a thread pool of ``workers`` when above 1."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    pool = ThreadPoolExecutor(workers)
+    try:
+        yield from pool.map(function, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class FactsCache:
+    """The facts table of one source root, ``<cache_dir>/source_facts/<sha256(root)[:24]>.parquet``.
+
+    ``cache_dir`` ``None``: nothing is kept (every call reads every file). Written whole with temp +
+    rename, so a reader never sees a partial table; two writers at once lose at most the other's
+    new facts (those files are hashed again next time).
+    """
+
+    def __init__(self, cache_dir: Path | str | None, root: str) -> None:
+        key = hashlib.sha256(root.encode()).hexdigest()[:24]
+        self.path = Path(cache_dir) / FACTS_FOLDER / f"{key}.parquet" if cache_dir is not None else None
+
+    def load(self) -> pl.DataFrame:
+        if self.path is None or not self.path.exists():
+            return pl.DataFrame(schema=FACT_SCHEMA)
+        try:
+            return pl.read_parquet(self.path).cast(FACT_SCHEMA)  # type: ignore[arg-type]
+        except Exception:  # a damaged cache costs a re-hash, never a failed run
+            return pl.DataFrame(schema=FACT_SCHEMA)
+
+    def save(self, facts: pl.DataFrame) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.tmp-{uuid.uuid4().hex}")
+        facts.write_parquet(temporary)
+        os.replace(temporary, self.path)
+
+
+def signatures(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str]) -> list[str | None]:
+    """A change-detecting signature per path (``None``: gone or unreadable), without opening any file."""
+    if is_local(fs):
+        return [_local_signature(f"{base}/{path}") for path in paths]
+    listing = fs.find(base, detail=True)  # one listing (1 request per 1,000 objects on S3), not one per file
+    found = {name.rstrip("/"): info for name, info in listing.items()}
+    result = []
+    for path in paths:
+        info = found.get(f"{base}/{path}".rstrip("/"))
+        stamp = None if info is None else (info.get("ETag") or info.get("etag") or info.get("LastModified")
+                                          or info.get("mtime") or info.get("created"))
+        result.append(None if info is None else f"{info.get('size')}:{stamp}")
+    return result
+
+
+def _local_signature(full: str) -> str | None:
+    try:
+        st = os.stat(full)
+    except (OSError, ValueError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def file_facts(root: str, paths: Sequence[str], *, cache_dir: Path | str | None = None,
+               workers: int = DEFAULT_WORKERS, progress: Progress | None = None) -> pl.DataFrame:
+    """Facts (``FACT_SCHEMA``) of each distinct path under ``root``, reading only files the cache lacks.
+
+    A file that cannot be read has a null ``sha256`` and reason ``unreadable``. ``progress(done, total)``
+    is called in order for each file that is read. The cache is updated with every fact computed.
+    """
+    fs, base = fsspec.core.url_to_fs(root)
+    distinct = list(dict.fromkeys(paths))
+    wanted = pl.DataFrame({"path": distinct, "signature": signatures(fs, base, distinct)},
+                          schema={"path": pl.String, "signature": pl.String})
+    cache = FactsCache(cache_dir, root)
+    known = cache.load()
+    hits = wanted.join(known, on=["path", "signature"], how="inner")
+    missing = wanted.join(hits.select("path"), on="path", how="anti")["path"].to_list()
+    fresh = read_facts(fs, base, missing, dict(zip(wanted["path"], wanted["signature"])), workers, progress)
+    facts = pl.concat([hits.select(list(FACT_SCHEMA)), fresh])
+    if fresh.height:
+        cache.save(pl.concat([known.join(fresh.select("path"), on="path", how="anti"), fresh]))
+    return facts
+
+
+def read_facts(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str], signature_of: dict[str, str | None],
+               workers: int, progress: Progress | None = None) -> pl.DataFrame:
+    """Read, hash and decode ``paths`` (``workers`` threads, :data:`BATCH_FILES` at a time) into a facts frame."""
+
+    def one(path: str) -> tuple[str | None, int | None, int | None, str | None, str | None]:
+        try:
+            data = fs.cat_file(f"{base}/{path}")
+        except OSError as exc:  # permissions, a file removed meanwhile: this row only, not the run
+            return None, None, None, "unreadable", f"{type(exc).__name__}: {exc}"
+        return read_fact(data, path)
+
+    columns: list[list] = [[] for _ in range(5)]
+    done = 0
+    for start in range(0, len(paths), BATCH_FILES):
+        for fact in parallel_map(one, paths[start:start + BATCH_FILES], workers):
+            for column, value in zip(columns, fact):
+                column.append(value)
+            if progress:
+                progress(done, len(paths))
+            done += 1
+    return pl.DataFrame({"path": list(paths), "signature": [signature_of.get(p) for p in paths],
+                         **dict(zip(("sha256", "width", "height", "reason", "detail"), columns))}, schema=FACT_SCHEMA)
+
+
+def protocol(fs: fsspec.AbstractFileSystem) -> str:
+    """The filesystem's main protocol name (``file``, ``s3``, …)."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return protocol(fs) in ("file", "local")
