@@ -322,3 +322,22 @@ def test_split_keeps_sources_classes_apart(tmp_path: Path, shapes: Path):
     # the classes 'a/red circle' and 'b/red circle' are different classes, split independently
     assert splits.group_by("label").agg(pl.col("split").n_unique())["split"].max() == 1
     assert splits["source"].n_unique() == 2
+
+
+def test_retrieval_task_draws_weighted_sources_only_when_weighted(tmp_path: Path, shapes: Path):
+    from clipopt_core.data.datasets import ImageDataset, train_transform
+    from clipopt_core.train.config import RetrievalConfig, TrainConfig
+    from clipopt_core.train.tasks import RetrievalTask
+    from tests.unit.test_training import fresh_bundle
+
+    rows = ingest(str(shapes), scan_source(str(shapes))).accepted
+    bundle = fresh_bundle(tmp_path / "models")
+    ids, names = encode_labels(rows["label"].to_list())
+    dataset = ImageDataset(rows["uri"].to_list(), ids, train_transform(bundle.image_size, bundle.mean, bundle.std))
+    config = RetrievalConfig(train=TrainConfig(batch_size=8))
+    numbers = [0 if s == "shapes-a" else 1 for s in rows["source"]]
+    weighted = RetrievalTask(bundle, dataset, len(names), config, lambda b: 0.0, source_weights=(numbers, [3.0, 1.0]))
+    sampler = weighted.batches(config.train, 0, 0).batch_sampler
+    assert isinstance(sampler, SourceWeightedBatches) and sampler.draws_per_source() == [24, 8]
+    plain = RetrievalTask(bundle, dataset, len(names), config, lambda b: 0.0)
+    assert list(plain.batches(config.train, 0, 0).batch_sampler) == list(EpochBatches(32, 8, 0))

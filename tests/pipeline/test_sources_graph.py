@@ -1,0 +1,53 @@
+"""The data assets (raw_images → image_manifest → image_splits) from webdataset tar shards and from a
+two-source sources file, and stage 1 trained on the weighted sources, in-process with the tiny setup."""
+import json
+
+import dagster as dg
+import polars as pl
+
+from clipopt_core.layout import Keys
+from clipopt_core.runtime.storage import ArtifactStore
+from tests.pipeline.conftest import tiny_resources, tiny_run_config
+from tests.reliability.conftest import assets_named
+from tests.unit.test_sources import write_label_shards, write_noise_shards
+
+DATA = ("raw_images", "image_manifest", "image_splits")
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+
+
+def test_data_assets_from_tar_shards(tmp_path, shapes_source):
+    shards = write_label_shards(tmp_path / "shards", shapes_source)
+    result = dg.materialize(assets_named(*DATA), resources=tiny_resources(tmp_path, shards, None),
+                            run_config={"ops": {"image_splits": tiny_run_config()["ops"]["image_splits"]}})
+    assert result.success
+    store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
+    manifest = store.read_parquet(Keys.manifest)
+    assert manifest.height == pl.read_csv(shapes_source / "manifest.csv").height
+    assert manifest["uri"].str.contains(r"\.tar#offset=\d+&size=\d+&member=").all()
+    assert _metadata(result, "image_manifest")["rejected"] == 0
+    splits = store.read_parquet(Keys.splits)
+    assert set(splits["split"]) == {"train", "val", "test"}
+
+
+def test_two_weighted_sources_through_the_data_assets_and_stage1(tmp_path, shapes_source):
+    labels = pl.read_csv(shapes_source / "manifest.csv")["label"].unique().to_list()
+    web = write_noise_shards(tmp_path / "web", labels, per_class=3).parent
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"sources:\n  - {{name: shapes, location: {shapes_source}, weight: 1}}\n"
+                       f"  - {{name: web, location: {web}, weight: 3}}\n")
+    names = (*DATA, "base_model", "retrieval_encoder")
+    ops = {name: op for name, op in tiny_run_config()["ops"].items() if name in names}
+    result = dg.materialize(assets_named(*names), resources=tiny_resources(tmp_path, sources, None),
+                            run_config={"ops": ops})
+    assert result.success
+    manifest_meta = _metadata(result, "image_manifest")
+    assert manifest_meta["sources"] == 2 and manifest_meta["classes"] == 32  # 16 labels per source, disjoint
+    assert "| web | 48 | 16 | 3.000 | 0.750 |" in manifest_meta["per_source"]
+    splits = ArtifactStore(f"file://{tmp_path / 'artifacts'}").read_parquet(Keys.splits)
+    assert splits.filter(pl.col("split") == "train")["source"].n_unique() == 2
+    trained = _metadata(result, "retrieval_encoder")["per_source"]
+    assert [row["source"] for row in trained] == ["shapes", "web"] and [row["share"] for row in trained] == [0.25, 0.75]
+    assert json.dumps(trained)  # reported as JSON metadata
