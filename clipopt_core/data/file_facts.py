@@ -82,10 +82,18 @@ class FactsCache:
     def save(self, facts: pl.DataFrame) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f"{self.path.name}.tmp-{uuid.uuid4().hex}")
-        facts.write_parquet(temporary)
-        os.replace(temporary, self.path)
+        write_atomically(self.path, facts.write_parquet)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(temporary)`` next to ``path``, then rename onto it: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def signatures(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str]) -> list[str | None]:

@@ -96,12 +96,13 @@ def checked_with_facts(root: str, rows: pl.DataFrame, *, captions_only: bool = F
     ``reason``/``detail`` hold the first problem of a row: its path or label (never read), else its image's.
     """
     fs, base = fsspec.core.url_to_fs(root)
+    guard = RootGuard(base)
     seen: set[tuple[str, str]] = set()
     paths, labels, reasons, details = [], [], [], []
     for path, label in rows.select(pl.col("path").fill_null(""), "label").iter_rows():
         label_text = str(label or "").strip()
         key = (path, label_text if captions_only else "")
-        problem = _row_problem(fs, base, path, label, key in seen, captions_only)
+        problem = _row_problem(fs, base, path, label, key in seen, captions_only, guard)
         if problem is None:
             seen.add(key)
         paths.append(path), labels.append(label_text or None)
@@ -185,7 +186,8 @@ def source_fingerprint(rows: pl.DataFrame, root: str, *, cache_dir: Path | str |
     """
     fs, base = fsspec.core.url_to_fs(source_root(root))
     paths = rows["path"].fill_null("").unique(maintain_order=True).to_list()
-    safe = [path for path in paths if _safe_to_read(fs, base, path)]
+    guard = RootGuard(base)
+    safe = [path for path in paths if _safe_to_read(fs, base, path, guard)]
     facts = file_facts(source_root(root), safe, cache_dir=cache_dir, workers=workers).select("path", "sha256")
     table = (rows.select(pl.col("path").fill_null(""), "label", "caption", "category").sort("path", maintain_order=True)
              .join(facts, on="path", how="left", maintain_order="left").with_columns(pl.col("sha256").fill_null("")))
@@ -212,7 +214,7 @@ def class_stats(manifest: pl.DataFrame) -> dict[str, int]:
 
 
 def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: object, repeated: bool,
-                 captions_only: bool) -> tuple[str, str] | None:
+                 captions_only: bool, guard: RootGuard) -> tuple[str, str] | None:
     """First reason a row is unusable before its bytes are read, or ``None`` (``repeated``: its key was seen)."""
     if not path:
         return "missing_path", "empty path"
@@ -229,10 +231,8 @@ def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: obj
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         return "not_an_image", f"extension not one of {IMAGE_EXTENSIONS}"
     full = f"{base}/{path}"
-    if is_local(fs):
-        real_root = os.path.realpath(base)
-        if not os.path.realpath(full).startswith(real_root + os.sep):
-            return "path_escapes_root", f"{path!r} resolves outside the source root (symlink?)"
+    if is_local(fs) and not guard.inside(full):
+        return "path_escapes_root", f"{path!r} resolves outside the source root (symlink?)"
     if not fs.exists(full):
         return "missing_file", f"{full} does not exist"
     if is_local(fs) and not os.path.isfile(full):  # a FIFO or device would block or never end
@@ -246,14 +246,36 @@ def _escapes_lexically(path: str) -> bool:
     return posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or ":" in path.split("/")[0]
 
 
-def _safe_to_read(fs: fsspec.AbstractFileSystem, base: str, path: str) -> bool:
+def _safe_to_read(fs: fsspec.AbstractFileSystem, base: str, path: str, guard: RootGuard) -> bool:
     """Whether ``path`` is relative, stays inside ``base`` (symlinks resolved) and is a regular file."""
     if not path or "\x00" in path or _escapes_lexically(path):
         return False
     if not is_local(fs):
         return True
     full = f"{base}/{path}"
-    return os.path.realpath(full).startswith(os.path.realpath(base) + os.sep) and os.path.isfile(full)
+    return guard.inside(full) and os.path.isfile(full)
+
+
+class RootGuard:
+    """Tells whether local paths resolve inside ``base``, for one pass over a source.
+
+    The real path of each folder is resolved once per pass (``realpath`` per file was most of a
+    fingerprint's cost); a file that is itself a symlink is always resolved in full.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.real_root = os.path.realpath(base)
+        self._folders: dict[str, str] = {}
+
+    def inside(self, full: str) -> bool:
+        folder, _, name = full.rpartition("/")
+        if name in ("", ".", "..") or os.path.islink(full):
+            real = os.path.realpath(full)
+        else:
+            if folder not in self._folders:
+                self._folders[folder] = os.path.realpath(folder)
+            real = f"{self._folders[folder]}/{name}"
+        return real.startswith(self.real_root + os.sep)
 
 
 def source_root(location: str) -> str:
@@ -286,13 +308,27 @@ def _read_manifest_file(fs: fsspec.AbstractFileSystem, base: str, location: str,
 
 
 def _scan_class_folders(fs: fsspec.AbstractFileSystem, base: str) -> pl.DataFrame:
-    rows = []
-    for full in sorted(fs.find(base)):
-        relative = full[len(base):].lstrip("/")
-        parts = relative.split("/")
-        if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        rows.append({"path": relative, "label": parts[0].replace("_", " "), "caption": None, "category": None, "source": None})
-    if not rows:
+    paths = [path for path in _two_level_files(fs, base) if path.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
         raise ManifestError(f"no images found in class folders under {base!r} (expected root/<label>/<image>)")
-    return pl.DataFrame(rows, schema={c: pl.String for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)})
+    labels = [path.split("/", 1)[0].replace("_", " ") for path in paths]
+    empty = pl.lit(None, dtype=pl.String)
+    return pl.DataFrame({"path": paths, "label": labels}, schema={"path": pl.String, "label": pl.String}).with_columns(
+        empty.alias("caption"), empty.alias("category"), empty.alias("source"))
+
+
+def _two_level_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    """Sorted ``<folder>/<file>`` paths (files: anything but a folder) two levels under ``base``.
+
+    Local: two ``scandir`` levels (symlinked folders followed like ``fs.find``), not a walk of the tree.
+    """
+    if not is_local(fs):
+        relative = (full[len(base):].lstrip("/") for full in fs.find(base))
+        return sorted(path for path in relative if path.count("/") == 1)
+    found: list[str] = []
+    with os.scandir(base) as folders:
+        for folder in folders:
+            if folder.is_dir():
+                with os.scandir(folder.path) as files:
+                    found += [f"{folder.name}/{entry.name}" for entry in files if not entry.is_dir()]
+    return sorted(found)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ import polars as pl
 import yaml
 
 from clipopt_core.data import manifest as mf
-from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, parallel_map, read_fact, signatures
+from clipopt_core.data.file_facts import (DEFAULT_WORKERS, Progress, parallel_map, read_fact, signatures,
+                                         write_atomically)
 from clipopt_core.data.images import member_uri
 from clipopt_core.data.tar_shards import BRACE_RANGE, ShardError, expand_shards, iter_samples
 
@@ -261,11 +261,8 @@ def _listed(url: str, folder: Path | None, key: str, workers: int) -> tuple[pl.D
     rows = _read_shard(url, workers)
     digest = mf.frame_hash(rows.select("path", "label", "caption", "category", "sha256"))
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, write in ((f"{key}.parquet", rows.write_parquet), (f"{key}.sha256", lambda p: p.write_text(digest))):
-            temporary = folder / f"{name}.tmp-{uuid.uuid4().hex}"
-            write(temporary)
-            temporary.replace(folder / name)
+        write_atomically(folder / f"{key}.parquet", rows.write_parquet)
+        write_atomically(folder / f"{key}.sha256", lambda path: path.write_text(digest))
     return rows, digest
 
 
