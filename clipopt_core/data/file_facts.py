@@ -31,6 +31,7 @@ from clipopt_core.data.images import ImageRejected, decode_image
 
 DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's own default
 BATCH_FILES = 4096  # files read per batch: bounds the bytes in flight and the futures held
+REMOTE_BATCH_FILES = 256  # objects fetched per request batch from an object store: bounds the bytes held
 FACT_SCHEMA = {"path": pl.String, "signature": pl.String, "sha256": pl.String, "width": pl.Int64,
                "height": pl.Int64, "reason": pl.String, "detail": pl.String}
 FACTS_FOLDER = "source_facts"
@@ -100,6 +101,7 @@ def signatures(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str]) -
     """A change-detecting signature per path (``None``: gone or unreadable), without opening any file."""
     if is_local(fs):
         return [_local_signature(f"{base}/{path}") for path in paths]
+    fs.invalidate_cache(base)  # a long-lived process (the sensor) must not see an earlier listing
     listing = fs.find(base, detail=True)  # one listing (1 request per 1,000 objects on S3), not one per file
     found = {name.rstrip("/"): info for name, info in listing.items()}
     result = []
@@ -123,7 +125,8 @@ def file_facts(root: str, paths: Sequence[str], *, cache_dir: Path | str | None 
                workers: int = DEFAULT_WORKERS, progress: Progress | None = None) -> pl.DataFrame:
     """Facts (``FACT_SCHEMA``) of each distinct path under ``root``, reading only files the cache lacks.
 
-    A file that cannot be read has a null ``sha256`` and reason ``unreadable``. ``progress(done, total)``
+    A file that cannot be read has a null ``sha256`` and reason ``unreadable`` (``missing_file`` when it
+    has no signature: not listed, or gone). ``progress(done, total)``
     is called in order for each file that is read. The cache is updated with every fact computed.
     """
     fs, base = fsspec.core.url_to_fs(root)
@@ -143,19 +146,33 @@ def file_facts(root: str, paths: Sequence[str], *, cache_dir: Path | str | None 
 
 def read_facts(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str], signature_of: dict[str, str | None],
                workers: int, progress: Progress | None = None) -> pl.DataFrame:
-    """Read, hash and decode ``paths`` (``workers`` threads, :data:`BATCH_FILES` at a time) into a facts frame."""
+    """Read, hash and decode ``paths`` into a facts frame, a batch at a time.
 
-    def one(path: str) -> tuple[str | None, int | None, int | None, str | None, str | None]:
-        try:
-            data = fs.cat_file(f"{base}/{path}")
-        except OSError as exc:  # permissions, a file removed meanwhile: this row only, not the run
-            return None, None, None, "unreadable", f"{type(exc).__name__}: {exc}"
-        return read_fact(data, path)
-
+    Local files: each thread reads, hashes and decodes its file (:data:`BATCH_FILES` per batch). Object
+    stores: a batch of :data:`REMOTE_BATCH_FILES` is fetched with one ``fs.cat`` (concurrent requests
+    inside fsspec's event loop, which threads calling ``cat_file`` one by one would serialise), then
+    hashed and decoded on ``workers`` threads.
+    """
+    local = is_local(fs)
     columns: list[list] = [[] for _ in range(5)]
     done = 0
-    for start in range(0, len(paths), BATCH_FILES):
-        for fact in parallel_map(one, paths[start:start + BATCH_FILES], workers):
+    size = BATCH_FILES if local else REMOTE_BATCH_FILES
+    for start in range(0, len(paths), size):
+        batch = paths[start:start + size]
+        blobs = {} if local else _fetch(fs, base, [p for p in batch if signature_of.get(p) is not None])
+
+        def one(path: str) -> tuple[str | None, int | None, int | None, str | None, str | None]:
+            if signature_of.get(path) is None:  # not in the listing (object stores) or gone since the scan
+                return None, None, None, "missing_file", f"{base}/{path} does not exist"
+            try:
+                data = fs.cat_file(f"{base}/{path}") if local else blobs[path]
+                if isinstance(data, BaseException):
+                    raise data
+            except OSError as exc:  # permissions, a file removed meanwhile: this row only, not the run
+                return None, None, None, "unreadable", f"{type(exc).__name__}: {exc}"
+            return read_fact(data, path)
+
+        for fact in parallel_map(one, batch, workers):
             for column, value in zip(columns, fact):
                 column.append(value)
             if progress:
@@ -163,6 +180,15 @@ def read_facts(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str], s
             done += 1
     return pl.DataFrame({"path": list(paths), "signature": [signature_of.get(p) for p in paths],
                          **dict(zip(("sha256", "width", "height", "reason", "detail"), columns))}, schema=FACT_SCHEMA)
+
+
+def _fetch(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str]) -> dict[str, bytes | BaseException]:
+    """``{path: bytes or the error reading it}`` of ``paths`` under ``base``, fetched together."""
+    if not paths:
+        return {}
+    fetched = fs.cat([f"{base}/{path}" for path in paths], on_error="return")
+    by_full = {key.split("://", 1)[-1]: value for key, value in fetched.items()}
+    return {path: by_full.get(f"{base}/{path}", FileNotFoundError(f"{base}/{path}")) for path in paths}
 
 
 def protocol(fs: fsspec.AbstractFileSystem) -> str:

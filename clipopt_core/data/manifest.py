@@ -52,6 +52,7 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     """
     root, manifest_name = _split_location(root)
     fs, base = fsspec.core.url_to_fs(root)
+    fs.invalidate_cache(base)  # object stores: list afresh, not from an earlier call's cached listing
     if not fs.isdir(base):
         raise ManifestError(f"image source {root!r} is not a folder (or is unreachable)")
     if manifest_name is None:
@@ -233,7 +234,7 @@ def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: obj
     full = f"{base}/{path}"
     if is_local(fs) and not guard.inside(full):
         return "path_escapes_root", f"{path!r} resolves outside the source root (symlink?)"
-    if not fs.exists(full):
+    if is_local(fs) and not fs.exists(full):  # elsewhere the facts' listing tells (no request per row)
         return "missing_file", f"{full} does not exist"
     if is_local(fs) and not os.path.isfile(full):  # a FIFO or device would block or never end
         return "not_a_regular_file", f"{full} is not a regular file"

@@ -1,5 +1,6 @@
 """Labelled tar shards and per-file facts on a real S3 server: shards listed and read in one pass, images opened
-later by one range read of their shard, and fingerprints from ETags (a changed object is read again)."""
+later by one range read of their shard, fingerprints from ETags (a changed object is read again), and missing
+objects found from one listing."""
 import fsspec
 import polars as pl
 
@@ -31,5 +32,13 @@ def test_shards_and_files_on_s3(s3, tmp_path, shapes_source):
         fs.pipe_file(target, (shapes_source / "blue_cross/0.png").read_bytes())  # new bytes: a new ETag
         assert src.fingerprint(files_url, cache_dir=cache) != before
         assert src.fingerprint(shards_url, cache_dir=cache) == src.fingerprint(shards_url)  # cached = cold
+
+        listed = pl.read_csv(shapes_source / "manifest.csv")
+        extra = pl.DataFrame([{**listed.row(0, named=True), "path": "nope/missing.png"}], schema=listed.schema)
+        fs.pipe_file(f"{files_url.removeprefix('s3://')}/manifest.csv", pl.concat([listed, extra]).write_csv().encode())
+        result = src.ingest_listing(src.scan_images(files_url), cache_dir=cache)
+        assert result.accepted.height == 47  # one listing, not a request per row, tells which objects exist
+        assert result.rejected.select("path", "reason").rows() == [  # blue_cross/0.png's bytes are red_circle/0.png's now
+            ("blue_cross/0.png", "duplicate_content_other_label"), ("nope/missing.png", "missing_file")]
     finally:
         fsspec.config.conf["s3"] = saved
