@@ -3,7 +3,8 @@
 A *fact* of a file is its SHA-256, and its ``width``/``height`` when it decodes, else the ``reason`` and
 ``detail`` of its rejection (:func:`~clipopt_core.data.images.decode_image`). Computing it reads the file
 once; reads, hashes and decodes run in a thread pool (``workers``; file reads, hashing and Pillow's
-decoders release the GIL), a bounded batch at a time so memory does not grow with the source.
+decoders release the GIL), a bounded batch at a time so the bytes in flight do not grow with the
+source; objects in a store are fetched a batch at a time with concurrent requests.
 
 Facts are kept per source root in a small parquet table under the cache folder, keyed by the file's
 *signature*: ``size:mtime_ns:ctime_ns:inode`` for a local file (what ``git`` trusts for its index), the
@@ -29,7 +30,9 @@ import polars as pl
 
 from clipopt_core.data.images import ImageRejected, decode_image
 
-DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's own default
+# one thread per core: decoding and hashing are CPU work (more threads measured slower on 2 cores,
+# docs/scaling.md); object-store latency is hidden by batched concurrent fetches, not by threads
+DEFAULT_WORKERS = max(1, min(32, os.cpu_count() or 1))
 BATCH_FILES = 4096  # files read per batch: bounds the bytes in flight and the futures held
 REMOTE_BATCH_FILES = 256  # objects fetched per request batch from an object store: bounds the bytes held
 FACT_SCHEMA = {"path": pl.String, "signature": pl.String, "sha256": pl.String, "width": pl.Int64,
