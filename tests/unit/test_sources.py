@@ -341,3 +341,18 @@ def test_retrieval_task_draws_weighted_sources_only_when_weighted(tmp_path: Path
     assert isinstance(sampler, SourceWeightedBatches) and sampler.draws_per_source() == [24, 8]
     plain = RetrievalTask(bundle, dataset, len(names), config, lambda b: 0.0)
     assert list(plain.batches(config.train, 0, 0).batch_sampler) == list(EpochBatches(32, 8, 0))
+
+
+@pytest.mark.slow
+def test_scale_ingest_benchmark_smoke(tmp_path: Path):
+    """benchmarks/scale_ingest.py runs end to end at smoke sizes and prints its ratios (no timing asserted)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "scale_ingest.py"), "--smoke",
+                           "--data", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ratios = dict(pair.split("=") for pair in done.stdout.strip().splitlines()[-1].removeprefix("RATIO ").split())
+    assert set(ratios) == {"ingest_vs_old", "ingest_w1_vs_old", "shards_vs_old", "parallel_vs_serial",
+                           "tick_warm_vs_full_hash"} and all(float(v) > 0 for v in ratios.values())
