@@ -99,18 +99,17 @@ def checked_with_facts(root: str, rows: pl.DataFrame, *, captions_only: bool = F
     fs, base = fsspec.core.url_to_fs(root)
     guard = RootGuard(base)
     seen: set[tuple[str, str]] = set()
-    paths, labels, reasons, details = [], [], [], []
+    columns: dict[str, list[str | None]] = {"path": [], "label": [], "problem": [], "problem_detail": []}
     for path, label in rows.select(pl.col("path").fill_null(""), "label").iter_rows():
         label_text = str(label or "").strip()
         key = (path, label_text if captions_only else "")
         problem = _row_problem(fs, base, path, label, key in seen, captions_only, guard)
         if problem is None:
             seen.add(key)
-        paths.append(path), labels.append(label_text or None)
-        reasons.append(problem[0] if problem else None), details.append(problem[1] if problem else None)
+        for name, value in zip(columns, (path, label_text or None, *(problem or (None, None)))):
+            columns[name].append(value)
     prefix = f"{base}/" if is_local(fs) else f"{protocol(fs)}://{base}/"
-    checked = rows.with_columns(pl.Series("path", paths, pl.String), pl.Series("label", labels, pl.String),
-                                pl.Series("problem", reasons, pl.String), pl.Series("problem_detail", details, pl.String))
+    checked = rows.with_columns(pl.Series(name, values, pl.String) for name, values in columns.items())
     readable = checked.filter(pl.col("problem").is_null())["path"].unique(maintain_order=True).to_list()
     facts = file_facts(root, readable, cache_dir=cache_dir, workers=workers, progress=progress).drop("signature")
     return (checked.join(facts, on="path", how="left", maintain_order="left")
