@@ -1,12 +1,17 @@
 """The data assets (raw_images → image_manifest → image_splits) from webdataset tar shards and from a
-two-source sources file, and stage 1 trained on the weighted sources, in-process with the tiny setup."""
+two-source sources file, and stage 1 trained on the weighted sources, in-process with the tiny setup; the
+retraining sensor on a warm facts cache."""
 import json
+import os
 
 import dagster as dg
 import polars as pl
 
 from clipopt_core.layout import Keys
 from clipopt_core.runtime.storage import ArtifactStore
+from clipopt_dagster.automation import new_images_sensor
+from clipopt_dagster.resources import ComputeResource, DataSourceResource
+from tests.conftest import write_shapes_source
 from tests.pipeline.conftest import tiny_resources, tiny_run_config
 from tests.reliability.conftest import assets_named
 from tests.unit.test_sources import write_label_shards, write_noise_shards
@@ -51,3 +56,29 @@ def test_two_weighted_sources_through_the_data_assets_and_stage1(tmp_path, shape
     trained = _metadata(result, "retrieval_encoder")["per_source"]
     assert [row["source"] for row in trained] == ["shapes", "web"] and [row["share"] for row in trained] == [0.25, 0.75]
     assert json.dumps(trained)  # reported as JSON metadata
+
+
+def _tick(instance: dg.DagsterInstance, cursor: str | None, resources: dict):
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        return new_images_sensor.evaluate_tick(context)
+
+
+def test_sensor_ignores_a_touch_and_retrains_on_new_bytes(tmp_path):
+    source = write_shapes_source(tmp_path / "shapes", per_class=2)
+    shards = write_label_shards(tmp_path / "shards", source)
+    instance = dg.DagsterInstance.ephemeral()
+    for images in (source, shards):
+        resources = {"sources": DataSourceResource(images=str(images), captions=None),
+                     "compute": ComputeResource(cache_dir=str(tmp_path / "cache"))}
+        first = _tick(instance, None, resources)
+        assert len(first.run_requests) == 1
+        target = images / "red_circle" / "0.png" if images == source else images / "part-000.tar"
+        data = bytearray(target.read_bytes())
+        os.utime(target, ns=(1, 1))  # touched: re-hashed, same content, no run
+        touched = _tick(instance, first.cursor, resources)
+        assert touched.run_requests == [] and "unchanged" in touched.skip_message
+        # same size, other bytes (in the shard: inside its first image, after the 512-byte tar header)
+        data[len(data) // 2 if images == source else 512 + 50] ^= 0xFF
+        target.write_bytes(bytes(data))
+        changed = _tick(instance, first.cursor, resources)
+        assert len(changed.run_requests) == 1 and changed.cursor != first.cursor
