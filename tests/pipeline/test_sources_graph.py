@@ -53,6 +53,8 @@ def test_two_weighted_sources_through_the_data_assets_and_stage1(tmp_path, shape
     assert "| web | 48 | 16 | 3.000 | 0.750 |" in manifest_meta["per_source"]
     splits = ArtifactStore(f"file://{tmp_path / 'artifacts'}").read_parquet(Keys.splits)
     assert splits.filter(pl.col("split") == "train")["source"].n_unique() == 2
+    per_split = _metadata(result, "image_splits")["per_source"]
+    assert "| train | shapes |" in per_split and "| train | web |" in per_split
     trained = _metadata(result, "retrieval_encoder")["per_source"]
     assert [row["source"] for row in trained] == ["shapes", "web"] and [row["share"] for row in trained] == [0.25, 0.75]
     assert json.dumps(trained)  # reported as JSON metadata
