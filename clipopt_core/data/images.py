@@ -5,10 +5,10 @@ Accepted: any format Pillow opens (PNG, JPEG, GIF (first frame), WebP, BMP, TIFF
 grayscale converted, transparency composited on white. Rejected (``ImageRejected`` with a
 short reason): empty or truncated files, non-images, decompression bombs, tiny images.
 
-Image locations (``uri``) are local paths, fsspec URLs, or members of an uncompressed tar shard,
-``<shard url>#offset=<bytes>&size=<bytes>&member=<name>`` (:func:`member_uri`), read with one range
-read of the shard (:func:`read_uri_bytes`): images in webdataset shards are used in place, never
-extracted (docs/scaling.md, "Ingest and sources").
+Image locations (``uri``) are local paths, fsspec URLs, or members of an uncompressed tar shard
+(:func:`clipopt_core.data.tar_shards.member_uri`), read with one range read of the shard
+(:func:`read_uri_bytes`): images in webdataset shards are used in place, never extracted
+(docs/scaling.md, "Ingest and sources").
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ import warnings
 import fsspec
 from PIL import Image, ImageOps
 
+from clipopt_core.data.tar_shards import is_member_uri, read_member
+
 MAX_PIXELS = 64_000_000  # ~8k x 8k; Pillow's own bomb guard is 89 M
 MIN_SIDE = 8
 SVG_RENDER_SIDE = 256
 SVG_EXTENSIONS = (".svg",)
-MEMBER_URI = re.compile(r"^(?P<shard>.+?\.tar)#offset=(?P<offset>\d+)&size=(?P<size>\d+)&member=(?P<member>.+)$")
 
 
 class ImageRejected(ValueError):
@@ -34,23 +35,12 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
-def member_uri(shard: str, offset: int, size: int, member: str) -> str:
-    """The ``uri`` of the tar member whose ``size`` bytes start at byte ``offset`` of ``shard``."""
-    return f"{shard}#offset={offset}&size={size}&member={member}"
-
-
 def read_uri_bytes(uri: str) -> bytes:
-    """The bytes at ``uri``: a whole file (local path or fsspec URL) or a tar member (:func:`member_uri`)."""
-    match = MEMBER_URI.match(uri)
-    if match is None:
-        with fsspec.open(uri, "rb") as handle:
-            return handle.read()
-    fs, path = fsspec.core.url_to_fs(match["shard"])
-    start = int(match["offset"])
-    data = fs.cat_file(path, start=start, end=start + int(match["size"]))
-    if len(data) != int(match["size"]):
-        raise OSError(f"{uri}: shard ended after {len(data)} of {match['size']} bytes (re-ingest the shard)")
-    return data
+    """The bytes at ``uri``: a whole file (local path or fsspec URL) or one tar member (one range read)."""
+    if is_member_uri(uri):
+        return read_member(uri)
+    with fsspec.open(uri, "rb") as handle:
+        return handle.read()
 
 
 def decode_image(data: bytes, *, name: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:

@@ -5,7 +5,7 @@ a folder of ``.tar`` files, :func:`clipopt_core.data.tar_shards.expand_shards`):
 ``<key>.<image ext>`` plus ``<key>.cls`` (an integer or a text label) or ``<key>.json`` with a
 ``"label"`` (optional ``"caption"``, ``"category"``), and an optional ``<key>.txt`` caption. Each shard is
 streamed once: every image is hashed and decoded in a thread pool, and its row keeps the member's byte
-range in the shard as its ``uri`` (:func:`clipopt_core.data.images.member_uri`), so training and
+range in the shard as its ``uri`` (:func:`clipopt_core.data.tar_shards.member_uri`), so training and
 evaluation later read each image with one range read of the shard, local or S3, and nothing is
 extracted or copied (docs/scaling.md, "Ingest and sources"). A shard's rows are cached under the
 cache folder by the shard's signature (size + mtime, or ETag), so an unchanged shard is not read again.
@@ -39,8 +39,7 @@ import yaml
 from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import (DEFAULT_WORKERS, Progress, parallel_map, read_fact, signatures,
                                          write_atomically)
-from clipopt_core.data.images import member_uri
-from clipopt_core.data.tar_shards import BRACE_RANGE, ShardError, expand_shards, iter_samples
+from clipopt_core.data.tar_shards import BRACE_RANGE, ShardError, expand_shards, iter_samples, member_uri
 
 SOURCES_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 SHARD_IMAGE_EXTENSIONS = tuple(ext.lstrip(".") for ext in mf.IMAGE_EXTENSIONS)
@@ -269,7 +268,7 @@ def _listed(url: str, folder: Path | None, key: str, workers: int) -> tuple[pl.D
 def _read_shard(url: str, workers: int) -> pl.DataFrame:
     """Stream one shard: labels from ``.cls``/``.json``, images hashed and decoded ``DECODE_WINDOW`` at a time."""
     columns: dict[str, list] = {name: [] for name in LISTING_SCHEMA}
-    for window in _windows(iter_samples(url, offsets=True), DECODE_WINDOW):
+    for window in _windows(iter_samples(url), DECODE_WINDOW):
         parsed = [_parse_sample(sample) for sample in window]
         facts = parallel_map(_sample_fact, parsed, workers)
         for (row, _, _), fact in zip(parsed, facts):
@@ -301,8 +300,7 @@ def _parse_sample(sample: dict[str, Any]) -> tuple[dict[str, Any], bytes | None,
         row.update(reason="missing_image", detail=f"{where} has no image member ({members}); expected one of "
                                                   f"{list(SHARD_IMAGE_EXTENSIONS)}")
         return row, None, where
-    offset, size = sample["__offsets__"][ext]
-    row["uri"] = member_uri(url, offset, size, f"{key}.{ext}")
+    row["uri"] = member_uri(sample, ext)  # a compressed shard raises: its members have no byte range
     meta, problem = _label_of(sample, where)
     row.update(label=meta.get("label"), category=meta.get("category"),
                caption=meta.get("caption") or (sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else None))

@@ -31,7 +31,7 @@ def test_data_assets_from_tar_shards(tmp_path, shapes_source):
     store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
     manifest = store.read_parquet(Keys.manifest)
     assert manifest.height == pl.read_csv(shapes_source / "manifest.csv").height
-    assert manifest["uri"].str.contains(r"\.tar#offset=\d+&size=\d+&member=").all()
+    assert manifest["uri"].str.contains(r"\.tar#\d+\.png@\d+\+\d+$").all()
     assert _metadata(result, "image_manifest")["rejected"] == 0
     splits = store.read_parquet(Keys.splits)
     assert set(splits["split"]) == {"train", "val", "test"}

@@ -22,7 +22,7 @@ def test_shards_and_files_on_s3(s3, tmp_path, shapes_source):
         configure_s3_defaults(s3.endpoint_url, s3.key, s3.secret)
         cache = tmp_path / "cache"
         accepted = src.ingest_listing(src.scan_images(shards_url, cache_dir=cache), cache_dir=cache).accepted
-        assert accepted.height == 48 and accepted["uri"].str.starts_with(f"{shards_url}/part-000.tar#offset=").any()
+        assert accepted.height == 48 and accepted["uri"].str.starts_with(f"{shards_url}/part-000.tar#00000.png@").any()
         first = pl.read_csv(shapes_source / "manifest.csv")["path"][0]
         assert load_image(accepted["uri"][0]).tobytes() == decode_image((shapes_source / first).read_bytes()).tobytes()
 

@@ -97,7 +97,7 @@ def test_shard_source_rows_open_in_place_with_their_labels(tmp_path: Path, shape
     assert sorted(result.accepted["label"].unique()) == sorted(manifest["label"].unique())
     first = result.accepted.row(0, named=True)
     original = (shapes / manifest["path"][0]).read_bytes()
-    assert first["uri"].startswith(f"{shards}/part-000.tar#offset=") and first["label"] == manifest["label"][0]
+    assert first["uri"].startswith(f"{shards}/part-000.tar#00000.png@") and first["label"] == manifest["label"][0]
     assert load_image(first["uri"]).tobytes() == decode_image(original).tobytes()  # one range read, no extraction
 
 
