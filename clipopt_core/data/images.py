@@ -4,13 +4,22 @@ Accepted: any format Pillow opens (PNG, JPEG, GIF (first frame), WebP, BMP, TIFF
 (rendered with resvg). Normalisation: EXIF orientation applied, palette/alpha/CMYK/16-bit/
 grayscale converted, transparency composited on white. Rejected (``ImageRejected`` with a
 short reason): empty or truncated files, non-images, decompression bombs, tiny images.
+
+Image locations (``uri``) are local paths, fsspec URLs, or members of an uncompressed tar shard
+(:func:`clipopt_core.data.tar_shards.member_uri`), read with one range read of the shard
+(:func:`read_uri_bytes`): images in webdataset shards are used in place, never extracted
+(docs/scaling.md, "Ingest and sources").
 """
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
+import fsspec
 from PIL import Image, ImageOps
+
+from clipopt_core.data.tar_shards import is_member_uri, read_member
 
 MAX_PIXELS = 64_000_000  # ~8k x 8k; Pillow's own bomb guard is 89 M
 MIN_SIDE = 8
@@ -24,6 +33,14 @@ class ImageRejected(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """The bytes at ``uri``: a whole file (local path or fsspec URL) or one tar member (one range read)."""
+    if is_member_uri(uri):
+        return read_member(uri)
+    with fsspec.open(uri, "rb") as handle:
+        return handle.read()
 
 
 def decode_image(data: bytes, *, name: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -48,7 +65,8 @@ def decode_image(data: bytes, *, name: str = "", max_pixels: int = MAX_PIXELS) -
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("too_large", str(exc)) from exc
         except Exception as exc:  # Pillow raises UnidentifiedImageError and assorted errors
-            raise ImageRejected("not_an_image", f"{type(exc).__name__}: {exc}") from exc
+            message = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))  # run-independent detail
+            raise ImageRejected("not_an_image", f"{type(exc).__name__}: {message}") from exc
     width, height = image.size
     if width * height > max_pixels:
         raise ImageRejected("too_large", f"{width}x{height} exceeds {max_pixels} pixels")

@@ -8,7 +8,11 @@ A source is a folder (local path or fsspec URL) in one of two layouts:
 
 Validated manifest columns: ``image_id`` (content hash prefix), ``uri`` (absolute),
 ``path``, ``label``, ``caption``, ``category`` (defaults to label), ``source``,
-``sha256``, ``width``, ``height``. Rejected rows: ``path``, ``reason``, ``detail``.
+``sha256``, ``width``, ``height`` (and ``source_weight`` from a sources file that sets weights,
+:mod:`clipopt_core.data.sources`). Rejected rows: ``path``, ``reason``, ``detail``.
+
+Each file is read once, in a thread pool, and its facts (content hash, decode result) are kept in a
+cache keyed by its signature (:mod:`clipopt_core.data.file_facts`); rows are assembled as columns.
 """
 from __future__ import annotations
 
@@ -16,17 +20,18 @@ import hashlib
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import fsspec
 import polars as pl
 
-from clipopt_core.data.images import ImageRejected, decode_image
+from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, file_facts, is_local, protocol
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg")
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("caption", "category", "source")
 MANIFEST_NAMES = ("manifest.parquet", "manifest.csv")
+FACT_COLUMNS = ("sha256", "width", "height", "reason", "detail")
 
 
 class ManifestError(ValueError):
@@ -47,6 +52,7 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     """
     root, manifest_name = _split_location(root)
     fs, base = fsspec.core.url_to_fs(root)
+    fs.invalidate_cache(base)  # object stores: list afresh, not from an earlier call's cached listing
     if not fs.isdir(base):
         raise ManifestError(f"image source {root!r} is not a folder (or is unreachable)")
     if manifest_name is None:
@@ -62,12 +68,15 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     raise ManifestError(f"unknown layout {layout!r}; use 'auto', 'folders' or 'manifest'")
 
 
-def ingest(root: str, rows: pl.DataFrame, *, captions_only: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> IngestResult:
+def ingest(root: str, rows: pl.DataFrame, *, captions_only: bool = False, progress: Progress | None = None,
+           workers: int = DEFAULT_WORKERS, cache_dir: Path | str | None = None) -> IngestResult:
     """Validate ``rows`` of a source: safe paths, labels, decodable images, duplicates.
 
     Never reads a path outside ``root``. The run goes on past bad rows; each lands in
     ``rejected`` with its reason. Raises :class:`ManifestError` when nothing is usable.
+    Each distinct file is read once (``workers`` threads, :func:`~clipopt_core.data.file_facts.file_facts`;
+    with ``cache_dir``, not at all when its facts are cached under the same signature).
+    ``progress(done, total)`` is called for each file read.
 
     ``captions_only`` (rows from ``scan_source(..., captions_only=True)``): every (image, caption)
     pair is kept -- several captions per image (COCO/Flickr style) are several rows. Only a
@@ -76,59 +85,74 @@ def ingest(root: str, rows: pl.DataFrame, *, captions_only: bool = False,
     the earlier path's ``uri``). Otherwise a path may appear once, and the same bytes under
     another label are rejected (``duplicate_content_other_label``).
     """
+    return assemble(checked_with_facts(root, rows, captions_only=captions_only, progress=progress, workers=workers,
+                                       cache_dir=cache_dir), captions_only=captions_only, where=root)
+
+
+def checked_with_facts(root: str, rows: pl.DataFrame, *, captions_only: bool = False,
+                       progress: Progress | None = None, workers: int = DEFAULT_WORKERS,
+                       cache_dir: Path | str | None = None) -> pl.DataFrame:
+    """``rows`` with their ``uri`` and the facts of their files (:data:`FACT_COLUMNS`) for :func:`assemble`.
+
+    ``reason``/``detail`` hold the first problem of a row: its path or label (never read), else its image's.
+    """
     fs, base = fsspec.core.url_to_fs(root)
-    accepted: list[dict] = []
-    rejected: list[dict] = []
+    guard = RootGuard(base)
     seen: set[tuple[str, str]] = set()
-    images: dict[str, tuple[str, tuple[int, int]] | tuple[str, str]] = {}  # path -> (digest, size) | (reason, detail)
-    content_owner: dict[str, tuple[str, str]] = {}  # digest -> (first path, its label)
-    for number, row in enumerate(rows.iter_rows(named=True)):
-        if progress:
-            progress(number, rows.height)
-        path = str(row["path"] or "")
-        label = str(row["label"] or "").strip()
-        key = (path, label if captions_only else "")
-        reason = _row_problem(fs, base, path, row["label"], key in seen, captions_only)
-        if reason:
-            rejected.append({"path": path, "reason": reason[0], "detail": reason[1]})
-            continue
-        seen.add(key)
-        if path not in images:
-            images[path] = _read_image(fs, base, path)
-        digest, size = images[path]
-        if not isinstance(size, tuple):  # (reason, detail) of an image that could not be read
-            rejected.append({"path": path, "reason": digest, "detail": size})
-            continue
-        owner_path, owner_label = content_owner.setdefault(digest, (path, label))
-        if not captions_only and owner_label != label:
-            rejected.append({"path": path, "reason": "duplicate_content_other_label",
-                             "detail": f"same bytes as an image labelled {owner_label!r}"})
-            continue
-        stored_path = owner_path if captions_only else path
-        uri = f"{base}/{stored_path}" if _is_local(fs) else f"{_protocol(fs)}://{base}/{stored_path}"
-        accepted.append({
-            "image_id": digest[:20], "uri": uri, "path": stored_path, "label": label,
-            "caption": _clean(row.get("caption")), "category": _clean(row.get("category")) or label,
-            "source": _clean(row.get("source")) or "default", "sha256": digest,
-            "width": size[0], "height": size[1],
-        })
-    if not accepted:
-        reasons = pl.DataFrame(rejected)["reason"].value_counts().rows() if rejected else []
-        raise ManifestError(f"no usable image in {root!r} ({rows.height} rows; rejections: {reasons})")
-    frame = pl.DataFrame(accepted).unique(subset=["image_id", "label"], keep="first", maintain_order=True)
-    return IngestResult(frame, pl.DataFrame(rejected, schema={"path": pl.String, "reason": pl.String, "detail": pl.String}))
+    columns: dict[str, list[str | None]] = {"path": [], "label": [], "problem": [], "problem_detail": []}
+    for path, label in rows.select(pl.col("path").fill_null(""), "label").iter_rows():
+        label_text = str(label or "").strip()
+        key = (path, label_text if captions_only else "")
+        problem = _row_problem(fs, base, path, label, key in seen, captions_only, guard)
+        if problem is None:
+            seen.add(key)
+        for name, value in zip(columns, (path, label_text or None, *(problem or (None, None)))):
+            columns[name].append(value)
+    prefix = f"{base}/" if is_local(fs) else f"{protocol(fs)}://{base}/"
+    checked = rows.with_columns(pl.Series(name, values, pl.String) for name, values in columns.items())
+    readable = checked.filter(pl.col("problem").is_null())["path"].unique(maintain_order=True).to_list()
+    facts = file_facts(root, readable, cache_dir=cache_dir, workers=workers, progress=progress).drop("signature")
+    return (checked.join(facts, on="path", how="left", maintain_order="left")
+            .with_columns(pl.coalesce("problem", "reason").alias("reason"),
+                          pl.coalesce("problem_detail", "detail").alias("detail"),
+                          (pl.lit(prefix) + pl.col("path")).alias("uri"))
+            .drop("problem", "problem_detail"))
 
 
-def _read_image(fs: fsspec.AbstractFileSystem, base: str, path: str) -> tuple[str, tuple[int, int]] | tuple[str, str]:
-    """``(sha256 hex, (width, height))`` of a decodable image, else ``(reason, detail)`` of its rejection."""
-    try:
-        data = fs.cat_file(f"{base}/{path}")
-        image = decode_image(data, name=path)
-    except ImageRejected as exc:
-        return exc.reason, str(exc)
-    except OSError as exc:  # permissions, a file removed meanwhile: this row only, not the run
-        return "unreadable", f"{type(exc).__name__}: {exc}"
-    return hashlib.sha256(data).hexdigest(), image.size
+def assemble(frame: pl.DataFrame, *, captions_only: bool = False, where: str = "the source") -> IngestResult:
+    """Accepted and rejected rows from rows with facts (``path``, ``label``, ``uri``, :data:`FACT_COLUMNS`, …).
+
+    Row order is kept; the first row with some bytes owns them (its label, its path and ``uri``).
+    Columnar throughout: no per-row Python objects, whatever the size of the source.
+    """
+    frame = frame.with_row_index("row")
+    for column in (*OPTIONAL_COLUMNS, "source_weight"):
+        if column not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=pl.Float64 if column == "source_weight" else pl.String)
+                                       .alias(column))
+    good = frame.filter(pl.col("reason").is_null()).with_columns(
+        pl.col(c).first().over("sha256").alias(f"owner_{c}") for c in ("label", "path", "uri"))
+    conflicts = (good.filter(pl.col("owner_label") != pl.col("label")) if not captions_only
+                 else good.clear())
+    conflicts = conflicts.with_columns(
+        pl.lit("duplicate_content_other_label").alias("reason"),
+        pl.format("same bytes as an image labelled '{}'", pl.col("owner_label")).alias("detail"))
+    good = good.join(conflicts.select("row"), on="row", how="anti", maintain_order="left")
+    if captions_only:
+        good = good.with_columns(pl.col("owner_path").alias("path"), pl.col("owner_uri").alias("uri"))
+    rejected = (pl.concat([frame.filter(pl.col("reason").is_not_null()).select("row", "path", "reason", "detail"),
+                           conflicts.select("row", "path", "reason", "detail")])
+                .sort("row").drop("row"))
+    if good.height == 0:
+        reasons = rejected["reason"].value_counts(sort=True).rows()
+        raise ManifestError(f"no usable image in {where!r} ({frame.height} rows; rejections: {reasons})")
+    clean = [pl.col(c).str.strip_chars().replace("", None) for c in OPTIONAL_COLUMNS]
+    accepted = good.with_columns(*clean).select(
+        pl.col("sha256").str.slice(0, 20).alias("image_id"), "uri", "path", "label", "caption",
+        pl.coalesce("category", "label").alias("category"), pl.col("source").fill_null("default"),
+        "sha256", "width", "height", *(["source_weight"] if good["source_weight"].is_not_null().any() else []))
+    accepted = accepted.unique(subset=["image_id", "label"], keep="first", maintain_order=True)
+    return IngestResult(accepted, rejected.cast({c: pl.String for c in rejected.columns}))
 
 
 def split_by_class(manifest: pl.DataFrame, *, val_fraction: float, test_fraction: float, seed: int = 0) -> pl.DataFrame:
@@ -149,24 +173,33 @@ def split_by_class(manifest: pl.DataFrame, *, val_fraction: float, test_fraction
     return manifest.with_columns(pl.col("label").map_elements(_split, return_dtype=pl.String).alias("split"))
 
 
-def source_fingerprint(rows: pl.DataFrame, root: str) -> str:
+def source_fingerprint(rows: pl.DataFrame, root: str, *, cache_dir: Path | str | None = None,
+                       workers: int = DEFAULT_WORKERS) -> str:
     """Content fingerprint of a source: hash over (path, label, caption, category, file sha256).
 
-    Changes when an image is added, removed, relabelled or its bytes change; unreadable
-    files hash as empty so the fingerprint still moves when they are fixed. Paths that
-    escape the root (``..``, absolute, symlinks out) or are not regular files are never
-    opened: they hash as empty too (:func:`ingest` rejects them).
+    Changes when an image is added, removed, relabelled or its bytes change; a ``touch`` without a
+    change leaves it as it was. Unreadable files hash as empty so the fingerprint still moves when
+    they are fixed. Paths that escape the root (``..``, absolute, symlinks out) or are not regular
+    files are never opened: they hash as empty too (:func:`ingest` rejects them). The file hashes
+    come from :func:`~clipopt_core.data.file_facts.file_facts`: with ``cache_dir`` a file is read only
+    when its signature (size, mtime, …) changed, so a tick over an unchanged source only stats files.
     """
     fs, base = fsspec.core.url_to_fs(source_root(root))
-    digest = hashlib.sha256()
-    for row in rows.sort("path").iter_rows(named=True):
-        path = str(row["path"] or "")
-        try:
-            content = hashlib.sha256(fs.cat_file(f"{base}/{path}")).hexdigest() if _safe_to_read(fs, base, path) else ""
-        except (OSError, ValueError):
-            content = ""
-        digest.update(repr((row["path"], row["label"], row["caption"], row["category"], content)).encode())
-    return digest.hexdigest()[:24]
+    paths = rows["path"].fill_null("").unique(maintain_order=True).to_list()
+    guard = RootGuard(base)
+    safe = [path for path in paths if _safe_to_read(fs, base, path, guard)]
+    facts = file_facts(source_root(root), safe, cache_dir=cache_dir, workers=workers).select("path", "sha256")
+    table = (rows.select(pl.col("path").fill_null(""), "label", "caption", "category").sort("path", maintain_order=True)
+             .join(facts, on="path", how="left", maintain_order="left").with_columns(pl.col("sha256").fill_null("")))
+    return frame_hash(table)[:24]
+
+
+def frame_hash(frame: pl.DataFrame, chunk_rows: int = 100_000) -> str:
+    """sha256 (hex) of a frame's column names and values as CSV, in row order, ``chunk_rows`` at a time."""
+    digest = hashlib.sha256(",".join(frame.columns).encode())
+    for start in range(0, frame.height, chunk_rows):
+        digest.update(frame.slice(start, chunk_rows).write_csv(include_header=False).encode())
+    return digest.hexdigest()
 
 
 def class_stats(manifest: pl.DataFrame) -> dict[str, int]:
@@ -181,7 +214,7 @@ def class_stats(manifest: pl.DataFrame) -> dict[str, int]:
 
 
 def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: object, repeated: bool,
-                 captions_only: bool) -> tuple[str, str] | None:
+                 captions_only: bool, guard: RootGuard) -> tuple[str, str] | None:
     """First reason a row is unusable before its bytes are read, or ``None`` (``repeated``: its key was seen)."""
     if not path:
         return "missing_path", "empty path"
@@ -198,13 +231,11 @@ def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: obj
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         return "not_an_image", f"extension not one of {IMAGE_EXTENSIONS}"
     full = f"{base}/{path}"
-    if _is_local(fs):
-        real_root = os.path.realpath(base)
-        if not os.path.realpath(full).startswith(real_root + os.sep):
-            return "path_escapes_root", f"{path!r} resolves outside the source root (symlink?)"
-    if not fs.exists(full):
+    if is_local(fs) and not guard.inside(full):
+        return "path_escapes_root", f"{path!r} resolves outside the source root (symlink?)"
+    if is_local(fs) and not fs.exists(full):  # elsewhere the facts' listing tells (no request per row)
         return "missing_file", f"{full} does not exist"
-    if _is_local(fs) and not os.path.isfile(full):  # a FIFO or device would block or never end
+    if is_local(fs) and not os.path.isfile(full):  # a FIFO or device would block or never end
         return "not_a_regular_file", f"{full} is not a regular file"
     return None
 
@@ -215,27 +246,36 @@ def _escapes_lexically(path: str) -> bool:
     return posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or ":" in path.split("/")[0]
 
 
-def _safe_to_read(fs: fsspec.AbstractFileSystem, base: str, path: str) -> bool:
+def _safe_to_read(fs: fsspec.AbstractFileSystem, base: str, path: str, guard: RootGuard) -> bool:
     """Whether ``path`` is relative, stays inside ``base`` (symlinks resolved) and is a regular file."""
     if not path or "\x00" in path or _escapes_lexically(path):
         return False
-    if not _is_local(fs):
+    if not is_local(fs):
         return True
     full = f"{base}/{path}"
-    return os.path.realpath(full).startswith(os.path.realpath(base) + os.sep) and os.path.isfile(full)
+    return guard.inside(full) and os.path.isfile(full)
 
 
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+class RootGuard:
+    """Tells whether local paths resolve inside ``base``, for one pass over a source.
 
+    The real path of each folder is resolved once per pass (``realpath`` per file was most of a
+    fingerprint's cost); a file that is itself a symlink is always resolved in full.
+    """
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return _protocol(fs) in ("file", "local")
+    def __init__(self, base: str) -> None:
+        self.real_root = os.path.realpath(base)
+        self._folders: dict[str, str] = {}
 
-
-def _clean(value: object) -> str | None:
-    text = None if value is None else str(value).strip()
-    return text or None
+    def inside(self, full: str) -> bool:
+        folder, _, name = full.rpartition("/")
+        if name in ("", ".", "..") or os.path.islink(full):
+            real = os.path.realpath(full)
+        else:
+            if folder not in self._folders:
+                self._folders[folder] = os.path.realpath(folder)
+            real = f"{self._folders[folder]}/{name}"
+        return real.startswith(self.real_root + os.sep)
 
 
 def source_root(location: str) -> str:
@@ -268,13 +308,27 @@ def _read_manifest_file(fs: fsspec.AbstractFileSystem, base: str, location: str,
 
 
 def _scan_class_folders(fs: fsspec.AbstractFileSystem, base: str) -> pl.DataFrame:
-    rows = []
-    for full in sorted(fs.find(base)):
-        relative = full[len(base):].lstrip("/")
-        parts = relative.split("/")
-        if len(parts) != 2 or not parts[1].lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        rows.append({"path": relative, "label": parts[0].replace("_", " "), "caption": None, "category": None, "source": None})
-    if not rows:
+    paths = [path for path in _two_level_files(fs, base) if path.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
         raise ManifestError(f"no images found in class folders under {base!r} (expected root/<label>/<image>)")
-    return pl.DataFrame(rows, schema={c: pl.String for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)})
+    labels = [path.split("/", 1)[0].replace("_", " ") for path in paths]
+    empty = pl.lit(None, dtype=pl.String)
+    return pl.DataFrame({"path": paths, "label": labels}, schema={"path": pl.String, "label": pl.String}).with_columns(
+        empty.alias("caption"), empty.alias("category"), empty.alias("source"))
+
+
+def _two_level_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
+    """Sorted ``<folder>/<file>`` paths (files: anything but a folder) two levels under ``base``.
+
+    Local: two ``scandir`` levels (symlinked folders followed like ``fs.find``), not a walk of the tree.
+    """
+    if not is_local(fs):
+        relative = (full[len(base):].lstrip("/") for full in fs.find(base))
+        return sorted(path for path in relative if path.count("/") == 1)
+    found: list[str] = []
+    with os.scandir(base) as folders:
+        for folder in folders:
+            if folder.is_dir():
+                with os.scandir(folder.path) as files:
+                    found += [f"{folder.name}/{entry.name}" for entry in files if not entry.is_dir()]
+    return sorted(found)

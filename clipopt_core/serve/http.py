@@ -24,14 +24,13 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, AsyncIterator
 
-import fsspec
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 
-from clipopt_core.data.images import MAX_PIXELS, ImageRejected, decode_image
+from clipopt_core.data.images import MAX_PIXELS, ImageRejected, decode_image, read_uri_bytes
 from clipopt_core.serve.live import PREFIXES, LiveIndexes, Pair, QueryBatcher
 from clipopt_core.serve.search import check_image
 
@@ -226,8 +225,7 @@ async def _upload(request: Request, limit: int) -> bytes:
 @lru_cache(maxsize=4096)
 def _thumbnail(uri: str, size: int) -> bytes:
     """JPEG bytes of the image at ``uri`` (a gallery URI), fitted into ``size``×``size`` px."""
-    with fsspec.open(uri, "rb") as handle:
-        image = decode_image(handle.read(), name=uri)
+    image = decode_image(read_uri_bytes(uri), name=uri)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)

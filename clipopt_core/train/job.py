@@ -172,7 +172,8 @@ def stage_metadata(store: ArtifactStore, key: str, stage: Stage, sidecar: dict[s
     """The metadata the training assets report, from a checkpoint's sidecar (scalars + the last 20 validations)."""
     history = [{"step": e["step"], "val_score": e["val_score"]} for e in sidecar.get("validation_history", [])][-20:]
     scalars = {k: v for k, v in sidecar.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    return {**scalars, "uri": store.url(key), "variant": stage.variant,
+    per_source = {"per_source": sidecar["per_source"]} if sidecar.get("per_source") else {}  # images/classes/share
+    return {**scalars, **per_source, "uri": store.url(key), "variant": stage.variant,
             "stopped_early": bool(sidecar.get("stopped_early", False)), "validation_history": history}
 
 

@@ -17,6 +17,7 @@ import torch
 
 from clipopt_core.runtime import distributed
 from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
+from clipopt_core.data.sources import source_counts, source_weights
 from clipopt_core.models.encode import embed_images, embed_texts
 from clipopt_core.evaluate.protocol import caption_benchmark, validation_caption_t2i, validation_map
 from clipopt_core.models.loading import ClipBundle, ModelSpec, export_checkpoint, load_model
@@ -65,9 +66,11 @@ def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: Retrieva
         caption_embeddings, captions_of = _caption_matrix(bundle, train, pseudo_captions, device)
     validate = validation_map(val, device=device, max_images=config.val_max_images, seed=config.train.seed)
     with seeded(config.train.seed):  # the ArcMargin proxies' init must not depend on the process' RNG state
-        task = RetrievalTask(bundle, dataset, len(class_names), config, validate, caption_embeddings, captions_of)
+        task = RetrievalTask(bundle, dataset, len(class_names), config, validate, caption_embeddings, captions_of,
+                             source_weights(train))
     summary = {"stage": stage, "train_images": train.height, "train_classes": len(class_names),
-               "val_images": val.height, "config": asdict(config), "identity": identity}
+               "val_images": val.height, "config": asdict(config), "identity": identity,
+               "per_source": source_counts(train).to_dicts()}
     result = fit(task, config.train, work_dir, device=device, log=log)
     return _export(bundle, work_dir, summary, result)
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from clipopt_core.runtime import distributed
 
 from clipopt_core.models import towers
-from clipopt_core.data.datasets import EpochBatches, ImageDataset, epoch_generator
+from clipopt_core.data.datasets import EpochBatches, ImageDataset, SourceWeightedBatches, epoch_generator
 from clipopt_core.train.losses import ArcMarginLoss, MultiCaptionArcMarginLoss, SymmetricInfoNCE
 from clipopt_core.models.loading import ClipBundle
 from clipopt_core.train.config import RealignConfig, RetrievalConfig, TrainConfig
@@ -36,11 +36,14 @@ class RetrievalTask:
             bounded, fixed subset of the validation split (``val_max_images``; docs/method.md#validation).
         caption_embeddings: MCIP only, frozen text embeddings [P, D] of all pseudo-captions.
         captions_of: MCIP only, for each training item the caption rows it owns (0–top_k).
+        source_weights: several weighted sources only, (source number of each item, weight of each
+            source): batches from :class:`SourceWeightedBatches` instead of :class:`EpochBatches`.
     """
 
     def __init__(self, bundle: ClipBundle, dataset: ImageDataset, num_classes: int, config: RetrievalConfig,
                  validate_fn: Any, caption_embeddings: torch.Tensor | None = None,
-                 captions_of: Sequence[Sequence[int]] | None = None) -> None:
+                 captions_of: Sequence[Sequence[int]] | None = None,
+                 source_weights: tuple[Sequence[int], Sequence[float]] | None = None) -> None:
         if config.mc_weight and (caption_embeddings is None or captions_of is None):
             raise ValueError("mc_weight > 0 (MCIP) needs caption_embeddings and captions_of")
         self.bundle, self.dataset, self.config, self._validate_fn = bundle, dataset, config, validate_fn
@@ -60,6 +63,7 @@ class RetrievalTask:
         self.modules = nn.ModuleDict({"model": model, "arc": self.arc})
         self._captions = caption_embeddings
         self._captions_of = [torch.as_tensor(list(rows), dtype=torch.long) for rows in captions_of] if captions_of else None
+        self._source_weights = source_weights
 
     def _visual_trainable(self, model: nn.Module) -> list[nn.Parameter]:
         params = towers.visual_parameters(model, freeze_norm=self.config.freeze_norm)
@@ -93,7 +97,10 @@ class RetrievalTask:
         return len(self.dataset) // config.batch_size
 
     def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[Any]:
-        sampler = EpochBatches(len(self.dataset), config.batch_size, config.seed, epoch, start_step)
+        if self._source_weights is None:
+            sampler = EpochBatches(len(self.dataset), config.batch_size, config.seed, epoch, start_step)
+        else:
+            sampler = SourceWeightedBatches(*self._source_weights, config.batch_size, config.seed, epoch, start_step)
         sampler = distributed.shard_batches(sampler)  # under torchrun: this rank's slice of each global batch
         # own generator: creating the loader must not draw from the global RNG (resumed runs would diverge)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate,

@@ -24,8 +24,8 @@ GPU = "clipopt_gpu"
 # asset → (sorted parents, group, sorted checks, pool or None, code version).
 # An intended graph change updates this literal; an accidental one fails the test.
 GRAPH = {
-    "raw_images": ([], "data", [], None, "1"),
-    "image_manifest": (["raw_images"], "data", ["manifest_valid"], None, "1"),
+    "raw_images": ([], "data", [], None, "2"),
+    "image_manifest": (["raw_images"], "data", ["manifest_valid"], None, "2"),
     "image_splits": (["image_manifest"], "data", [], None, "1"),
     "caption_corpus": (["image_splits"], "data", [], None, "2"),
     "base_model": ([], "models", [], None, "1"),
