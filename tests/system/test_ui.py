@@ -104,14 +104,17 @@ class DagsterDev:
         assert "errors" not in body, body["errors"]
         return body["data"]
 
-    def launch(self, selection: list[str] | None, run_config: dict) -> str:
-        """``launchRun`` of the implicit asset job with ``selection``, or (``None``) of ``retraining_job``:
-        every asset, every gallery shard."""
+    def launch(self, selection: list[str] | None, run_config: dict, partition: str | None = None) -> str:
+        """``launchRun`` of the implicit asset job with ``selection`` (of one ``partition``), or (``None``) of
+        ``retraining_job``: every asset, every gallery shard."""
         selector: dict[str, Any] = {"repositoryLocationName": self.location, "repositoryName": self.repository,
                                     "jobName": "retraining_job" if selection is None else "__ASSET_JOB"}
         if selection is not None:
             selector["assetSelection"] = [{"path": [name]} for name in selection]
-        result = self.graphql(LAUNCH_RUN, {"executionParams": {"selector": selector, "runConfigData": run_config}})
+        params: dict[str, Any] = {"selector": selector, "runConfigData": run_config}
+        if partition is not None:
+            params["executionMetadata"] = {"tags": [{"key": "dagster/partition", "value": partition}]}
+        result = self.graphql(LAUNCH_RUN, {"executionParams": params})
         launched = result["launchRun"]
         assert launched["__typename"] == "LaunchRunSuccess", launched
         return launched["run"]["runId"]
@@ -290,6 +293,30 @@ def test_ui_shows_the_evaluation_report_after_the_full_graph(dagster_dev, page):
     dialog.get_by_role("button", name="Close").click()
     expect(page.get_by_text("report_uri", exact=True)).to_be_visible()
     shot(page, "06_evaluation_report_page")
+
+
+def test_ui_shows_table1_for_the_benchmarks_present(dagster_dev, page, tmp_path):
+    """After the full graph: two Table 1 columns from miniature official layouts, one without a root (skipped,
+    not failed), then ``table1_report``, whose markdown table the asset page shows."""
+    from playwright.sync_api import expect
+
+    from tests.unit.test_benchmark_suite_loaders import cub_layout, gpr1200_layout
+
+    roots = {"gpr1200": str(gpr1200_layout(tmp_path / "gpr1200")), "cub200": str(cub_layout(tmp_path / "cub"))}
+    suite = {"ops": {"benchmark_suite": {"config": {"roots": roots, "templates": "short"}}}}
+    for column in ("i2i_gpr1200", "i2i_cub200", "i2i_instre"):
+        dagster_dev.wait_for_run(dagster_dev.launch(["benchmark_suite"], suite, partition=column), SMALL_RUN_TIMEOUT_S)
+    dagster_dev.wait_for_run(dagster_dev.launch(["table1_report"], {}), SMALL_RUN_TIMEOUT_S)
+
+    page.goto(f"{dagster_dev.base_url}/assets/table1_report")
+    row = page.locator("tr").filter(has=page.get_by_text("table1", exact=True)).first
+    table = row.locator("table").first  # a short markdown value is rendered inline
+    expect(table).to_be_visible()
+    for cell in ("I2I GPR1200", "I2I CUB200", "AVG (2/14)", "baseline", "mcip_realign"):
+        expect(table.get_by_text(cell).first).to_be_visible()
+    assert table.locator("tr").count() == 6  # header + five variants (the tiny base model is not one of the paper's)
+    expect(row.get_by_text(re.compile(r"i2i_instre: .*roots\.instre")).first).to_be_visible()
+    shot(page, "07_table1_report")
 
 
 def test_backfill_fans_the_gallery_shards_out_one_run_each(dagster_dev):
