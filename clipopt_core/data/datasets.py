@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from clipopt_core.data.images import decode_image
+from clipopt_core.data.tar_shards import is_member_uri, read_member
 
 RESIZE_RATIO = 1.125  # docs/method.md#transforms: square resize to 1.125·S, then crop S
 
@@ -69,7 +70,9 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
 
 def load_image(uri: str) -> Image.Image:
-    """Read and decode one image (local path or fsspec URL) to RGB on white."""
+    """Read and decode one image (local path, fsspec URL or tar member URI) to RGB on white."""
+    if is_member_uri(uri):
+        return decode_image(read_member(uri), name=uri)
     with fsspec.open(uri, "rb") as handle:
         return decode_image(handle.read(), name=uri)
 

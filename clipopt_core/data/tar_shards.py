@@ -5,6 +5,11 @@ in the archive, form one sample (``00042.jpg`` + ``00042.txt`` + ``00042.cls``).
 ``webdataset``/``img2dataset`` write (CC12M, LAION, …); it is read here with the standard library's
 ``tarfile`` in streaming mode, so a shard is never held whole in memory or on disk.
 
+Each sample also records where its members' bytes lie (``"__members__": {ext: (offset, size)}``) when
+the shard is an uncompressed tar, so one member can later be read by itself with one ranged read:
+:func:`member_uri` names it (``<shard url>#<key>.<ext>@<offset>+<size>``) and :func:`read_member`
+reads it, locally or from S3, without scanning the shard again.
+
 Shard lists: a folder (every ``*.tar`` in it, sorted), one URL, a brace range
 ``.../cc12m-{00000..00099}.tar`` (zero-padded like the first bound), or several of these separated
 by ``::``.
@@ -19,6 +24,7 @@ from typing import Any
 import fsspec
 
 BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+MEMBER_URI = re.compile(r"^(?P<url>.+)#(?P<name>[^#@]+)@(?P<offset>\d+)\+(?P<size>\d+)$")
 
 
 class ShardError(ValueError):
@@ -60,10 +66,14 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def iter_samples(url: str, *, storage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of one shard: dicts ``{"__key__": key, "__url__": url, ext: bytes, ...}`` in archive order."""
+    """Samples of one shard: dicts ``{"__key__": key, "__url__": url, ext: bytes, ...}`` in archive order.
+
+    An uncompressed shard's samples also carry ``"__members__": {ext: (byte offset, size)}`` (see :func:`member_uri`).
+    """
     current: dict[str, Any] | None = None
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            uncompressed = getattr(tar.fileobj, "comptype", "") == "tar"  # offsets of a gzip stream are not file offsets
             for member in tar:
                 if not member.isfile():
                     continue
@@ -72,7 +82,9 @@ def iter_samples(url: str, *, storage_options: dict[str, Any] | None = None) -> 
                     yield current
                     current = None
                 if current is None:
-                    current = {"__key__": key, "__url__": url}
+                    current = {"__key__": key, "__url__": url, **({"__members__": {}} if uncompressed else {})}
+                if uncompressed:
+                    current["__members__"][ext] = (member.offset_data, member.size)
                 handle = tar.extractfile(member)
                 current[ext] = handle.read() if handle is not None else b""
     except (tarfile.TarError, EOFError) as error:
@@ -87,3 +99,38 @@ def iter_shards(spec: str, *, storage_options: dict[str, Any] | None = None) -> 
     """Samples of every shard of ``spec`` (:func:`expand_shards`), shard after shard."""
     for url in expand_shards(spec):
         yield from iter_samples(url, storage_options=storage_options)
+
+
+def member_uri(sample: dict[str, Any], ext: str) -> str:
+    """The URI of one member of a sample from :func:`iter_samples`: ``<shard url>#<key>.<ext>@<offset>+<size>``.
+
+    Raises :class:`ShardError` for a compressed shard (its members have no byte range in the file).
+    """
+    members = sample.get("__members__")
+    if members is None:
+        raise ShardError(f"shard {sample['__url__']} is compressed: its members cannot be read one by one; "
+                         "write the shards as plain (uncompressed) .tar files, as webdataset/img2dataset do by default")
+    offset, size = members[ext]
+    return f"{sample['__url__']}#{sample['__key__']}.{ext}@{offset}+{size}"
+
+
+def is_member_uri(uri: str) -> bool:
+    """Whether ``uri`` names one member of a tar shard (:func:`member_uri`)."""
+    return MEMBER_URI.match(uri) is not None
+
+
+def read_member(uri: str, *, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The bytes of the tar member named by ``uri`` (:func:`member_uri`): one ranged read, local or remote."""
+    match = MEMBER_URI.match(uri)
+    if match is None:
+        raise ShardError(f"{uri!r} is not a tar member URI ('<shard>#<key>.<ext>@<offset>+<size>')")
+    offset, size = int(match["offset"]), int(match["size"])
+    fs, path = fsspec.core.url_to_fs(match["url"], **(storage_options or {}))
+    try:
+        data = fs.cat_file(path, start=offset, end=offset + size)
+    except FileNotFoundError as error:
+        raise ShardError(f"shard {match['url']} of member {match['name']} does not exist; re-ingest the corpus") from error
+    if len(data) != size:
+        raise ShardError(f"shard {match['url']} ends before member {match['name']} ({len(data)} of {size} bytes): "
+                         "the shard changed since it was ingested; re-ingest the corpus")
+    return data
