@@ -2,16 +2,17 @@
 
     python benchmarks/scale_stream.py --smoke                           # 2e3, 4e3 pairs (about a minute)
     python benchmarks/scale_stream.py                                   # 1e4, 1e5, 1e6 (hours on 2 shared vCPU)
-    python benchmarks/scale_stream.py --sizes 10000 100000 --steps realign
+    python benchmarks/scale_stream.py --steps realign mining          # without the ingest step
 
 Data: a synthetic webdataset corpus per size N under ``--data`` (default: the system temp folder), in
-shards of 10,000 samples: ``<key>.png`` (a random 4×4 colour pattern scaled to 20 px, distinct bytes)
-+ ``<key>.txt`` (a distinct ~60-character caption). Generated once and reused.
+shards of 10,000 samples: ``<key>.png`` (a random 4×4 colour pattern scaled to 20 px; 10⁵ distinct patterns,
+reused beyond) + ``<key>.txt`` (a distinct ~60-character caption). Generated once and reused.
 
 Steps, each in its own process (:mod:`benchmarks._scale`: wall time of the step, the process's peak RSS):
 
 * ``ingest``: :func:`clipopt_core.data.caption_shards.read_caption_shards` (stream, decode, hash every
-  sample), writes the pairs table the other steps read (as ``caption_corpus`` would).
+  sample), writes the pairs table the other steps read (as ``caption_corpus`` would); without this
+  step the table is listed from the shards before the first timed step (no decoding).
 * ``realign``: :func:`clipopt_core.train.runner.train_realign` on the N pairs with the tiny model, one
   epoch at ``--batch`` pairs per step (the method's 32,768 needs a [B, B] logit matrix of 4 GiB on the CPU),
   from an empty embedding cache: every image embedded once into the disk cache, then the epoch
@@ -25,13 +26,15 @@ time exponent b and the RSS ratio largest/smallest size (≈ 1: memory flat in N
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import io
 import os
 import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -42,9 +45,10 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks._scale import child_result, print_growth, run_child  # noqa: E402
+from benchmarks._scale import Measurement, child_result, print_growth, run_child  # noqa: E402
 
 SHARD_SAMPLES = 10_000
+PATTERNS = 100_000
 STEPS = ("ingest", "realign", "mining")
 WORDS = ("red", "amber", "teal", "violet", "ochre", "slate", "olive", "coral")
 NOUNS = ("kite", "harbour", "lantern", "meadow", "bicycle", "glacier", "market", "violin")
@@ -55,21 +59,28 @@ def corpus_dir(data: Path, n: int) -> Path:
 
 
 def generate(folder: Path, n: int, seed: int = 0) -> None:
-    """``n`` samples (PNG + caption) in shards of :data:`SHARD_SAMPLES`, written once (temp + rename)."""
+    """``n`` samples (PNG + caption) in shards of :data:`SHARD_SAMPLES`, written once (temp + rename).
+
+    Sample i's image is pattern ``i mod PATTERNS``: distinct images up to 10⁵ samples, then reused (encoding
+    10⁶ PNGs would take longer than the run on a shared CPU); every pair is still read and decoded on its own.
+    """
     if (folder / "done").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    patterns: list[bytes] = []
     for shard, start in enumerate(range(0, n, SHARD_SAMPLES)):
         staging = folder / f"shard-{shard:05d}.tar.tmp"
         with tarfile.open(staging, "w") as tar:
             for number in range(start, min(n, start + SHARD_SAMPLES)):
-                pattern = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((20, 20), Image.NEAREST)
-                buffer = io.BytesIO()
-                pattern.save(buffer, format="PNG")
+                if number < PATTERNS:
+                    pattern = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((20, 20), Image.NEAREST)
+                    buffer = io.BytesIO()
+                    pattern.save(buffer, format="PNG")
+                    patterns.append(buffer.getvalue())
                 caption = (f"a photo of a {WORDS[number % 8]} {NOUNS[(number // 8) % 8]} "
                            f"seen from afar, sample number {number}")
-                for ext, data in (("png", buffer.getvalue()), ("txt", caption.encode())):
+                for ext, data in (("png", patterns[number % PATTERNS]), ("txt", caption.encode())):
                     info = tarfile.TarInfo(f"{number:09d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -99,6 +110,18 @@ def child(step: str, n: int, args: argparse.Namespace) -> None:
     else:
         seconds = _mining(pairs_file, args)
     child_result(seconds)
+
+
+def list_pairs(folder: Path) -> Path:
+    """The corpus's pairs table (``uri``, ``caption``, ``sha256``) as ``caption_corpus`` would store it, listed
+    from the shards without decoding the images (in the parent: the ``ingest`` step measures the real ingest)."""
+    from clipopt_core.data.tar_shards import iter_shards, member_uri
+
+    pairs_file = folder / "pairs.parquet"
+    if not pairs_file.exists():
+        rows = [(member_uri(s, "png"), s["txt"].decode(), hashlib.sha256(s["png"]).hexdigest()) for s in iter_shards(str(folder))]
+        pl.DataFrame(rows, schema=["uri", "caption", "sha256"], orient="row").write_parquet(pairs_file)
+    return pairs_file
 
 
 def _realign(pairs: pl.DataFrame, folder: Path, args: argparse.Namespace) -> float:
@@ -136,6 +159,13 @@ def _mining(pairs_file: Path, args: argparse.Namespace) -> float:
     return seconds
 
 
+def _load_results(path: str | None) -> dict[tuple[str, int], Measurement]:
+    if not path or not Path(path).exists():
+        return {}
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {(r["step"], r["n"]): Measurement(r["n"], r["seconds"], r["peak_rss_mib"]) for r in records}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="corpus sizes (default 10000 100000 1000000)")
@@ -145,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=1000, help="images mined against the pool")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="sizes 2000 4000")
+    ap.add_argument("--results", default=None, help="JSON-lines file of measurements: (step, N) found there are "
+                                                     "reused, new ones appended (a long run can go on in parts)")
     ap.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -152,14 +184,23 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args.n, args)
         return 0
     sizes = args.sizes or ([2000, 4000] if args.smoke else [10_000, 100_000, 1_000_000])
-    steps = [step for step in STEPS if step in args.steps or step == "ingest"]  # ingest writes the pairs table
+    steps = [step for step in STEPS if step in args.steps]
     extra = ["--data", args.data, "--batch", str(args.batch), "--images", str(args.images), "--threads", str(args.threads)]
-    rows: dict[str, list] = {step: [] for step in steps}
+    known = _load_results(args.results)
+    rows: dict[str, list[Measurement]] = {step: [] for step in steps}
     for n in sizes:
+        if all((step, n) in known for step in steps):
+            for step in steps:
+                rows[step].append(known[step, n])
+            continue
         generate(corpus_dir(Path(args.data), n), n)
+        list_pairs(corpus_dir(Path(args.data), n))
         for step in steps:
-            rows[step].append(run_child(__file__, step, n, extra))
-            point = rows[step][-1]
+            point = known.get((step, n)) or run_child(__file__, step, n, extra)
+            rows[step].append(point)
+            if args.results and (step, n) not in known:
+                with open(args.results, "a") as handle:
+                    handle.write(json.dumps({"step": step, **asdict(point)}) + "\n")
             print(f"{step} n={n}: {point.seconds:.1f} s, peak {point.peak_rss_mib:.0f} MiB", flush=True)
     print_growth(sizes, rows)
     return 0

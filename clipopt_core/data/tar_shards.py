@@ -125,9 +125,14 @@ def read_member(uri: str, *, storage_options: dict[str, Any] | None = None) -> b
     if match is None:
         raise ShardError(f"{uri!r} is not a tar member URI ('<shard>#<key>.<ext>@<offset>+<size>')")
     offset, size = int(match["offset"]), int(match["size"])
-    fs, path = fsspec.core.url_to_fs(match["url"], **(storage_options or {}))
     try:
-        data = fs.cat_file(path, start=offset, end=offset + size)
+        if "://" not in match["url"]:  # a local shard: a plain seek + read (fsspec's set-up costs ~1 ms per call)
+            with open(match["url"], "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+        else:
+            fs, path = fsspec.core.url_to_fs(match["url"], **(storage_options or {}))
+            data = fs.cat_file(path, start=offset, end=offset + size)
     except FileNotFoundError as error:
         raise ShardError(f"shard {match['url']} of member {match['name']} does not exist; re-ingest the corpus") from error
     if len(data) != size:

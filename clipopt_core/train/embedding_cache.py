@@ -59,10 +59,10 @@ class CachedPairs:
         rows = indices.numpy()
         with pa.memory_map(str(self.folder / CAPTIONS_FILE)) as source:
             captions = pa.ipc.open_file(source).read_all().column(0).take(pa.array(rows)).to_pylist()
-        return torch.from_numpy(read_rows(self.folder, "embeddings", self.shard_rows, rows, self.dim)), captions
+        return torch.from_numpy(_read_rows(self.folder, "embeddings", self.shard_rows, rows, self.dim)), captions
 
 
-def read_rows(folder: Path, prefix: str, shard_rows: int, rows: np.ndarray, dim: int) -> np.ndarray:
+def _read_rows(folder: Path, prefix: str, shard_rows: int, rows: np.ndarray, dim: int) -> np.ndarray:
     """Rows ``rows`` [b] of the shards ``<prefix>-<i>.npy`` (``shard_rows`` rows each) → float32 [b, dim].
 
     Each shard is memory-mapped only while its rows are copied out, so its pages leave the
@@ -96,15 +96,22 @@ def realign_pair_cache(bundle: ClipBundle, pairs: pl.DataFrame, cache_dir: Path,
     """The cached, caption-grouped image embeddings of ``pairs`` (``uri``, ``caption``[, ``sha256``]) under
     ``bundle``'s image tower: read from ``cache_dir`` when an entry of the same key exists, else built there.
 
-    Under ``torchrun`` rank 0 builds the entry and the other ranks open it after a barrier.
+    Under ``torchrun`` rank 0 builds the entry and the other ranks open it after a barrier (the
+    cache folder must be shared by the ranks, as it is on one node).
     """
     folder = Path(cache_dir) / CACHE_FOLDER / cache_key(bundle, pairs)[:32]
-    if not (folder / META_FILE).exists():
-        distributed.run_on_main(_build, bundle, pairs, folder, shard_rows, device, log)
-    else:
-        log(f"realignment embeddings reused from {folder}")
+    distributed.run_on_main(_ensure, bundle, pairs, folder, shard_rows, device, log)  # every rank meets the barrier
     meta = json.loads((folder / META_FILE).read_text())
     return CachedPairs(folder, meta["rows"], meta["dim"], meta["shard_rows"])
+
+
+def _ensure(bundle: ClipBundle, pairs: pl.DataFrame, folder: Path, shard_rows: int, device: str,
+            log: Callable[[str], None]) -> None:
+    """Build the entry at ``folder`` unless a complete one is there."""
+    if (folder / META_FILE).exists():
+        log(f"realignment embeddings reused from {folder}")
+        return
+    _build(bundle, pairs, folder, shard_rows, device, log)
 
 
 def _build(bundle: ClipBundle, pairs: pl.DataFrame, folder: Path, shard_rows: int, device: str,
@@ -142,7 +149,7 @@ def _group_means(raw: Path, shard_rows: int, members: pl.Series, dim: int) -> np
     """Per caption group (``members``: each group's pair rows), the renormalised mean embedding → float32 [G, dim]."""
     counts = members.list.len().to_numpy().astype(np.int64)
     rows = members.explode().to_numpy().astype(np.int64)
-    vectors = torch.from_numpy(read_rows(raw, "pairs", shard_rows, rows, dim))
+    vectors = torch.from_numpy(_read_rows(raw, "pairs", shard_rows, rows, dim))
     owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
     sums = torch.zeros(len(counts), dim).index_add_(0, owner, vectors)
     return F.normalize(sums / torch.from_numpy(counts).unsqueeze(1).float(), dim=-1).numpy()
