@@ -120,7 +120,9 @@ def list_pairs(folder: Path) -> Path:
     pairs_file = folder / "pairs.parquet"
     if not pairs_file.exists():
         rows = [(member_uri(s, "png"), s["txt"].decode(), hashlib.sha256(s["png"]).hexdigest()) for s in iter_shards(str(folder))]
-        pl.DataFrame(rows, schema=["uri", "caption", "sha256"], orient="row").write_parquet(pairs_file)
+        staging = pairs_file.with_suffix(".parquet.tmp")
+        pl.DataFrame(rows, schema=["uri", "caption", "sha256"], orient="row").write_parquet(staging)
+        staging.rename(pairs_file)
     return pairs_file
 
 
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.results, "a") as handle:
                     handle.write(json.dumps({"step": step, **asdict(point)}) + "\n")
             print(f"{step} n={n}: {point.seconds:.1f} s, peak {point.peak_rss_mib:.0f} MiB", flush=True)
-    print_growth(sizes, rows)
+    if len(sizes) > 1:  # one size has no growth to fit: its line above is the result (see --results)
+        print_growth(sizes, rows)
     return 0
 
 
