@@ -8,6 +8,7 @@ import polars as pl
 from clipopt_core.data import manifest as mf
 from clipopt_core.data import sources as src
 from clipopt_core.models.loading import load_model
+from clipopt_core.data.caption_shards import PAIR_SCHEMA, is_shard_source, read_caption_shards
 from clipopt_core.data.captions import caption_pool, split_caption_pairs
 from clipopt_core.train.mining import mine_captions, mining_spec
 from clipopt_core.train.identity import frame_digest, weights_digest
@@ -81,20 +82,26 @@ def image_splits(config: SplitConfig, store: ArtifactStoreResource) -> dg.Materi
                                 data_version=dg.DataVersion(frame_digest(splits)))
 
 
-@dg.asset(group_name=GROUP, deps=[image_splits], code_version="2", kinds={"polars"})
+@dg.asset(group_name=GROUP, deps=[image_splits], code_version="3", kinds={"polars"})
 def caption_corpus(context: dg.AssetExecutionContext, config: SplitConfig, sources: DataSourceResource,
                    compute: ComputeResource, store: ArtifactStoreResource) -> dg.MaterializeResult:
     """Image–caption pairs with their own class-free split (train: realignment and the mining pool; val:
-    realignment's selection; test: the report's held-out text→image benchmark), and the mining pool."""
+    realignment's selection; test: the report's held-out text→image benchmark), and the mining pool.
+
+    The source is a manifest (``path``, ``caption``) or webdataset tar shards (``<key>.jpg`` + ``<key>.txt``,
+    :mod:`clipopt_core.data.caption_shards`); either way each pair carries its image's ``sha256``, so the
+    data version and every downstream identity follow the images' content."""
     artifacts = store.store()
     _, captions = sources.resolve(compute.cache, context.log.info)
     splits = artifacts.read_parquet(Keys.splits)
-    pairs = pl.DataFrame(schema={"uri": pl.String, "caption": pl.String})
+    pairs = pl.DataFrame(schema=PAIR_SCHEMA)
     rejected = pl.DataFrame(schema={"reason": pl.String})
-    if captions:
+    if captions and is_shard_source(captions):
+        pairs, rejected = read_caption_shards(captions, progress=lambda n: context.log.info(f"read {n} caption samples"))
+    elif captions:
         result = mf.ingest(mf.source_root(captions), mf.scan_source(captions, "manifest", captions_only=True),
                            captions_only=True)
-        pairs, rejected = result.accepted.select("uri", "caption"), result.rejected
+        pairs, rejected = result.accepted.select(*PAIR_SCHEMA), result.rejected
     pairs = split_caption_pairs(pairs, val_fraction=config.caption_val_fraction,
                                 test_fraction=config.caption_test_fraction, seed=config.seed)
     pool = caption_pool(pairs, splits)

@@ -95,6 +95,9 @@ class DataSourceResource(dg.ConfigurableResource):
     folder of shards) or a sources file (``*.yaml``/``*.json``: several named, weighted sources with
     disjoint class ids); see :mod:`clipopt_core.data.sources`. ``ingest_workers``: threads that read,
     hash and decode images during ingest and fingerprinting.
+    ``captions`` may also be webdataset tar shards, local or ``s3://``: one ``.tar``, a range
+    ``.../cc12m-{00000..00099}.tar``, a ``::``-separated list, or a folder of ``.tar`` files
+    (:mod:`clipopt_core.data.caption_shards`; plain, uncompressed tars).
 
     ``demo`` builds the built-in dataset (multi-vendor emoji + Tux Paint stamps; openclipart and
     other-emoji caption pairs, ~3,000, enough for 2,000+ held-out text→image queries) from registry

@@ -8,6 +8,7 @@ pool, ``val`` pairs select the realignment checkpoint, ``test`` pairs are only f
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import polars as pl
 
@@ -75,14 +76,14 @@ def _group_keys(uris: list[str], texts: list[str]) -> list[str]:
     return [smallest[find("t:" + text)] for text in texts]
 
 
-def caption_split(caption_pairs: pl.DataFrame, split: str) -> pl.DataFrame:
-    """The ``(uri, caption)`` pairs of one caption split; raises when the corpus was never split."""
+def caption_split(caption_pairs: pl.DataFrame, split: str, columns: Sequence[str] = ("uri", "caption")) -> pl.DataFrame:
+    """The pairs of one caption split (``columns``, by default ``uri``, ``caption``); raises when the corpus was never split."""
     if split not in CAPTION_SPLITS:
         raise ValueError(f"unknown caption split {split!r}; one of {CAPTION_SPLITS}")
     if "split" not in caption_pairs.columns:
         raise ValueError("the caption pairs have no 'split' column: split them with "
                          "clipopt_core.data.captions.split_caption_pairs (the caption_corpus asset does)")
-    return caption_pairs.filter(pl.col("split") == split).select("uri", "caption")
+    return caption_pairs.filter(pl.col("split") == split).select(*columns)
 
 
 def realign_validation_pairs(caption_pairs: pl.DataFrame) -> pl.DataFrame:
@@ -96,16 +97,18 @@ def caption_test_pairs(caption_pairs: pl.DataFrame) -> pl.DataFrame:
 
 
 def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
-    """Realignment corpus (``uri``, ``caption``, ``origin``): train caption pairs + training images with a caption.
+    """Realignment corpus (``uri``, ``caption``, ``origin``; plus ``sha256``, the image's content hash, when
+    both inputs have it): train caption pairs + training images with a caption.
 
     A caption whose normalised text is held out (:func:`held_out_texts`) is left out wherever it
     comes from, so no held-out caption or class name is ever trained on.
     """
     held_out = held_out_texts(caption_pairs, splits)
+    columns = ["uri", "caption", *(["sha256"] if "sha256" in caption_pairs.columns and "sha256" in splits.columns else [])]
     train = splits.filter((pl.col("split") == "train") & pl.col("caption").is_not_null())
     corpus = pl.concat([
-        caption_split(caption_pairs, "train").with_columns(pl.lit("caption_source").alias("origin")),
-        train.select("uri", "caption").with_columns(pl.lit("train_split").alias("origin")),
+        caption_split(caption_pairs, "train", columns).with_columns(pl.lit("caption_source").alias("origin")),
+        train.select(columns).with_columns(pl.lit("train_split").alias("origin")),
     ])
     return corpus.filter(~pl.col("caption").map_elements(normalise_caption, return_dtype=pl.String).is_in(held_out))
 

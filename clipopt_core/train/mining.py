@@ -3,10 +3,13 @@
 For each training image (embedded by a *pretrained, unmodified* mining model: the base model
 unless :class:`MiningConfig` names another, see :func:`mining_spec`) keep its top-k captions
 of a deduplicated pool (embedded by the same model's text tower) whose cosine similarity
-exceeds a threshold (docs/method.md#mining). The pool is scanned in chunks so memory stays
-bounded by ``images × chunk`` similarities, whatever the pool size.
+exceeds a threshold (docs/method.md#mining). The pool is embedded and scanned in chunks, merged
+into a running top-k per image, so memory stays bounded by one chunk and ``images × chunk``
+similarities, whatever the pool size.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -33,42 +36,76 @@ def mining_spec(config: MiningConfig, base: ModelSpec) -> ModelSpec:
 
 def top_k_chunked(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, k: int,
                   chunk_size: int = 65536, image_chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k texts per image over a text pool, both sides scanned in chunks.
-
-    Peak memory stays below one ``image_chunk_size × chunk_size`` float32 block (1 GiB at the
-    defaults) plus the running top-k, whatever the number of images and texts.
+    """Exact top-k texts per image over a text pool held in memory, both sides scanned in chunks.
 
     Args:
         image_embeddings: [N, D] normalised.
         text_embeddings: [T, D] normalised.
     Returns:
-        scores [N, k'] descending and text ids [N, k'] (k' = min(k, T)).
+        scores [N, k'] descending and text ids [N, k'] (k' = min(k, T)), as :func:`top_k_streamed`.
     """
-    parts = [_top_k_over_texts(image_embeddings[start:start + image_chunk_size], text_embeddings, k, chunk_size)
-             for start in range(0, image_embeddings.shape[0], image_chunk_size)]
-    if not parts:
-        k = min(k, text_embeddings.shape[0])
-        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-    return torch.cat([scores for scores, _ in parts]), torch.cat([ids for _, ids in parts])
+    chunks = (text_embeddings[start:start + chunk_size] for start in range(0, text_embeddings.shape[0], chunk_size))
+    return top_k_streamed(image_embeddings, chunks, k, image_chunk_size=image_chunk_size)
 
 
-def _top_k_over_texts(images: torch.Tensor, texts: torch.Tensor, k: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of one image block [n, D] against all texts [T, D], merging text chunks as they come."""
-    k = min(k, texts.shape[0])
-    best_scores = torch.full((images.shape[0], 0), float("-inf"))
-    best_ids = torch.zeros((images.shape[0], 0), dtype=torch.long)
-    queries = np.ascontiguousarray(images.float().numpy())
-    for start in range(0, texts.shape[0], chunk_size):
-        block = np.ascontiguousarray(texts[start:start + chunk_size].float().numpy())
-        # faiss's blocked GEMM + heap: ~1.5x faster than torch matmul + topk here, and never holds
-        # the whole [n, chunk] similarity matrix at once
-        scores_np, ids_np = faiss.knn(queries, block, min(k, block.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-        scores, ids = torch.from_numpy(scores_np), torch.from_numpy(ids_np)
-        merged_scores = torch.cat([best_scores, scores], dim=1)
-        merged_ids = torch.cat([best_ids, ids + start], dim=1)
-        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-        best_ids = merged_ids.gather(1, order)
-    return best_scores, best_ids
+def top_k_streamed(image_embeddings: torch.Tensor, text_chunks: Iterable[torch.Tensor], k: int, *,
+                   image_chunk_size: int = 4096, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k texts per image over a pool that arrives chunk by chunk (e.g. embedded as it goes).
+
+    Each text chunk is searched by every block of ``image_chunk_size`` images and merged into a
+    running top-k, so memory holds one text chunk, one ``image_chunk_size × chunk`` block of
+    similarities and the running ``N × k`` result, never the pool. Text ids count from 0 over the
+    chunks in order. On the CPU the search is faiss's exact inner-product kNN; on a CUDA ``device``
+    a matmul + ``topk`` there (equal scores may then be ranked in another order).
+
+    Args:
+        image_embeddings: [N, D] normalised.
+        text_chunks: [T_i, D] normalised blocks of the pool, in pool order.
+    Returns:
+        scores [N, k'] descending and text ids [N, k'] (k' = min(k, T), T = Σ T_i), on the CPU.
+    """
+    blocks = [(start, image_embeddings[start:start + image_chunk_size])
+              for start in range(0, image_embeddings.shape[0], image_chunk_size)]
+    best = [(torch.empty(len(block), 0), torch.empty(len(block), 0, dtype=torch.long)) for _, block in blocks]
+    offset = 0
+    for chunk in text_chunks:
+        for number, (_, block) in enumerate(blocks):
+            scores, ids = _chunk_top_k(block, chunk, k, torch.device(device))
+            best[number] = _merge_top_k(*best[number], scores, ids + offset, k)
+        offset += chunk.shape[0]
+    if not blocks:
+        width = min(k, offset)
+        return torch.empty(0, width), torch.empty(0, width, dtype=torch.long)
+    return torch.cat([scores for scores, _ in best]), torch.cat([ids for _, ids in best])
+
+
+def _chunk_top_k(images: torch.Tensor, texts: torch.Tensor, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-min(k, T) of images [n, D] against one text chunk [T, D] → CPU scores [n, k'] and chunk-local ids."""
+    width = min(k, texts.shape[0])
+    if device.type == "cuda":
+        scores, ids = (images.to(device).float() @ texts.to(device).float().T).topk(width, dim=1)
+        return scores.cpu(), ids.cpu()
+    # faiss's blocked GEMM + heap: ~1.5x faster than torch matmul + topk here, and never holds
+    # the whole [n, chunk] similarity matrix at once
+    scores, ids = faiss.knn(np.ascontiguousarray(images.float().numpy()), np.ascontiguousarray(texts.float().numpy()),
+                            width, metric=faiss.METRIC_INNER_PRODUCT)
+    return torch.from_numpy(scores), torch.from_numpy(ids)
+
+
+def _merge_top_k(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k [n, ≤k] merged with a chunk's top [n, k'] (ids already global)."""
+    merged_scores = torch.cat([best_scores, scores], dim=1)
+    merged_ids = torch.cat([best_ids, ids], dim=1)
+    best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+    return best_scores, merged_ids.gather(1, order)
+
+
+def embed_pool_chunks(bundle: ClipBundle, pool: Sequence[str], chunk_size: int, *,
+                      device: str = "cpu") -> Iterator[torch.Tensor]:
+    """The pool's text embeddings, [≤chunk_size, D] normalised, one chunk at a time (pool order)."""
+    for start in range(0, len(pool), chunk_size):
+        yield embed_texts(bundle, pool[start:start + chunk_size], device=device)
 
 
 def mine_pseudo_captions(image_ids: list[str], image_embeddings: torch.Tensor, pool: list[str],
@@ -79,6 +116,12 @@ def mine_pseudo_captions(image_ids: list[str], image_embeddings: torch.Tensor, p
     Images with no caption above the threshold have no rows.
     """
     scores, ids = top_k_chunked(image_embeddings, text_embeddings, config.top_k, config.chunk_size)
+    return _caption_table(image_ids, scores, ids, pool, config)
+
+
+def _caption_table(image_ids: list[str], scores: torch.Tensor, ids: torch.Tensor, pool: Sequence[str],
+                   config: MiningConfig) -> tuple[pl.DataFrame, float]:
+    """The long table of :func:`mine_pseudo_captions` from top-k scores / pool ids [N, k'], and the threshold used."""
     threshold = config.threshold
     if threshold is None:
         threshold = float(np.quantile(scores[:, 0].numpy(), config.threshold_quantile)) if len(scores) else 0.0
@@ -118,9 +161,15 @@ def similarity_histogram(table: pl.DataFrame, bins: int = 10) -> list[tuple[floa
 def mine_captions(base: ClipBundle, train: pl.DataFrame, pool: list[str], config: MiningConfig, *,
                   device: str = "cpu") -> tuple[pl.DataFrame, dict[str, float]]:
     """Pseudo-captions for the training images from ``pool``, mined with ``base``: the loaded,
-    unmodified model of :func:`mining_spec` (the base model by default)."""
+    unmodified model of :func:`mining_spec` (the base model by default).
+
+    The pool is embedded and searched ``config.chunk_size`` texts at a time on ``device``
+    (:func:`top_k_streamed`): memory holds the training images' embeddings [N, D], one text chunk
+    and the running top-k, not the embedded pool.
+    """
     pool = dedupe_texts(pool)
     image_embeddings = embed_images(base, train["uri"].to_list(), device=device)
-    text_embeddings = embed_texts(base, pool, device=device)
-    table, threshold = mine_pseudo_captions(train["image_id"].to_list(), image_embeddings, pool, text_embeddings, config)
+    scores, ids = top_k_streamed(image_embeddings, embed_pool_chunks(base, pool, config.chunk_size, device=device),
+                                 config.top_k, device=device)
+    table, threshold = _caption_table(train["image_id"].to_list(), scores, ids, pool, config)
     return table, {**caption_stats(table, train.height, threshold), "pool_size": len(pool)}

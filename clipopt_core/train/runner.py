@@ -21,7 +21,8 @@ from clipopt_core.data.sources import source_counts, source_weights
 from clipopt_core.models.encode import embed_images, embed_texts
 from clipopt_core.evaluate.protocol import caption_benchmark, validation_caption_t2i, validation_map
 from clipopt_core.models.loading import ClipBundle, ModelSpec, export_checkpoint, load_model
-from clipopt_core.train.tasks import RealignTask, RetrievalTask, group_captions_by_text
+from clipopt_core.train.embedding_cache import realign_pair_cache
+from clipopt_core.train.tasks import RealignTask, RetrievalTask
 from clipopt_core.train.config import RealignConfig, RetrievalConfig
 from clipopt_core.train.loop import FitResult, fit
 
@@ -80,19 +81,21 @@ def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFram
                   identity: str = "") -> StageOutput:
     """Stage 2 on top of a fine-tuned image tower: pairs (``uri``, ``caption``) → realigned text tail.
 
-    Image embeddings of the pairs are computed once here with the frozen tower (eval
-    transform) and reused by every step, so the stage costs text-tower compute only. ``val``
+    Image embeddings of the pairs are computed once with the frozen tower (eval transform),
+    grouped by caption and cached on disk under ``cache_dir``, keyed by the tower's weights and the
+    pairs' content (:func:`~clipopt_core.train.embedding_cache.realign_pair_cache`): every step, and
+    every later run with the same tower and pairs, reads them from there batch by batch, so the
+    stage costs text-tower compute only and its memory does not grow with the pairs. ``val``
     (``uri``, ``caption``): the held-out pairs that select the checkpoint (mean T2I R@1/5/10,
     every caption a query), e.g. :func:`~clipopt_core.data.captions.realignment_selection_pairs`.
     """
     bundle = load_model(encoder_spec, cache_dir=cache_dir, device=device)
-    pair_embeddings = embed_images(bundle, pairs["uri"].to_list(), device=device)
-    grouped, texts = group_captions_by_text(pair_embeddings, pairs["caption"].to_list())
+    corpus = realign_pair_cache(bundle, pairs, cache_dir, device=device)
     benchmark = caption_benchmark(val)
     val_embeddings = embed_images(bundle, benchmark.uris, device=device)
     with seeded(config.train.seed):
-        task = RealignTask(bundle, grouped, texts, config, validation_caption_t2i(val_embeddings, benchmark, device=device))
-    summary = {"stage": stage, "pairs": pairs.height, "distinct_captions": len(texts),
+        task = RealignTask(bundle, corpus, None, config, validation_caption_t2i(val_embeddings, benchmark, device=device))
+    summary = {"stage": stage, "pairs": pairs.height, "distinct_captions": len(corpus),
                "val_queries": len(benchmark.texts), "config": asdict(config), "identity": identity}
     result = fit(task, config.train, work_dir, device=device, log=log)
     task.finish()

@@ -8,10 +8,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -130,22 +129,50 @@ class RetrievalTask:
         return float(self._validate_fn(self.bundle))
 
 
+class PairRows(Protocol):
+    """Realignment pairs read by row: :class:`InMemoryPairs`, or the disk cache
+    :class:`clipopt_core.train.embedding_cache.CachedPairs`."""
+
+    def __len__(self) -> int: ...
+    def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[str]]: ...
+
+
+class InMemoryPairs:
+    """Pairs held in memory: image embeddings [P, D] and P captions, pair i ↔ row i."""
+
+    def __init__(self, image_embeddings: torch.Tensor, captions: Sequence[str]) -> None:
+        if len(captions) != len(image_embeddings):
+            raise ValueError(f"{len(captions)} captions but {len(image_embeddings)} image embeddings")
+        self.image_embeddings, self.captions = image_embeddings.float(), list(captions)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """Rows ``indices`` [b] → (embeddings [b, D], b captions)."""
+        return self.image_embeddings[indices], [self.captions[i] for i in indices.tolist()]
+
+
 class RealignTask:
     """Stage 2 over (cached image embedding, caption) pairs.
 
     Args:
-        image_embeddings: [P, D] L2-normalised embeddings of the pair images (frozen tower, eval transform).
+        image_embeddings: [P, D] L2-normalised embeddings of the pair images (frozen tower, eval
+            transform), or a :class:`PairRows` holding embeddings and captions (the disk cache,
+            read batch by batch) with ``captions=None``.
         captions: P caption strings, pair i ↔ ``image_embeddings[i]``.
         validate_fn: returns a text→image score of the current model (higher is better).
     """
 
-    def __init__(self, bundle: ClipBundle, image_embeddings: torch.Tensor, captions: Sequence[str],
+    def __init__(self, bundle: ClipBundle, image_embeddings: torch.Tensor | PairRows, captions: Sequence[str] | None,
                  config: RealignConfig, validate_fn: Any) -> None:
-        if len(captions) != len(image_embeddings):
-            raise ValueError(f"{len(captions)} captions but {len(image_embeddings)} image embeddings")
+        if isinstance(image_embeddings, torch.Tensor):
+            self.pairs: PairRows = InMemoryPairs(image_embeddings, captions if captions is not None else [])
+        elif captions is not None:
+            raise ValueError("captions come with the PairRows: pass captions=None")
+        else:
+            self.pairs = image_embeddings
         self.bundle, self.config, self._validate_fn = bundle, config, validate_fn
-        self.image_embeddings = image_embeddings.float()
-        self.captions = list(captions)
         model = bundle.model
         towers.freeze(model)
         self._tail = towers.text_tail_parameters(model, config.last_blocks)
@@ -165,21 +192,21 @@ class RealignTask:
         ]
 
     def steps_per_epoch(self, config: TrainConfig) -> int:
-        return math.ceil(len(self.captions) / self._batch(config)) if len(self.captions) >= 2 else 0
+        return math.ceil(len(self.pairs) / self._batch(config)) if len(self.pairs) >= 2 else 0
 
     def _batch(self, config: TrainConfig) -> int:
-        return max(2, min(config.batch_size, len(self.captions)))
+        return max(2, min(config.batch_size, len(self.pairs)))
 
     def batches(self, config: TrainConfig, epoch: int, start_step: int) -> Iterable[tuple[torch.Tensor, list[str]]]:
         generator = epoch_generator(config.seed, epoch)
-        order = torch.randperm(len(self.captions), generator=generator)
+        order = torch.randperm(len(self.pairs), generator=generator)
         size = self._batch(config)
         for step in range(start_step, self.steps_per_epoch(config)):
             chunk = order[step * size:(step + 1) * size]
             if len(chunk) < 2:  # a 1-pair batch has no negatives: borrow from the start
                 chunk = torch.cat([chunk, order[:1]])
             chunk = distributed.local_rows(chunk)  # under torchrun: this rank's part of the global batch
-            yield self.image_embeddings[chunk], [self.captions[i] for i in chunk.tolist()]
+            yield self.pairs.take(chunk)
 
     def train_mode(self) -> None:
         self.bundle.model.eval()  # dropout off: the paper fine-tunes the tail deterministically
@@ -210,17 +237,3 @@ class RealignTask:
 def _collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     images, labels, indices = zip(*items)
     return torch.stack(images), torch.stack(labels), torch.tensor(indices, dtype=torch.long)
-
-
-def group_captions_by_text(image_embeddings: torch.Tensor, captions: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
-    """One pair per distinct caption: the renormalised mean of its images' embeddings.
-
-    Identical captions in one InfoNCE batch would be false negatives (e.g. the same emoji
-    name drawn by three vendors), so pairs are grouped by text first. [P,D] → [P',D].
-    """
-    groups: dict[str, list[int]] = {}
-    for row, caption in enumerate(captions):
-        groups.setdefault(caption, []).append(row)
-    texts = list(groups)
-    means = torch.stack([image_embeddings[groups[text]].mean(dim=0) for text in texts])
-    return F.normalize(means, dim=-1), texts

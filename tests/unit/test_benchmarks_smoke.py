@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ("train_step", "realign_step", "embed_throughput", "caption_mining", "orchestration", "index_recall")
+SCRIPTS = ("train_step", "realign_step", "embed_throughput", "caption_mining", "orchestration", "index_recall",
+           "scale_stream")
 # ratios each script must report (RESULTS.md: every ratio is ours / reference, lower is better, unless named
 # as a fraction): the cold first epoch, realignment end to end with the precompute, mining as a guard
 REQUIRED = {
@@ -23,6 +24,7 @@ REQUIRED = {
     "caption_mining": {"topk_guard_vs_faiss", "peak_vs_chunk_bound", "agreement"},
     "orchestration": {"dagster_vs_direct"},
     "index_recall": {"index_vs_flat_batch", "index_vs_flat_single", "recall_at_10"},
+    "scale_stream": {"max_rss_growth"},
 }
 
 
