@@ -27,7 +27,7 @@ GRAPH = {
     "raw_images": ([], "data", [], None, "2"),
     "image_manifest": (["raw_images"], "data", ["manifest_valid"], None, "2"),
     "image_splits": (["image_manifest"], "data", [], None, "1"),
-    "caption_corpus": (["image_splits"], "data", [], None, "2"),
+    "caption_corpus": (["image_splits"], "data", [], None, "3"),
     "base_model": ([], "models", [], None, "1"),
     "pseudo_captions": (["base_model", "caption_corpus", "image_splits"], "data", [], GPU, "1"),
     "retrieval_encoder": (["base_model", "image_splits"], "training", [], GPU, "2"),
