@@ -171,6 +171,26 @@ class S3Server:
         """``s3://bucket/<prefix>``; a fresh unique prefix when none is given."""
         return f"s3://{self.bucket}/{prefix or uuid.uuid4().hex[:12]}"
 
+    def upload(self, local: Path, prefix: str) -> str:
+        """Copy the folder ``local`` under ``prefix`` of the bucket; returns its ``s3://`` URL."""
+        url = self.url(prefix)
+        self.filesystem().put(f"{local}/", url.removeprefix("s3://") + "/", recursive=True)
+        return url
+
+    @contextmanager
+    def as_fsspec_default(self) -> Iterator[None]:
+        """Inside the block, plain ``s3://`` URLs (image sources, image URIs) reach this server."""
+        import fsspec
+
+        from clipopt_core.runtime.storage import configure_s3_defaults
+
+        saved = dict(fsspec.config.conf.get("s3", {}))
+        try:
+            configure_s3_defaults(self.endpoint_url, self.key, self.secret)
+            yield
+        finally:
+            fsspec.config.conf["s3"] = saved
+
     def resource_options(self) -> dict[str, str]:
         """Keyword arguments for ``ArtifactStoreResource`` / ``tiny_resources``."""
         return {"endpoint_url": self.endpoint_url, "aws_access_key_id": self.key,

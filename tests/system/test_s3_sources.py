@@ -1,25 +1,19 @@
 """Labelled tar shards and per-file facts on a real S3 server: shards listed and read in one pass, images opened
 later by one range read of their shard, fingerprints from ETags (a changed object is read again), and missing
 objects found from one listing."""
-import fsspec
 import polars as pl
 
 from clipopt_core.data import sources as src
 from clipopt_core.data.datasets import load_image
 from clipopt_core.data.images import decode_image
-from clipopt_core.runtime.storage import configure_s3_defaults
 from tests.unit.test_sources import write_label_shards
 
 
 def test_shards_and_files_on_s3(s3, tmp_path, shapes_source):
     fs = s3.filesystem()
-    shards = write_label_shards(tmp_path / "shards", shapes_source)
-    shards_url, files_url = s3.url("sources/shards"), s3.url("sources/shapes")
-    fs.put(f"{shards}/", shards_url.removeprefix("s3://") + "/", recursive=True)
-    fs.put(f"{shapes_source}/", files_url.removeprefix("s3://") + "/", recursive=True)
-    saved = dict(fsspec.config.conf.get("s3", {}))
-    try:
-        configure_s3_defaults(s3.endpoint_url, s3.key, s3.secret)
+    shards_url = s3.upload(write_label_shards(tmp_path / "shards", shapes_source), "sources/shards")
+    files_url = s3.upload(shapes_source, "sources/shapes")
+    with s3.as_fsspec_default():
         cache = tmp_path / "cache"
         accepted = src.ingest_listing(src.scan_images(shards_url, cache_dir=cache), cache_dir=cache).accepted
         assert accepted.height == 48 and accepted["uri"].str.starts_with(f"{shards_url}/part-000.tar#00000.png@").any()
@@ -40,5 +34,3 @@ def test_shards_and_files_on_s3(s3, tmp_path, shapes_source):
         assert result.accepted.height == 47  # one listing, not a request per row, tells which objects exist
         assert result.rejected.select("path", "reason").rows() == [  # blue_cross/0.png's bytes are red_circle/0.png's now
             ("blue_cross/0.png", "duplicate_content_other_label"), ("nope/missing.png", "missing_file")]
-    finally:
-        fsspec.config.conf["s3"] = saved

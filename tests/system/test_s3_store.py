@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from clipopt_core.evaluate.report import VARIANTS
-from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore, StorageError, configure_s3_defaults
+from clipopt_core.runtime.storage import COMPLETE_MARKER, ArtifactStore, StorageError
 from clipopt_dagster.definitions import ASSETS
 from clipopt_dagster.resources import ArtifactStoreResource
 from tests.pipeline.conftest import tiny_resources, tiny_run_config
@@ -159,15 +159,8 @@ def test_stopped_server_fails_fast_with_storage_error(s3, tmp_path):
 
 def test_image_source_on_an_s3_prefix_trains_from_s3(s3, tmp_path, shapes_source, caption_source):
     """Labelled images and caption pairs live under S3 prefixes; ingest, mining and training read them there."""
-    import fsspec
-
-    fs = s3.filesystem()
-    images_url, captions_url = s3.url("sources/shapes"), s3.url("sources/captions")
-    fs.put(f"{shapes_source}/", images_url.removeprefix("s3://") + "/", recursive=True)
-    fs.put(f"{caption_source}/", captions_url.removeprefix("s3://") + "/", recursive=True)
-    saved = dict(fsspec.config.conf.get("s3", {}))
-    try:
-        configure_s3_defaults(s3.endpoint_url, s3.key, s3.secret)
+    images_url, captions_url = s3.upload(shapes_source, "sources/shapes"), s3.upload(caption_source, "sources/captions")
+    with s3.as_fsspec_default():
         selection = [a for a in ASSETS if a.key.to_user_string() in
                      {"raw_images", "image_manifest", "image_splits", "caption_corpus", "base_model",
                       "pseudo_captions", "mcip_encoder"}]
@@ -175,8 +168,6 @@ def test_image_source_on_an_s3_prefix_trains_from_s3(s3, tmp_path, shapes_source
                                 run_config={"ops": {k: v for k, v in tiny_run_config()["ops"].items()
                                                     if k in {"base_model", "image_splits", "pseudo_captions",
                                                              "mcip_encoder"}}})
-    finally:
-        fsspec.config.conf["s3"] = saved
     assert result.success
     manifest = ArtifactStore(f"file://{tmp_path / 'artifacts'}").read_parquet("data/manifest.parquet")
     assert manifest.height == 48 and all(uri.startswith("s3://") for uri in manifest["uri"])
