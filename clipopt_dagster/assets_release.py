@@ -31,8 +31,10 @@ def served_model(context: dg.AssetExecutionContext, config: ReleaseSettings, com
 
     First model: crowned when the report passed its checks (else nothing can serve: the step fails).
     Later: refused when the report failed a check; kept when the weights are the champion's own;
-    otherwise the champion is evaluated again on the current test split and the two are compared
-    with the report's paired bootstrap (:func:`clipopt_core.serve.champion.judge`).
+    otherwise the champion's scores on the current test split (the report's own while its weights are
+    still published, else measured afresh: :func:`clipopt_core.serve.champion.champion_scores`) and the
+    challenger's are compared with the report's paired bootstrap (:func:`clipopt_core.serve.champion.judge`).
+    A report measured on another split than the current one is refused: the step fails.
     """
     compute.setup_torch()
     artifacts = store.store()
@@ -40,9 +42,14 @@ def served_model(context: dg.AssetExecutionContext, config: ReleaseSettings, com
     variant, champion = report["serve_variant"], release.current(artifacts)
     test = artifacts.read_parquet(Keys.splits).filter(pl.col("split") == "test")
     fingerprint, challenger_key = frame_digest(test), served_model_key(artifacts, variant)
-    failed, deltas = failed_report_checks(context.instance), {}
+    if report.get("test_fingerprint") != fingerprint:
+        raise dg.Failure("the latest evaluation_report was measured on another test split than image_splits holds "
+                         "now; re-materialise evaluation_report before served_model",
+                         metadata={"report_split": str(report.get("test_fingerprint"))[:16], "split": fingerprint[:16]})
+    failed, deltas, afresh = failed_report_checks(context.instance), {}, False
     if failed and champion is None:
-        raise dg.Failure(f"nothing can serve yet: {variant!r} failed {', '.join(failed)} of the latest evaluation_report. "
+        raise dg.Failure(f"nothing can serve yet: {variant!r} failed {', '.join(failed)} of the latest "
+                         "evaluation_report. "
                          "Fix the training or the report thresholds and re-materialise evaluation_report first.",
                          metadata={"variant": variant, "failed_checks": ", ".join(failed)})
     if failed:
@@ -52,9 +59,13 @@ def served_model(context: dg.AssetExecutionContext, config: ReleaseSettings, com
     elif champion.model_key == challenger_key:
         promote, reason = False, "kept: the challenger's weights are the champion's"
     else:
-        verdict = release.judge(variant_scores(artifacts.read_parquet(Keys.per_query), variant),
-                                _champion_scores(context, artifacts, champion, report, test, compute),
-                                config=BootstrapConfig(**{k: report["bootstrap"][k] for k in BOOTSTRAP_FIELDS}), tolerance=config.tolerance)
+        report_scores = artifacts.read_parquet(Keys.per_query)
+        def evaluate() -> dict:
+            return _evaluate_champion(context, artifacts, champion, report, test, compute)
+
+        held, afresh = release.champion_scores(artifacts, champion, report_scores, evaluate)
+        verdict = release.judge(variant_scores(report_scores, variant), held, tolerance=config.tolerance,
+                                config=BootstrapConfig(**{k: report["bootstrap"][k] for k in BOOTSTRAP_FIELDS}))
         promote, reason, deltas = verdict.promote, verdict.reason, verdict.deltas
     if promote:
         champion = release.crown(artifacts, variant, data_fingerprint=fingerprint, report_id=report["run_id"])
@@ -65,12 +76,14 @@ def served_model(context: dg.AssetExecutionContext, config: ReleaseSettings, com
     return dg.MaterializeResult(metadata={
         "promoted": promote, "decision": reason, "champion": champion.model_key, "challenger": challenger_key,
         "champion_report_id": champion.report_id, "data_fingerprint": fingerprint[:16], "history_rows": rows,
+        "champion_measured_afresh": afresh,
         **{f"delta_{m}": f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, (d, lo, hi) in deltas.items()}})
 
 
-def _champion_scores(context: dg.AssetExecutionContext, artifacts, champion: release.ServedModel, report: dict,
-                     test: pl.DataFrame, compute: ComputeResource) -> dict:
-    """Per-query scores of the champion on the current test split, measured as the report measured."""
+def _evaluate_champion(context: dg.AssetExecutionContext, artifacts, champion: release.ServedModel, report: dict,
+                       test: pl.DataFrame, compute: ComputeResource) -> dict:
+    """Per-query scores of the champion's archived weights on the current test split, measured as the report
+    measured."""
     context.log.info(f"evaluating the champion {champion.model_key} on the current test split")
     bundle = load_model(release.champion_spec(artifacts, champion, compute.cache), cache_dir=compute.cache,
                         device=compute.device)

@@ -19,6 +19,7 @@ from clipopt_core.serve.champion import current as current_champion
 from clipopt_core.serve.promotion import promote_if_passed
 from clipopt_core.serve.search import lazy_image_embedder
 from clipopt_core.layout import Keys
+from clipopt_core.train.identity import frame_digest
 from clipopt_core.registry import VARIANTS
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_data import caption_corpus
@@ -56,6 +57,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvalSettings, c
         "eval_config": dataclasses.asdict(config.core()),
         "serve_variant": config.serve_variant, "alignment_tolerance": config.alignment_tolerance,
         "min_i2i_gain": config.min_i2i_gain, "test_images": test.height, "test_caption_pairs": pairs.height,
+        "test_fingerprint": frame_digest(test),
         "test_caption_queries": len(per_query["baseline"]["t2i_r5"])})
     markdown = to_markdown(frame)
     artifacts.write_bytes(Keys.report_md, markdown.encode())

@@ -7,7 +7,7 @@ any earlier champion. ``releases/champion.json`` names the current one and is wr
 
 A retrained *challenger* (the report's ``serve_variant``) replaces the champion only when, on the
 current test split, it is not significantly worse on any gate metric: the champion is evaluated
-again on that split and :func:`judge` compares the two with the paired bootstrap of the report
+again on that split (:func:`champion_scores`) and :func:`judge` compares the two with the paired bootstrap of the report
 (challenger − champion per query). Significantly worse = the upper bound of the delta's interval
 is below zero and the point drop exceeds ``tolerance``.
 """
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import polars as pl
 
-from clipopt_core.evaluate.bootstrap import BootstrapConfig, paired_bootstrap
+from clipopt_core.evaluate.bootstrap import BootstrapConfig, paired_bootstrap, variant_scores
 from clipopt_core.evaluate.protocol import QUERY_SETS
 from clipopt_core.layout import Keys, base_spec, served_model_key, variant_spec
 from clipopt_core.models.loading import WEIGHTS_FILE, ModelSpec, checkpoint_spec
@@ -63,8 +63,9 @@ class Verdict:
 
 
 def history_row(action: str, run_id: str, challenger: str | None, reason: str, champion: ServedModel) -> pl.DataFrame:
-    """One ``served_models`` row: when (``decided_at``, epoch s), which run, ``action`` (promote, refused, kept, rollback), the
-    challenger's model key, the reason in words, and the champion after the decision (``champion_*``)."""
+    """One ``served_models`` row: when (``decided_at``, epoch s), which run, ``action`` (promote, refused,
+    kept, rollback), the challenger's model key, the reason in words, and the champion after the decision
+    (``champion_*``)."""
     return pl.DataFrame([{"decided_at": time.time(), "run_id": run_id, "action": action, "challenger": challenger,
                           "reason": reason, **{f"champion_{k}": v for k, v in champion.as_row().items()}}])
 
@@ -89,8 +90,9 @@ def crown(store: ArtifactStore, variant: str, *, data_fingerprint: str, report_i
             raise StorageError(f"{store.url(source)} is not a sealed checkpoint folder; re-materialise its stage")
         for name in [n for n in names if n != COMPLETE_MARKER] + [COMPLETE_MARKER]:  # the seal last
             store.copy(f"{source}/{name}", f"{checkpoint}/{name}")
-    return reinstate(store, ServedModel(variant, model_key, weights_sha256(store, variant), checkpoint, data_fingerprint,
-                                        report_id, time.time()))
+    served = ServedModel(variant, model_key, weights_sha256(store, variant), checkpoint, data_fingerprint, report_id,
+                         time.time())
+    return reinstate(store, served)
 
 
 def weights_sha256(store: ArtifactStore, variant: str) -> str:
@@ -116,6 +118,20 @@ def champion_spec(store: ArtifactStore, served: ServedModel, cache: Path) -> Mod
         return base
     local = cache / "checkpoints" / "served" / served.model_key.replace(":", "-")
     return checkpoint_spec(store.get_dir(served.checkpoint, local), base.image_size)
+
+
+def champion_scores(store: ArtifactStore, served: ServedModel, report_scores: pl.DataFrame,
+                    evaluate: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool]:
+    """Per-query scores (metric → ``[Q]``) of the champion on the report's test split, and whether they
+    were measured afresh.
+
+    While the champion's weights are still its variant's published ones, the report has just measured
+    exactly them (:func:`clipopt_core.evaluate.bootstrap.per_query_frame` table ``report_scores``), so
+    they are reused; otherwise (its stage was retrained since) ``evaluate()`` measures the archived weights.
+    """
+    if served_model_key(store, served.variant) == served.model_key:
+        return variant_scores(report_scores, served.variant), False
+    return evaluate(), True
 
 
 def judge(challenger: Mapping[str, np.ndarray], champion: Mapping[str, np.ndarray], *,
@@ -149,7 +165,8 @@ def _measured(challenger: Mapping[str, np.ndarray], champion: Mapping[str, np.nd
     return all(metric in scores and bool(np.isfinite(scores[metric]).any()) for scores in (challenger, champion))
 
 
-def resolve_served(store: ArtifactStore, cache: Path, variant: str | None = None) -> tuple[str, str, Callable[[], ModelSpec]]:
+def resolve_served(store: ArtifactStore, cache: Path,
+                   variant: str | None = None) -> tuple[str, str, Callable[[], ModelSpec]]:
     """``(variant, model_key, spec loader)`` of the weights to embed or search with.
 
     ``variant`` given: that variant's currently published weights. Otherwise the champion; before any

@@ -2,7 +2,8 @@
 
 The challenger's per-query scores come from the evaluation report's ``reports/per_query.parquet``; the
 test edits them (all queries 0 or 1 on I2I mAP) to make the challenger certainly worse or better than
-the champion, whose scores ``served_model`` measures afresh on the current split.
+the champion, whose scores are the report's own while its weights are still published, and measured
+afresh on the current split once its stage was retrained.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from clipopt_core.serve.champion import current
 from clipopt_core.serve.search import SearchService
 from clipopt_core.train.identity import frame_digest
 from clipopt_dagster.partitions import ALL_SHARDS_TAGS
-from tests.pipeline.conftest import tiny_resources, tiny_run_config
+from tests.pipeline.conftest import TINY_TRAIN, tiny_resources, tiny_run_config
 
 SERVING = ["gallery_embeddings", "faiss_index"]
 
@@ -64,6 +65,7 @@ def test_promote_refuse_keep_and_roll_back(tmp_path, shapes_source, caption_sour
         _set_i2i(store, "stage1", 0.0)  # a challenger that lost every I2I query
         refused = _decision(run("stage1", ["served_model", *SERVING]))
         assert refused["promoted"] is False and "significantly worse than the champion on i2i_map" in refused["decision"]
+        assert refused["champion_measured_afresh"] is False  # its weights are still published: the report's scores
         assert current(store) == champion
         assert SearchService.from_store(store, tmp_path / "cache").identity.model_key == champion.model_key
 
@@ -76,13 +78,34 @@ def test_promote_refuse_keep_and_roll_back(tmp_path, shapes_source, caption_sour
         kept = _decision(run("stage1", ["served_model"]))
         assert kept["promoted"] is False and kept["decision"].startswith("kept:")
 
+        # stage 1 retrained: the champion's archived weights are no longer what the report measured
+        retrain = _config("mcip", ["retrieval_encoder", "evaluation_report"])
+        retrain["ops"]["retrieval_encoder"] = {"config": {**TINY_TRAIN, "lr": 1e-3}}
+        assert dg.materialize(all_assets, resources=resources, run_config=retrain, instance=instance,
+                              selection=["retrieval_encoder", "evaluation_report"]).success
+        assert served_model_key(store, "stage1") != current(store).model_key
+        _set_i2i(store, "mcip", 0.0)
+        afresh = _decision(run("mcip", ["served_model"]))
+        assert afresh["champion_measured_afresh"] is True and afresh["decision"].startswith("refused:")
+        assert current(store).variant == "stage1"
+
+        # a new test split without a new report: the report's scores are not about it, so nothing is decided
+        resplit = tiny_run_config(image_splits={"config": {"val_fraction": 0.25, "test_fraction": 0.3, "seed": 1}})
+        assert dg.materialize(all_assets, resources=resources, instance=instance, selection=["image_splits"],
+                              run_config={"ops": {"image_splits": resplit["ops"]["image_splits"]}}).success
+        stale = dg.materialize(all_assets, resources=resources, instance=instance, selection=["served_model"],
+                               raise_on_error=False)
+        failure = next(e for e in stale.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "measured on another test split" in str(failure.event_specific_data.error)
+        assert current(store).variant == "stage1"
+
     catalogue = str(tmp_path / "catalogue.duckdb")
     assert clipopt(["rollback", "--store", store.base_url, "--catalogue", catalogue]) == 0
     assert current(store) == champion  # the archived mcip_realign weights serve again
     service = SearchService.from_store(store, tmp_path / "cache")
     assert service.identity.model_key == champion.model_key and service.variant == "mcip_realign"
     history = Catalog(catalogue).read(SERVED_HISTORY, "decided_at")
-    assert history["action"].to_list() == ["promote", "refused", "promote", "kept", "rollback"]
+    assert history["action"].to_list() == ["promote", "refused", "promote", "kept", "refused", "rollback"]
     assert history["champion_model_key"].to_list()[-1] == champion.model_key
     assert clipopt(["rollback", "--store", store.base_url, "--catalogue", catalogue, "--to", "stage1:0"]) == 2
     capsys.readouterr()

@@ -110,3 +110,22 @@ def test_rollback_goes_to_the_champion_crowned_before_the_current_one(tmp_path):
     with pytest.raises(ValueError, match="nothing is served"):
         rollback_target(history, None)
     assert Catalog(str(tmp_path / "none.duckdb")).read(SERVED_HISTORY, "decided_at").is_empty()
+
+
+def test_champion_scores_come_from_the_report_until_its_stage_is_retrained(tmp_path, shapes_source):
+    store = ArtifactStore(f"file://{tmp_path / 'artifacts'}")
+    publish_base(store, shapes_manifest(shapes_source), TINY)
+    publish_checkpoint(store, "stage1", 1, tmp_path)
+    served = release.crown(store, "stage1", data_fingerprint="f" * 64, report_id="run-1")
+    report = per_query_frame({"stage1": scores([0.25, 0.75], [1.0, 0.0])})
+    calls: list[int] = []
+
+    def evaluate() -> dict[str, np.ndarray]:
+        calls.append(1)
+        return scores([0.5, 0.5], [0.0, 0.0])
+
+    held, afresh = release.champion_scores(store, served, report, evaluate)
+    assert not afresh and calls == [] and held["i2i_map"].tolist() == [0.25, 0.75]  # the report measured these weights
+    publish_checkpoint(store, "stage1", 2, tmp_path)  # its stage was retrained: the report measured other weights
+    held, afresh = release.champion_scores(store, served, report, evaluate)
+    assert afresh and calls == [1] and held["i2i_map"].tolist() == [0.5, 0.5]
