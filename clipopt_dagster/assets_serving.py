@@ -16,7 +16,7 @@ from clipopt_core.evaluate.report import (neighbour_gallery_image, report_frame,
                                          to_markdown)
 from clipopt_core.serve.champion import CHAMPION_KEY, champion_spec
 from clipopt_core.serve.champion import current as current_champion
-from clipopt_core.serve.promotion import promote_if_passed
+from clipopt_core.serve.promotion import build_and_promote
 from clipopt_core.serve.search import lazy_image_embedder
 from clipopt_core.layout import Keys
 from clipopt_core.train.identity import frame_digest
@@ -126,9 +126,7 @@ def faiss_index(context: dg.AssetExecutionContext, config: IndexSettings,
     served index untouched and the ``index_recall`` check fails.
     """
     artifacts = store.store()
-    _, info = sharding.build_sharded_index(artifacts, SHARD_COUNT, config.core(), prefix=Keys.serving,
-                                           folder=sharding.STAGING_FOLDER)
-    outcome = promote_if_passed(artifacts, Keys.serving)
+    info, outcome = build_and_promote(artifacts, SHARD_COUNT, config.core(), Keys.serving)
     (context.log.info if outcome.promoted else context.log.warning)(f"index {outcome.reason}")
     return dg.MaterializeResult(metadata={**{k: v for k, v in info.items() if isinstance(v, (int, float, str))},
                                           **outcome.metadata(), "uri": artifacts.url(Keys.index),

@@ -6,8 +6,9 @@
 ``embed`` with no ``--shard`` embeds the shard ``$JOB_COMPLETION_INDEX`` (a Kubernetes Indexed Job: one
 pod per shard), else every shard in turn; published shards of the same model are skipped. The model
 is the champion (``releases/champion.json``; ``--variant`` overrides; ``baseline`` is the base model).
-``build`` trains the quantiser once, adds the shards and writes ``<prefix>/index/`` (merged.faiss,
-one index per shard, ids.parquet, info.json). The default prefix is the one the ``gallery_embeddings``
+``build`` trains the quantiser once, adds the shards and writes ``<prefix>/index-staging/``
+(merged.faiss, one index per shard, ids.parquet, info.json), promoted to ``<prefix>/index/`` only when
+recall@10 meets ``--target-recall`` (else it exits 2 and the served index stays as it was). The default prefix is the one the ``gallery_embeddings``
 and ``faiss_index`` assets use, so ``clipopt search`` serves the result. Each prints a JSON summary.
 """
 from __future__ import annotations
@@ -83,8 +84,11 @@ def _embed(store: Any, args: argparse.Namespace) -> dict[str, Any]:
 def _build(store: Any, args: argparse.Namespace) -> dict[str, Any]:
     from clipopt_core.serve import shards as sharding
     from clipopt_core.serve.index import IndexSpec
+    from clipopt_core.serve.promotion import build_and_promote
 
     spec = IndexSpec(kind=args.kind, target_recall=args.target_recall, nlist=args.nlist,
                      memory_budget_bytes=int(args.memory_budget_gib * 2**30))
-    _, info = sharding.build_sharded_index(store, args.num_shards, spec, prefix=args.prefix)
-    return {**info, "index": store.url(sharding.index_key(args.prefix, "merged.faiss"))}
+    info, outcome = build_and_promote(store, args.num_shards, spec, args.prefix)
+    if not outcome.promoted:
+        raise RuntimeError(f"index {outcome.reason}")
+    return {**info, **outcome.metadata(), "index": store.url(sharding.index_key(args.prefix, "merged.faiss"))}

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from clipopt_core.runtime.storage import ArtifactStore, StorageError
-from clipopt_core.serve.shards import DEFAULT_PREFIX, SERVED_FOLDER, STAGING_FOLDER, index_key
+from clipopt_core.serve.index import IndexSpec
+from clipopt_core.serve.shards import (DEFAULT_PREFIX, SERVED_FOLDER, STAGING_FOLDER, build_sharded_index,
+                                       index_key)
 
 INFO = "info.json"
 
@@ -29,6 +31,14 @@ class Promotion:
     def metadata(self) -> dict[str, Any]:
         return {"promoted": self.promoted, "candidate_recall_at_10": round(self.recall, 4),
                 "target_recall": self.target, "promotion": self.reason}
+
+
+def build_and_promote(store: ArtifactStore, num_shards: int, spec: IndexSpec = IndexSpec(),
+                      prefix: str = DEFAULT_PREFIX) -> tuple[dict[str, Any], Promotion]:
+    """Build the index of ``prefix``'s gallery shards into staging and promote it when it meets its target;
+    returns the staged index's info and the :class:`Promotion`."""
+    _, info = build_sharded_index(store, num_shards, spec, prefix=prefix, folder=STAGING_FOLDER)
+    return info, promote_if_passed(store, prefix)
 
 
 def promote_if_passed(store: ArtifactStore, prefix: str = DEFAULT_PREFIX) -> Promotion:

@@ -20,7 +20,7 @@ from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.serve import shards as sharding
 from clipopt_core.serve.champion import ServedModel, champion_spec, current, history_row, reinstate
 from clipopt_core.serve.index import IndexSpec
-from clipopt_core.serve.promotion import promote_if_passed
+from clipopt_core.serve.promotion import build_and_promote
 from clipopt_core.serve.search import lazy_image_embedder
 
 CHAMPION_FIELDS = tuple(ServedModel.__dataclass_fields__)
@@ -64,8 +64,7 @@ def rollback(store: ArtifactStore, catalog: Catalog, *, cache: Path, num_shards:
     embed = lazy_image_embedder(lambda: champion_spec(store, target, cache), cache, device=device)
     embedded = [sharding.embed_shard(manifest, shard, num_shards, store, embed, model_key=target.model_key,
                                      prefix=prefix) for shard in range(num_shards)]
-    sharding.build_sharded_index(store, num_shards, index_spec, prefix=prefix, folder=sharding.STAGING_FOLDER)
-    outcome = promote_if_passed(store, prefix)
+    _, outcome = build_and_promote(store, num_shards, index_spec, prefix)
     if not outcome.promoted:
         raise RuntimeError(f"rollback to {target.model_key} not done: its index {outcome.reason}")
     reinstate(store, target)

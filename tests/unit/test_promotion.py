@@ -12,7 +12,7 @@ import pytest
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.serve import shards as sharding
 from clipopt_core.serve.index import IndexSpec
-from clipopt_core.serve.promotion import promote_if_passed, served_info
+from clipopt_core.serve.promotion import build_and_promote, promote_if_passed, served_info
 from tests.unit.test_sharding import clustered, embed_from
 
 N, DIM, SHARDS, PREFIX = 3000, 32, 4, "serving"
@@ -31,8 +31,7 @@ def store(tmp_path) -> ArtifactStore:
 
 
 def stage_and_gate(store: ArtifactStore, spec: IndexSpec):
-    sharding.build_sharded_index(store, SHARDS, spec, prefix=PREFIX, folder=sharding.STAGING_FOLDER)
-    return promote_if_passed(store, PREFIX)
+    return build_and_promote(store, SHARDS, spec, PREFIX)[1]
 
 
 def test_impossible_target_leaves_the_served_index_unchanged(store: ArtifactStore) -> None:

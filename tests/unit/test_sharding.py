@@ -190,7 +190,7 @@ def test_index_shards_cli_embeds_with_the_model_and_builds(tmp_path: Path, shape
     assert sum(s["rows"] for s in second["shards"]) == 48
     assert cli.main(["index-shards", "build", *common, "--kind", "flat"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["n"] == 48 and info["dim"] == 32 and info["recall_at_10"] == 1.0
+    assert info["n"] == 48 and info["dim"] == 32 and info["recall_at_10"] == 1.0 and info["promoted"] is True
     assert store.exists(Keys.index) and store.read_json(Keys.index_info)["n"] == 48  # the served index's place
 
 
