@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TypeVar
 
 import polars as pl
 
@@ -28,6 +29,17 @@ def dedupe_texts(texts: list[str]) -> list[str]:
 def normalise_caption(text: str) -> str:
     """The identity of a caption: lower case, whitespace collapsed ("A  Cat" and "a cat" are one caption)."""
     return " ".join(str(text).lower().split())
+
+
+# Python's str.split() whitespace: Unicode White_Space (the regex class \s) plus the separators U+001C..U+001F
+_WHITESPACE_RUN = r"[\s\x{1C}-\x{1F}]+"
+
+
+def normalised_caption(column: str | pl.Expr) -> pl.Expr:
+    """:func:`normalise_caption` as a polars expression (same text for every string), so a column of any
+    length is normalised inside polars, without a Python string per row."""
+    expr = pl.col(column) if isinstance(column, str) else column
+    return expr.cast(pl.String).str.to_lowercase().str.replace_all(_WHITESPACE_RUN, " ").str.strip_chars(" ")
 
 
 def split_caption_pairs(pairs: pl.DataFrame, *, val_fraction: float, test_fraction: float, seed: int = 0) -> pl.DataFrame:
@@ -76,17 +88,22 @@ def _group_keys(uris: list[str], texts: list[str]) -> list[str]:
     return [smallest[find("t:" + text)] for text in texts]
 
 
-def caption_split(caption_pairs: pl.DataFrame, split: str, columns: Sequence[str] = ("uri", "caption")) -> pl.DataFrame:
-    """The pairs of one caption split (``columns``, by default ``uri``, ``caption``); raises when the corpus was never split."""
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
+
+
+def caption_split(caption_pairs: Frame, split: str, columns: Sequence[str] = ("uri", "caption")) -> Frame:
+    """The pairs of one caption split (``columns``, by default ``uri``, ``caption``); raises when the corpus was never split.
+
+    A lazy ``caption_pairs`` (e.g. a parquet scan) gives a lazy result."""
     if split not in CAPTION_SPLITS:
         raise ValueError(f"unknown caption split {split!r}; one of {CAPTION_SPLITS}")
-    if "split" not in caption_pairs.columns:
+    if "split" not in caption_pairs.lazy().collect_schema().names():
         raise ValueError("the caption pairs have no 'split' column: split them with "
                          "clipopt_core.data.captions.split_caption_pairs (the caption_corpus asset does)")
     return caption_pairs.filter(pl.col("split") == split).select(*columns)
 
 
-def realign_validation_pairs(caption_pairs: pl.DataFrame) -> pl.DataFrame:
+def realign_validation_pairs(caption_pairs: Frame) -> Frame:
     """The validation pairs ``(uri, caption)`` that select the realignment checkpoint."""
     return caption_split(caption_pairs, "val")
 
@@ -96,46 +113,53 @@ def caption_test_pairs(caption_pairs: pl.DataFrame) -> pl.DataFrame:
     return caption_split(caption_pairs, "test")
 
 
-def realign_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
+def realign_pairs(caption_pairs: Frame, splits: pl.DataFrame) -> Frame:
     """Realignment corpus (``uri``, ``caption``, ``origin``; plus ``sha256``, the image's content hash, when
     both inputs have it): train caption pairs + training images with a caption.
 
     A caption whose normalised text is held out (:func:`held_out_texts`) is left out wherever it
-    comes from, so no held-out caption or class name is ever trained on.
+    comes from, so no held-out caption or class name is ever trained on. A lazy ``caption_pairs`` (a
+    scan of a corpus of 10⁷ pairs) gives a lazy corpus: only the held-out texts are collected.
     """
     held_out = held_out_texts(caption_pairs, splits)
-    columns = ["uri", "caption", *(["sha256"] if "sha256" in caption_pairs.columns and "sha256" in splits.columns else [])]
+    names = caption_pairs.lazy().collect_schema().names()
+    columns = ["uri", "caption", *(["sha256"] if "sha256" in names and "sha256" in splits.columns else [])]
     train = splits.filter((pl.col("split") == "train") & pl.col("caption").is_not_null())
     corpus = pl.concat([
-        caption_split(caption_pairs, "train", columns).with_columns(pl.lit("caption_source").alias("origin")),
-        train.select(columns).with_columns(pl.lit("train_split").alias("origin")),
-    ])
-    return corpus.filter(~pl.col("caption").map_elements(normalise_caption, return_dtype=pl.String).is_in(held_out))
+        caption_split(caption_pairs.lazy(), "train", columns).with_columns(pl.lit("caption_source").alias("origin")),
+        train.lazy().select(columns).with_columns(pl.lit("train_split").alias("origin")),
+    ]).filter(~normalised_caption("caption").is_in(pl.Series(held_out, dtype=pl.String).implode()))
+    return corpus if isinstance(caption_pairs, pl.LazyFrame) else corpus.collect()
 
 
 def caption_pool(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
     """Mining pool: train caption texts + captions of training images, never a held-out text (:func:`held_out_texts`)."""
-    held_out = set(held_out_texts(caption_pairs, splits))
+    held_out = pl.Series(held_out_texts(caption_pairs, splits), dtype=pl.String)
     train = splits.filter(pl.col("split") == "train")
     texts = caption_split(caption_pairs, "train")["caption"].to_list() + [c for c in train["caption"].to_list() if c]
-    return [text for text in dedupe_texts(texts) if normalise_caption(text) not in held_out]
+    pool = pl.DataFrame({"text": dedupe_texts(texts)}, schema={"text": pl.String})
+    return pool.filter(~normalised_caption("text").is_in(held_out.implode()))["text"].to_list()
 
 
-def realignment_selection_pairs(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
+def realignment_selection_pairs(caption_pairs: pl.DataFrame | pl.LazyFrame, splits: pl.DataFrame) -> pl.DataFrame:
     """Pairs (``uri``, ``caption``) that select the realignment checkpoint: the caption corpus's val pairs,
     or, when it has none (a small corpus), the val images' own captions (class names of the val split)."""
-    pairs = realign_validation_pairs(caption_pairs)
+    pairs = realign_validation_pairs(caption_pairs.lazy()).collect()
     if pairs.height:
         return pairs
     return splits.filter((pl.col("split") == "val") & pl.col("caption").is_not_null()).select("uri", "caption")
 
 
-def held_out_texts(caption_pairs: pl.DataFrame, splits: pl.DataFrame) -> list[str]:
+def held_out_texts(caption_pairs: pl.DataFrame | pl.LazyFrame, splits: pl.DataFrame) -> list[str]:
     """Normalised texts no training stage may see: captions of val/test caption pairs, and captions and
-    class names of val/test images (an openclipart title "horse" must not teach the held-out class "horse")."""
-    held = caption_split(caption_pairs, "val")["caption"].to_list() + caption_split(caption_pairs, "test")["caption"].to_list()
+    class names of val/test images (an openclipart title "horse" must not teach the held-out class "horse").
+
+    Only the held-out texts are collected (a lazy ``caption_pairs`` is filtered to its val/test splits in polars)."""
+    lazy = caption_pairs.lazy()
+    held = pl.concat([caption_split(lazy, split, ["caption"]) for split in ("val", "test")])
     evaluated = splits.filter(pl.col("split") != "train")
-    for column in ("caption", "label"):
-        if column in evaluated.columns:
-            held += [text for text in evaluated[column].to_list() if text]
-    return sorted({normalise_caption(text) for text in held})
+    parts = [held.select(normalised_caption("caption").alias("text")).collect()]
+    parts += [evaluated.filter(pl.col(column).is_not_null() & (pl.col(column) != ""))
+              .select(normalised_caption(column).alias("text")) for column in ("caption", "label")
+              if column in evaluated.columns]
+    return sorted(set(pl.concat(parts)["text"].to_list()))

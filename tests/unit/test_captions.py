@@ -10,6 +10,7 @@ from clipopt_core.data.captions import (
     caption_pool,
     caption_test_pairs,
     normalise_caption,
+    normalised_caption,
     realign_pairs,
     realign_validation_pairs,
     split_caption_pairs,
@@ -124,3 +125,26 @@ def test_unsplit_caption_pairs_are_refused_with_the_fix():
         realign_pairs(_pairs(), pl.DataFrame({"uri": [], "split": [], "caption": []}, schema={c: pl.String for c in ("uri", "split", "caption")}))
     empty = split_caption_pairs(pl.DataFrame(schema={"uri": pl.String, "caption": pl.String}), val_fraction=0.1, test_fraction=0.3)
     assert empty.columns == ["uri", "caption", "split"] and caption_test_pairs(empty).height == 0
+
+
+def test_the_polars_normalisation_is_the_python_one_on_every_whitespace_and_case():
+    """Held-out texts are filtered in polars: its normalisation must agree with normalise_caption everywhere,
+    or a held-out caption spelled with an odd space or letter case would slip into training."""
+    texts = ["A  Cat", " a\tcat\n", "Straße", "ΣΊΣΥΦΟΣ ΟΔΟΣ", "İstanbul", "x\x1cy\x1fz", "a\u00a0b\u2003c\u3000d",
+             "line\u2028sep\u2029par", "\x85nel\x0bvt\x0cff", "", "   ", "ＦＵＬＬ ｗｉｄｔｈ", "e\u0301 combining"]
+    got = pl.DataFrame({"text": texts}).select(normalised_caption("text"))["text"].to_list()
+    assert got == [normalise_caption(text) for text in texts]
+
+
+def test_lazy_caption_pairs_give_the_same_realignment_corpus(tmp_path: Path):
+    """A parquet scan of the corpus (how a training run reads 10⁷ pairs) gives the eager corpus, row for row."""
+    pairs = split_caption_pairs(_pairs(), val_fraction=0.1, test_fraction=0.3, seed=0)
+    splits = pl.DataFrame({"uri": ["/t/a.png", "/t/b.png"], "split": ["train", "test"],
+                           "caption": ["a train image", pairs.filter(pl.col("split") == "train")["caption"][0].upper()],
+                           "label": ["cat", "dog"]})
+    pairs.write_parquet(tmp_path / "pairs.parquet")
+    lazy = realign_pairs(pl.scan_parquet(tmp_path / "pairs.parquet"), splits)
+    assert isinstance(lazy, pl.LazyFrame)
+    eager = realign_pairs(pairs, splits)
+    assert lazy.collect().equals(eager) and eager.height > 0
+    assert pairs.filter(pl.col("split") == "train")["caption"][0] not in eager["caption"].to_list()  # held out by the test image
