@@ -21,19 +21,26 @@ IDENTITY_VERSION = 2  # bump when training semantics change: v2 = the authors' M
 LOCATION_COLUMNS = frozenset({"uri", "path", "root"})
 
 
-def frame_digest(frame: pl.DataFrame | None) -> str:
+def frame_digest(frame: pl.DataFrame | pl.LazyFrame | None) -> str:
     """sha256 of a frame's content (row order kept, location columns left out); ``"none"`` for ``None``.
 
     Rows are serialised as CSV with sorted column names, so the digest is stable across
-    processes and polars versions (unlike ``hash_rows``).
+    processes and polars versions (unlike ``hash_rows``). A lazy frame (e.g. a parquet scan) is read
+    100,000 rows at a time and gives the same digest as the collected frame, so memory stays bounded.
     """
     if frame is None:
         return "none"
-    columns = sorted(c for c in frame.columns if c not in LOCATION_COLUMNS)
+    lazy = frame.lazy()
+    columns = sorted(c for c in lazy.collect_schema().names() if c not in LOCATION_COLUMNS)
     digest = hashlib.sha256(",".join(columns).encode())
-    for start in range(0, frame.height, 100_000):  # bounded memory for large frames
-        digest.update(frame.select(columns).slice(start, 100_000).write_csv(include_header=False).encode())
+    for start in range(0, frame_rows(frame), 100_000):
+        digest.update(lazy.slice(start, 100_000).select(columns).collect().write_csv(include_header=False).encode())
     return digest.hexdigest()
+
+
+def frame_rows(frame: pl.DataFrame | pl.LazyFrame) -> int:
+    """Row count of a frame; for a lazy parquet scan, from the files' metadata (nothing is read whole)."""
+    return frame.height if isinstance(frame, pl.DataFrame) else int(frame.select(pl.len()).collect().item())
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -46,7 +53,8 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def stage_identity(kind: str, config: Any, *, start_weights: str, inputs: Mapping[str, pl.DataFrame | None]) -> str:
+def stage_identity(kind: str, config: Any, *, start_weights: str,
+                   inputs: Mapping[str, pl.DataFrame | pl.LazyFrame | None]) -> str:
     """The identity (64 hex) of a stage run.
 
     Args:

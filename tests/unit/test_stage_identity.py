@@ -72,6 +72,16 @@ def test_frame_digest_is_content_not_location() -> None:
     assert frame_digest(None) == "none" != frame_digest(SPLITS.head(0))
 
 
+def test_frame_digest_of_a_parquet_scan_is_the_frames(tmp_path) -> None:
+    """A lazy scan (a corpus too large to hold) is hashed slice by slice to the same digest; a changed row changes it."""
+    frame = pl.DataFrame({"uri": [f"/x/{i}.png" for i in range(250_001)], "caption": [f"c{i % 977}" for i in range(250_001)]})
+    frame.write_parquet(tmp_path / "pairs.parquet")
+    assert frame_digest(pl.scan_parquet(tmp_path / "pairs.parquet")) == frame_digest(frame)
+    frame.with_columns(pl.when(pl.int_range(pl.len()) == 200_000).then(pl.lit("edited")).otherwise("caption")
+                       .alias("caption")).write_parquet(tmp_path / "edited.parquet")
+    assert frame_digest(pl.scan_parquet(tmp_path / "edited.parquet")) != frame_digest(frame)
+
+
 def test_weights_digest_sees_every_tensor() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
