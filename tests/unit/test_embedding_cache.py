@@ -120,3 +120,20 @@ def test_pair_rows_come_with_their_captions(tmp_path: Path, pairs: pl.DataFrame)
         RealignTask(bundle(tmp_path), cached, ["a"], RealignConfig(), lambda b: 0.0)
     with pytest.raises(ValueError, match="no pairs"):
         realign_pair_cache(bundle(tmp_path), pairs.head(0), tmp_path)
+
+
+def test_a_parquet_scan_builds_the_same_entry_slice_by_slice(pairs: pl.DataFrame, tmp_path: Path) -> None:
+    """The streamed build (lazy scan, many slices and caption buckets, a caption on more images than a
+    slice holds) keeps the in-memory grouping: first-seen order, renormalised means."""
+    repeated = pl.concat([pairs, pairs.head(9).with_columns(pl.lit("one caption on nine images").alias("caption")),
+                          pairs.slice(3, 4)])
+    repeated.write_parquet(tmp_path / "pairs.parquet")
+    model = bundle(tmp_path)
+    scanned = realign_pair_cache(model, pl.scan_parquet(tmp_path / "pairs.parquet"), tmp_path / "a", shard_rows=4)
+    assert scanned.pairs == repeated.height == 43
+    expected, texts = reference_grouping(embed_images(model, repeated["uri"].to_list()), repeated["caption"].to_list())
+    embeddings, captions = scanned.take(torch.arange(len(scanned)))
+    assert captions == texts and len(texts) == 25
+    torch.testing.assert_close(embeddings, expected, atol=1e-6, rtol=1e-5)
+    eager = realign_pair_cache(model, repeated, tmp_path / "b", shard_rows=4)
+    assert eager.folder.name == scanned.folder.name  # one key for the same content, lazy or not
