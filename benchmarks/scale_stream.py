@@ -13,7 +13,8 @@ Steps, each in its own process (:mod:`benchmarks._scale`: wall time of the step,
 * ``ingest``: :func:`clipopt_core.data.caption_shards.read_caption_shards` (stream, decode, hash every
   sample), writes the pairs table the other steps read (as ``caption_corpus`` would); without this
   step the table is listed from the shards before the first timed step (no decoding).
-* ``realign``: :func:`clipopt_core.train.runner.train_realign` on the N pairs with the tiny model, one
+* ``realign``: :func:`clipopt_core.train.runner.train_realign` on the N pairs, scanned lazily from the pairs
+  table as a training run reads them (never collected whole), with the tiny model, one
   epoch at ``--batch`` pairs per step (the method's 32,768 needs a [B, B] logit matrix of 4 GiB on the CPU),
   from an empty embedding cache: every image embedded once into the disk cache, then the epoch
   streamed from it.
@@ -106,7 +107,7 @@ def child(step: str, n: int, args: argparse.Namespace) -> None:
         assert pairs.height == n and rejected.height == 0, (pairs.height, rejected.height)
         pairs.write_parquet(pairs_file)
     elif step == "realign":
-        seconds = _realign(pl.read_parquet(pairs_file), folder, args)
+        seconds = _realign(pairs_file, folder, args)
     else:
         seconds = _mining(pairs_file, args)
     child_result(seconds)
@@ -126,20 +127,24 @@ def list_pairs(folder: Path) -> Path:
     return pairs_file
 
 
-def _realign(pairs: pl.DataFrame, folder: Path, args: argparse.Namespace) -> float:
-    """One realignment epoch over ``pairs`` from an empty cache (a fresh work and cache folder)."""
+def _realign(pairs_file: Path, folder: Path, args: argparse.Namespace) -> float:
+    """One realignment epoch over the pairs table, scanned lazily as a training run reads it
+    (:func:`clipopt_core.train.job.load_inputs`), from an empty cache (a fresh work and cache folder)."""
     from clipopt_core.models.loading import ModelSpec
     from clipopt_core.train.config import REALIGN_TRAIN_DEFAULTS, RealignConfig
+    from clipopt_core.train.identity import frame_rows
     from clipopt_core.train.runner import train_realign
 
     train = replace(REALIGN_TRAIN_DEFAULTS, epochs=1, batch_size=args.batch, precision="fp32",
                     eval_every_steps=10**9, checkpoint_every_steps=10**9, validate_at_start=False)
+    pairs = pl.scan_parquet(pairs_file)
     with tempfile.TemporaryDirectory(dir=folder) as work:
         start = time.perf_counter()
-        output = train_realign(ModelSpec("clipopt-tiny"), pairs, pairs.head(256), RealignConfig(train=train),
-                               Path(work) / "run", cache_dir=Path(work) / "cache", stage="realigned_2sft")
+        output = train_realign(ModelSpec("clipopt-tiny"), pairs, pl.read_parquet(pairs_file, n_rows=256),
+                               RealignConfig(train=train), Path(work) / "run", cache_dir=Path(work) / "cache",
+                               stage="realigned_2sft")
         seconds = time.perf_counter() - start
-    assert output.fit.steps == -(-pairs.height // args.batch), output.fit.steps
+    assert output.fit.steps == -(-frame_rows(pairs) // args.batch), output.fit.steps
     return seconds
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -100,16 +101,22 @@ class StageInputs:
     start_weights: str
     splits: pl.DataFrame
     pseudo_captions: pl.DataFrame | None = None
-    pairs: pl.DataFrame | None = None
+    pairs: pl.LazyFrame | None = None
     val_pairs: pl.DataFrame | None = None
 
-    def frames(self) -> dict[str, pl.DataFrame | None]:
+    def frames(self) -> dict[str, pl.DataFrame | pl.LazyFrame | None]:
         return {"splits": self.splits, "pseudo_captions": self.pseudo_captions, "pairs": self.pairs,
                 "val_pairs": self.val_pairs}
 
 
-def load_inputs(stage: Stage, store: ArtifactStore, cache: Path, root: str = MODEL_ROOT) -> StageInputs:
-    """Read a stage's inputs from the store (for realign: download the encoder checkpoint once per node)."""
+def load_inputs(stage: Stage, store: ArtifactStore, cache: Path, root: str = MODEL_ROOT, *,
+                scratch: Path) -> StageInputs:
+    """Read a stage's inputs from the store (for realign: download the encoder checkpoint once per node).
+
+    Realignment's corpus is never read whole: the caption pairs are downloaded to ``scratch`` (a
+    folder that must live as long as the run) and the corpus (:func:`~clipopt_core.data.captions.realign_pairs`) is streamed from there into a parquet
+    file that ``inputs.pairs`` scans lazily.
+    """
     splits = store.read_parquet(Keys.splits)
     if stage.kind != "realign":
         base = store.read_json(Keys.base_model)
@@ -119,9 +126,16 @@ def load_inputs(stage: Stage, store: ArtifactStore, cache: Path, root: str = MOD
     distributed.run_on_main(stage_spec, store, stage.encoder, cache, image_size, root)
     spec = stage_spec(store, stage.encoder, cache, image_size, root)
     weights = store.read_json(f"{Keys.model(stage.encoder, root)}/{COMPLETE_MARKER}")["files"][WEIGHTS_FILE]
-    caption_pairs = store.read_parquet(Keys.caption_pairs)
-    return StageInputs(spec, weights, splits, pairs=realign_pairs(caption_pairs, splits),
+    caption_pairs = pl.scan_parquet(store.get_file(Keys.caption_pairs, scratch / "caption_pairs.parquet"))
+    corpus = scratch / "realign_pairs.parquet"
+    realign_pairs(caption_pairs, splits).sink_parquet(corpus)
+    return StageInputs(spec, weights, splits, pairs=pl.scan_parquet(corpus),
                        val_pairs=realignment_selection_pairs(caption_pairs, splits))
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def published_record(store: ArtifactStore, key: str) -> dict[str, Any] | None:
@@ -144,7 +158,14 @@ def run_stage(request: StageRequest, *, store: ArtifactStore | None = None, log:
     stage, config = request.stage, request.config()
     device = request.join_ranks()
     store, cache = store or request.store(), Path(request.cache_dir).expanduser()
-    inputs = load_inputs(stage, store, cache, request.model_root)
+    with tempfile.TemporaryDirectory(prefix="inputs-", dir=_mkdir(cache)) as scratch:
+        inputs = load_inputs(stage, store, cache, request.model_root, scratch=Path(scratch))
+        return _run_stage(request, stage, config, inputs, store, cache, device, log, on_wait)
+
+
+def _run_stage(request: StageRequest, stage: Stage, config: StageConfig, inputs: StageInputs, store: ArtifactStore,
+               cache: Path, device: str, log: EventLog, on_wait: Callable[[str], None] | None) -> dict[str, Any] | None:
+    """:func:`run_stage` once its inputs are loaded: reuse the published checkpoint or train and publish."""
     identity = stage_identity(stage.kind, config, start_weights=inputs.start_weights, inputs=inputs.frames())
     key = Keys.model(stage.asset, request.model_root)
     published = published_record(store, key)

@@ -76,12 +76,13 @@ def train_retrieval(base_spec: ModelSpec, splits: pl.DataFrame, config: Retrieva
     return _export(bundle, work_dir, summary, result)
 
 
-def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFrame, config: RealignConfig, work_dir: Path, *,
+def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame | pl.LazyFrame, val: pl.DataFrame, config: RealignConfig, work_dir: Path, *,
                   cache_dir: Path, stage: str, device: str = "cpu", log: EventLog = lambda e: None,
                   identity: str = "") -> StageOutput:
     """Stage 2 on top of a fine-tuned image tower: pairs (``uri``, ``caption``) → realigned text tail.
 
-    Image embeddings of the pairs are computed once with the frozen tower (eval transform),
+    ``pairs`` may be lazy (a parquet scan): it is read in slices, never whole. Image embeddings of
+    the pairs are computed once with the frozen tower (eval transform),
     grouped by caption and cached on disk under ``cache_dir``, keyed by the tower's weights and the
     pairs' content (:func:`~clipopt_core.train.embedding_cache.realign_pair_cache`): every step, and
     every later run with the same tower and pairs, reads them from there batch by batch, so the
@@ -95,7 +96,7 @@ def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame, val: pl.DataFram
     val_embeddings = embed_images(bundle, benchmark.uris, device=device)
     with seeded(config.train.seed):
         task = RealignTask(bundle, corpus, None, config, validation_caption_t2i(val_embeddings, benchmark, device=device))
-    summary = {"stage": stage, "pairs": pairs.height, "distinct_captions": len(corpus),
+    summary = {"stage": stage, "pairs": corpus.pairs, "distinct_captions": len(corpus),
                "val_queries": len(benchmark.texts), "config": asdict(config), "identity": identity}
     result = fit(task, config.train, work_dir, device=device, log=log)
     task.finish()

@@ -124,3 +124,4 @@ def test_edited_caption_corpus_retrains_the_realignments(first, sources) -> None
     after = materialise(tmp, images, captions)
     assert {"realigned_2sft", "realigned_mcip"} <= retrained(before, after)
     assert "retrieval_encoder" not in retrained(before, after)
+    assert not list(tmp.glob("**/inputs-*"))  # the realignments' streamed corpus lives only as long as their run
