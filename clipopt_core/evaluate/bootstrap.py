@@ -9,7 +9,7 @@ differ on the same queries (a paired test). Query sets are resampled independent
 other, each from its own seeded stream, so adding a metric never changes another set's draws.
 
 Group means and ``avg`` are recomputed per resample from the resampled columns, exactly as
-:func:`clipopt_core.evaluate.metrics.group_means` does from the point values. Intervals are
+:func:`clipopt_core.evaluate.aggregate.group_means` does from the point values. Intervals are
 percentile intervals (the ``(1-c)/2`` and ``(1+c)/2`` quantiles of the resampled values),
 default ``B = 1000`` resamples at ``c = 0.95``, seeded.
 """
@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from clipopt_core.evaluate.metrics import DEFAULT_GROUPS
+from clipopt_core.evaluate.aggregate import DEFAULT_GROUPS
 
 Interval = tuple[float, float]
 _CHUNK = 100  # resamples drawn at once: the largest temporary is [_CHUNK, Q] float64

@@ -33,17 +33,15 @@ confidence intervals (docs/method.md, "Evaluation").
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from clipopt_core.evaluate.aggregate import mean_by_group
 from clipopt_core.evaluate.ranks import relevant_items, relevant_ranks
 
 __all__ = [
-    "DEFAULT_GROUPS",
     "image_to_image_ap",
     "image_to_image_map",
     "image_to_image_recall_at_1",
@@ -57,20 +55,8 @@ __all__ = [
     "text_to_image_hits",
     "caption_hits",
     "mean_of_scores",
-    "group_means",
     "map_by_query_source",
-    "mean_by_group",
 ]
-
-# The paper's columns (docs/method.md, "Evaluation"): one headline column per benchmark kind; T2I is
-# R@5 on held-out image-caption pairs. ``avg`` is the plain mean of these five columns.
-DEFAULT_GROUPS: dict[str, list[str]] = {
-    "i2i": ["i2i_map", "i2i_r1"],
-    "knn": ["knn_top1"],
-    "zs": ["zs_top1"],
-    "t2i": ["t2i_r5"],
-}
-
 
 ZERO_SHOT_BLOCK_SCORES = 1 << 26  # zero-shot scores images in [rows, C] blocks of at most this many (256 MiB)
 
@@ -389,37 +375,6 @@ def _t2i_hits(t: Tensor, image_embeddings: Tensor, relevance: Callable[[int, int
     return hits
 
 
-def _present(metrics: Mapping[str, float], name: str) -> float | None:
-    v = metrics.get(name)
-    if v is None:
-        return None
-    v = float(v)
-    return None if math.isnan(v) else v
-
-
-def group_means(
-    metrics: Mapping[str, float], groups: Mapping[str, Sequence[str]] = DEFAULT_GROUPS
-) -> dict[str, float]:
-    """Per-group means ``{"<group>_mean": ...}`` plus ``avg``.
-
-    ``avg`` is the plain mean of every listed column that is present (each column once), not
-    the mean of the group means -- the paper's AVG over its benchmark columns. Missing or NaN
-    metrics are ignored; a group with no usable metric gets ``nan``.
-    """
-    out: dict[str, float] = {}
-    seen: dict[str, float] = {}
-    for g, names in groups.items():
-        vals = []
-        for name in names:
-            v = _present(metrics, name)
-            if v is not None:
-                vals.append(v)
-                seen[name] = v
-        out[f"{g}_mean"] = sum(vals) / len(vals) if vals else float("nan")
-    out["avg"] = sum(seen.values()) / len(seen) if seen else float("nan")
-    return out
-
-
 def map_by_query_source(
     embeddings: Tensor, labels: Tensor, sources: Sequence[str], *, include_query: bool = True, chunk_size: int = 1024,
     queries: Tensor | None = None,
@@ -435,18 +390,3 @@ def map_by_query_source(
         raise ValueError(f"sources has {len(sources)} entries but embeddings has {embeddings.shape[0]} rows")
     ap = image_to_image_ap(embeddings, labels, include_query=include_query, chunk_size=chunk_size, queries=queries)
     return mean_by_group(ap, sources)
-
-
-def mean_by_group(scores: Tensor, groups: Sequence[str]) -> dict[str, float]:
-    """``{group: mean of its non-nan scores}`` in sorted group order (``nan`` for a group with none);
-    ``scores [N]`` per-query scores, ``groups`` length N (e.g. the per-query APs by source)."""
-    if len(groups) != scores.shape[0]:
-        raise ValueError(f"groups has {len(groups)} entries but there are {scores.shape[0]} scores")
-    scores = scores.cpu()
-    src_arr = np.asarray(list(groups), dtype=object)
-    out: dict[str, float] = {}
-    for src in sorted(set(src_arr.tolist())):
-        values = scores[torch.from_numpy(src_arr == src)]
-        values = values[~values.isnan()]
-        out[src] = float(values.mean()) if len(values) else float("nan")
-    return out

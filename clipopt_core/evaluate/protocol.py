@@ -28,6 +28,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from clipopt_core.data.captions import normalise_caption
 from clipopt_core.data.datasets import encode_labels
 from clipopt_core.evaluate import metrics
+from clipopt_core.evaluate.aggregate import group_means, mean_by_group
 from clipopt_core.models.encode import embed_images, embed_texts, zero_shot_classifier
 from clipopt_core.models.loading import ClipBundle
 
@@ -196,10 +197,10 @@ def evaluate_model(bundle: ClipBundle, split: pl.DataFrame, config: EvalConfig =
     per_query.update({f"t2i_r{k}": h for k, h in hits.items()})
     scores = {name: values.cpu().numpy() for name, values in per_query.items()}
     results = {name: metrics.mean_of_scores(values) for name, values in per_query.items()}
-    results.update(metrics.group_means(results))
+    results.update(group_means(results))
     by_source = {}
     if config.per_source and split["source"].n_unique() > 1:
-        by_source = metrics.mean_by_group(per_query["i2i_map"], split["source"].to_list())  # the same APs
+        by_source = mean_by_group(per_query["i2i_map"], split["source"].to_list())  # the same APs
     examples = _t2i_examples(benchmark, pair_texts, pair_images, config.gallery_queries)
     rows = gallery_rows(split.height, config.image_gallery_queries)
     neighbours = metrics.nearest_neighbours(images, torch.tensor(rows, dtype=torch.long), 5).tolist()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from clipopt_core.evaluate.metrics import group_means
+from clipopt_core.evaluate.aggregate import group_means
 from clipopt_core.runtime.text import markdown_table
 from clipopt_core.suite.columns import COLUMNS, GROUP_LABELS, GROUPS, Column
 

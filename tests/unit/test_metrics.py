@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
+from clipopt_core.evaluate.aggregate import group_means
 from clipopt_core.evaluate.metrics import (
     caption_hits,
-    group_means,
     image_to_image_ap,
     image_to_image_map,
     image_to_image_hits_at_1,

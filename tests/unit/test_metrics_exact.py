@@ -98,7 +98,7 @@ def test_query_rows_out_of_range_are_refused() -> None:
 
 
 def test_mean_by_group_averages_the_non_nan_scores_of_each_group() -> None:
-    from clipopt_core.evaluate.metrics import mean_by_group
+    from clipopt_core.evaluate.aggregate import mean_by_group
 
     scores = torch.tensor([0.5, float("nan"), 1.0, 0.0, float("nan")], dtype=torch.float64)
     assert mean_by_group(scores, ["b", "a", "b", "a", "c"]) == pytest.approx({"a": 0.0, "b": 0.75, "c": float("nan")},
