@@ -233,25 +233,27 @@ def class_embeddings(bundle: ClipBundle, class_names: Sequence[str], templates: 
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
-def validation_subset(split: pl.DataFrame, max_images: int | None, seed: int = 0) -> pl.DataFrame:
+def validation_subset(split: pl.DataFrame, max_images: int | None, seed: int = 0, *, by: str = "label") -> pl.DataFrame:
     """The validation rows scored during training: the whole ``split`` when it has at most ``max_images`` rows
-    (or ``max_images`` is ``None``), else whole classes in a seeded order until ``max_images`` rows are filled
-    (a class that does not fit is passed over), in split order. Whole classes keep every kept query's
-    relevant set complete, so the subset's mAP is an ordinary mAP of a smaller test set."""
+    (or ``max_images`` is ``None``), else whole groups of ``by`` (classes; images for caption pairs) in a
+    seeded order until ``max_images`` rows are filled (a group that does not fit is passed over), in split
+    order. Whole classes keep every kept query's relevant set complete, so the subset's mAP is an ordinary
+    mAP of a smaller test set; whole images keep every caption of a kept image."""
     if max_images is None or split.height <= max_images:
         return split
     if max_images < 1:
-        raise ValueError(f"val_max_images must be >= 1 or None (the whole split), got {max_images}")
-    sizes = split.group_by("label").len().sort("label")
+        raise ValueError(f"the validation budget (val_max_images, val_max_pairs) must be >= 1 or None "
+                         f"(the whole split), got {max_images}")
+    sizes = split.group_by(by).len().sort(by)
     order = torch.randperm(sizes.height, generator=torch.Generator().manual_seed(seed)).tolist()
     kept, total = [], 0
-    for label, size in (sizes.row(i) for i in order):
+    for group, size in (sizes.row(i) for i in order):
         if total + size <= max_images:
-            kept.append(label)
+            kept.append(group)
             total += size
-    if not kept:  # every class is larger than the budget: the first class of the order, cut to the budget
-        return split.filter(pl.col("label") == sizes["label"][order[0]]).head(max_images)
-    return split.filter(pl.col("label").is_in(kept))
+    if not kept:  # every group is larger than the budget: the first group of the order, cut to the budget
+        return split.filter(pl.col(by) == sizes[by][order[0]]).head(max_images)
+    return split.filter(pl.col(by).is_in(kept))
 
 
 def validation_map(split: pl.DataFrame, *, batch_size: int = 64, device: str | torch.device = "cpu",

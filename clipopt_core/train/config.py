@@ -95,11 +95,16 @@ REALIGN_TRAIN_DEFAULTS = TrainConfig(lr=1e-5, lr_floor=0.0, weight_decay=0.2, be
 class RealignConfig:
     """Stage-2 settings (docs/method.md#realignment: AdamW 0.9/0.98, eps 1e-6, LR 1e-5, wd 0.2 off
     norms/biases/scale, no gradient clipping). ``max_logit_scale``: the logit-scale parameter is
-    clamped in place to ≤ ln(max_logit_scale) after each step."""
+    clamped in place to ≤ ln(max_logit_scale) after each step. ``val_max_pairs``: the checkpoint is
+    selected on at most this many validation pairs -- whole images (every caption of a kept image) in an
+    order seeded by ``train.seed``, the same pairs at every evaluation -- or on all of them when there are
+    fewer or this is ``None``. The default, 25,000, is the size of COCO's Karpathy test split (5,000
+    images × 5 captions); 5% of a 10⁷-pair corpus would be 5·10⁵ queries at every evaluation."""
 
     train: TrainConfig = field(default_factory=lambda: REALIGN_TRAIN_DEFAULTS)
     last_blocks: int = 1
     max_logit_scale: float = 100.0
+    val_max_pairs: int | None = 25_000
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from clipopt_core.runtime import distributed
 from clipopt_core.data.datasets import ImageDataset, encode_labels, train_transform
 from clipopt_core.data.sources import source_counts, source_weights
 from clipopt_core.models.encode import embed_images, embed_texts
-from clipopt_core.evaluate.protocol import caption_benchmark, validation_caption_t2i, validation_map
+from clipopt_core.evaluate.protocol import caption_benchmark, validation_caption_t2i, validation_map, validation_subset
 from clipopt_core.models.loading import ClipBundle, ModelSpec, export_checkpoint, load_model
 from clipopt_core.train.embedding_cache import realign_pair_cache
 from clipopt_core.train.tasks import RealignTask, RetrievalTask
@@ -88,11 +88,12 @@ def train_realign(encoder_spec: ModelSpec, pairs: pl.DataFrame | pl.LazyFrame, v
     every later run with the same tower and pairs, reads them from there batch by batch, so the
     stage costs text-tower compute only and its memory does not grow with the pairs. ``val``
     (``uri``, ``caption``): the held-out pairs that select the checkpoint (mean T2I R@1/5/10,
-    every caption a query), e.g. :func:`~clipopt_core.data.captions.realignment_selection_pairs`.
+    every caption a query), e.g. :func:`~clipopt_core.data.captions.realignment_selection_pairs`, or a
+    seeded subset of whole images when it has more than ``config.val_max_pairs`` pairs.
     """
     bundle = load_model(encoder_spec, cache_dir=cache_dir, device=device)
     corpus = realign_pair_cache(bundle, pairs, cache_dir, device=device)
-    benchmark = caption_benchmark(val)
+    benchmark = caption_benchmark(validation_subset(val, config.val_max_pairs, config.train.seed, by="uri"))
     val_embeddings = embed_images(bundle, benchmark.uris, device=device)
     with seeded(config.train.seed):
         task = RealignTask(bundle, corpus, None, config, validation_caption_t2i(val_embeddings, benchmark, device=device))

@@ -28,7 +28,7 @@ RANGES: dict[str, dict[str, float]] = {
     "patch_dropout": {"ge": 0.0, "lt": 1.0}, "last_blocks": {"ge": 0}, "max_logit_scale": {"gt": 1.0},
     "top_k": {"ge": 1, "le": 1000}, "threshold": {"ge": -1.0, "le": 1.0}, "threshold_quantile": {"gt": 0.0, "lt": 1.0},
     "chunk_size": {"ge": 1},
-    "val_max_images": {"ge": 1},  # None = the whole validation split (docs/method.md#validation)
+    "val_max_images": {"ge": 1}, "val_max_pairs": {"ge": 1},  # None = the whole split (docs/method.md#validation)
 }
 # Fields a kind does not expose: stage 1 has no multi-caption term.
 HIDDEN: dict[str, frozenset[str]] = {

@@ -234,3 +234,20 @@ def test_val_max_images_is_a_checked_stage_setting() -> None:
     assert stage_config("mcip", {"val_max_images": 500}).val_max_images == 500
     with pytest.raises(ValueError, match="val_max_images"):
         stage_config("retrieval", {"val_max_images": 0})
+    assert flat_defaults("realign")["val_max_pairs"] == 25_000
+    with pytest.raises(ValueError, match="val_max_pairs"):
+        stage_config("realign", {"val_max_pairs": 0})
+
+
+def test_realignment_validation_keeps_whole_images_within_its_pair_budget() -> None:
+    """Caption pairs are subset by image: every caption of a kept image, bounded, seeded, the same every time."""
+    rng = np.random.default_rng(2)
+    pairs = pl.DataFrame([(f"/v/{image}.png", f"caption {image}-{c}") for image in range(300)
+                          for c in range(int(rng.integers(1, 8)))], schema=["uri", "caption"], orient="row")
+    subset = validation_subset(pairs, 400, seed=5, by="uri")
+    assert 390 <= subset.height <= 400
+    per_image = dict(pairs.group_by("uri").len().iter_rows())
+    assert all(per_image[uri] == n for uri, n in subset.group_by("uri").len().iter_rows())  # whole images
+    assert subset.equals(validation_subset(pairs, 400, seed=5, by="uri"))
+    assert set(subset["uri"]) != set(validation_subset(pairs, 400, seed=6, by="uri")["uri"])
+    assert validation_subset(pairs, None, by="uri").equals(pairs)
