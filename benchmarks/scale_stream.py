@@ -19,7 +19,8 @@ Steps, each in its own process (:mod:`benchmarks._scale`: wall time of the step,
   from an empty embedding cache: every image embedded once into the disk cache, then the epoch
   streamed from it.
 * ``mining``: :func:`clipopt_core.train.mining.mine_captions` for ``--images`` images against a pool of
-  the N captions (embedded and searched ``chunk_size`` texts at a time).
+  the N captions, read from ``pairs.parquet`` in chunks and embedded and searched ``chunk_size`` texts at
+  a time (the kept captions' texts read back at the end).
 
 The table printed at the end (pasted into docs/scaling.md) gives seconds and peak MiB per size, the
 time exponent b and the RSS ratio largest/smallest size (≈ 1: memory flat in N).
@@ -149,18 +150,21 @@ def _realign(pairs_file: Path, folder: Path, args: argparse.Namespace) -> float:
 
 
 def _mining(pairs_file: Path, args: argparse.Namespace) -> float:
-    """Mine ``--images`` images against the pool of every caption in the corpus."""
+    """Mine ``--images`` images against the pool of every caption in the corpus, read from the pairs
+    parquet in chunks (:class:`ParquetPool`, column ``caption``; :func:`generate` writes distinct,
+    whitespace-normalised captions, so the file is a valid pool as it is)."""
     from clipopt_core.models.loading import ModelSpec, load_model
     from clipopt_core.train.config import MiningConfig
     from clipopt_core.train.mining import mine_captions
+    from clipopt_core.train.text_pool import ParquetPool
 
     images = pl.read_parquet(pairs_file, n_rows=args.images).select(
         "uri", pl.col("sha256").str.slice(0, 20).alias("image_id"))
     with tempfile.TemporaryDirectory(dir=pairs_file.parent) as cache:
         bundle = load_model(ModelSpec("clipopt-tiny"), cache_dir=Path(cache))
     start = time.perf_counter()
-    pool = pl.read_parquet(pairs_file, columns=["caption"])["caption"].to_list()
-    table, stats = mine_captions(bundle, images, pool, MiningConfig(threshold=None))
+    with ParquetPool(pairs_file, "caption") as pool:
+        table, stats = mine_captions(bundle, images, pool, MiningConfig(threshold=None))
     seconds = time.perf_counter() - start
     assert stats["pool_size"] == len(pool) and table.height > 0
     return seconds

@@ -11,6 +11,7 @@ from clipopt_core.models.loading import load_model
 from clipopt_core.data.caption_shards import PAIR_SCHEMA, is_shard_source, read_caption_shards
 from clipopt_core.data.captions import caption_pool, split_caption_pairs
 from clipopt_core.train.mining import mine_captions, mining_spec
+from clipopt_core.train.text_pool import open_stored_pool
 from clipopt_core.train.identity import frame_digest, weights_digest
 from clipopt_core.train.mining import similarity_histogram
 from clipopt_core.layout import Keys, base_spec
@@ -141,10 +142,11 @@ def pseudo_captions(context: dg.AssetExecutionContext, config: MiningSettings, c
     compute.setup_torch()
     artifacts = store.store()
     train = artifacts.read_parquet(Keys.splits).filter(pl.col("split") == "train")
-    pool = artifacts.read_parquet(Keys.caption_pool)["text"].to_list()
     spec = mining_spec(config.core(), base_spec(artifacts))
     bundle = load_model(spec, cache_dir=compute.cache, device=compute.device)
-    table, stats = mine_captions(bundle, train, pool, config.core(), device=compute.device)
+    # the stored pool is caption_pool's deduplicated output, read in chunks (never whole; an S3 copy is local)
+    with open_stored_pool(artifacts, Keys.caption_pool, "text", workdir=compute.cache) as pool:
+        table, stats = mine_captions(bundle, train, pool, config.core(), device=compute.device)
     artifacts.write_parquet(Keys.pseudo_captions, table)
     examples = table.filter(pl.col("rank") == 0).join(train.select("image_id", "label"), on="image_id").head(8)
     return dg.MaterializeResult(metadata={

@@ -5,21 +5,22 @@ unless :class:`MiningConfig` names another, see :func:`mining_spec`) keep its to
 of a deduplicated pool (embedded by the same model's text tower) whose cosine similarity
 exceeds a threshold (docs/method.md#mining). The pool is embedded and scanned in chunks, merged
 into a running top-k per image, so memory stays bounded by one chunk and ``images × chunk``
-similarities, whatever the pool size.
+similarities, whatever the pool size. A pool stored as parquet (:class:`clipopt_core.train.text_pool.ParquetPool`)
+is read in chunks too, and only the kept captions' texts are read back at the end.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
 import polars as pl
 import torch
 
-from clipopt_core.data.captions import dedupe_texts
 from clipopt_core.models.encode import embed_images, embed_texts
 from clipopt_core.models.loading import ClipBundle, ModelSpec
 from clipopt_core.train.config import MiningConfig
+from clipopt_core.train.text_pool import InMemoryPool, TextPool
 
 
 def mining_spec(config: MiningConfig, base: ModelSpec) -> ModelSpec:
@@ -101,11 +102,11 @@ def _merge_top_k(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torc
     return best_scores, merged_ids.gather(1, order)
 
 
-def embed_pool_chunks(bundle: ClipBundle, pool: Sequence[str], chunk_size: int, *,
+def embed_pool_chunks(bundle: ClipBundle, pool: TextPool, chunk_size: int, *,
                       device: str = "cpu") -> Iterator[torch.Tensor]:
     """The pool's text embeddings, [≤chunk_size, D] normalised, one chunk at a time (pool order)."""
-    for start in range(0, len(pool), chunk_size):
-        yield embed_texts(bundle, pool[start:start + chunk_size], device=device)
+    for texts in pool.chunks(chunk_size):
+        yield embed_texts(bundle, texts, device=device)
 
 
 def mine_pseudo_captions(image_ids: list[str], image_embeddings: torch.Tensor, pool: list[str],
@@ -116,12 +117,15 @@ def mine_pseudo_captions(image_ids: list[str], image_embeddings: torch.Tensor, p
     Images with no caption above the threshold have no rows.
     """
     scores, ids = top_k_chunked(image_embeddings, text_embeddings, config.top_k, config.chunk_size)
-    return _caption_table(image_ids, scores, ids, pool, config)
+    return _caption_table(image_ids, scores, ids, lambda kept: [pool[i] for i in kept], config)
 
 
-def _caption_table(image_ids: list[str], scores: torch.Tensor, ids: torch.Tensor, pool: Sequence[str],
-                   config: MiningConfig) -> tuple[pl.DataFrame, float]:
-    """The long table of :func:`mine_pseudo_captions` from top-k scores / pool ids [N, k'], and the threshold used."""
+def _caption_table(image_ids: list[str], scores: torch.Tensor, ids: torch.Tensor,
+                   texts_of: Callable[[Sequence[int]], list[str]], config: MiningConfig) -> tuple[pl.DataFrame, float]:
+    """The long table of :func:`mine_pseudo_captions` from top-k scores / pool ids [N, k'], and the threshold used.
+
+    ``texts_of(ids)`` gives the texts of pool ids; it is asked only for the ids kept above the threshold.
+    """
     threshold = config.threshold
     if threshold is None:
         threshold = float(np.quantile(scores[:, 0].numpy(), config.threshold_quantile)) if len(scores) else 0.0
@@ -130,7 +134,7 @@ def _caption_table(image_ids: list[str], scores: torch.Tensor, ids: torch.Tensor
     table = pl.DataFrame({
         "image_id": [image_ids[r] for r in rows.tolist()],
         "rank": ranks.to(torch.int32).numpy(),
-        "caption": [pool[i] for i in ids[rows, ranks].tolist()],
+        "caption": texts_of(ids[rows, ranks].tolist()),
         "similarity": scores[rows, ranks].numpy().astype(np.float32),
     }, schema={"image_id": pl.String, "rank": pl.Int32, "caption": pl.String, "similarity": pl.Float32})
     return table, threshold
@@ -158,18 +162,21 @@ def similarity_histogram(table: pl.DataFrame, bins: int = 10) -> list[tuple[floa
     return [(round(float(edge), 3), int(count)) for edge, count in zip(edges[:-1], counts)]
 
 
-def mine_captions(base: ClipBundle, train: pl.DataFrame, pool: list[str], config: MiningConfig, *,
+def mine_captions(base: ClipBundle, train: pl.DataFrame, pool: Sequence[str] | TextPool, config: MiningConfig, *,
                   device: str = "cpu") -> tuple[pl.DataFrame, dict[str, float]]:
     """Pseudo-captions for the training images from ``pool``, mined with ``base``: the loaded,
     unmodified model of :func:`mining_spec` (the base model by default).
 
-    The pool is embedded and searched ``config.chunk_size`` texts at a time on ``device``
-    (:func:`top_k_streamed`): memory holds the training images' embeddings [N, D], one text chunk
-    and the running top-k, not the embedded pool.
+    ``pool``: a list of texts (deduplicated here, :class:`InMemoryPool`) or a :class:`TextPool` such as
+    a :class:`clipopt_core.train.text_pool.ParquetPool` (already distinct; read chunk by chunk). The pool
+    is embedded and searched ``config.chunk_size`` texts at a time on ``device`` (:func:`top_k_streamed`):
+    memory holds the training images' embeddings [N, D], one text chunk and the running top-k [N, k],
+    not the pool; the kept captions' texts (≤ N·k) are looked up at the end.
     """
-    pool = dedupe_texts(pool)
+    if isinstance(pool, Sequence):
+        pool = InMemoryPool(pool)
     image_embeddings = embed_images(base, train["uri"].to_list(), device=device)
     scores, ids = top_k_streamed(image_embeddings, embed_pool_chunks(base, pool, config.chunk_size, device=device),
                                  config.top_k, device=device)
-    table, threshold = _caption_table(train["image_id"].to_list(), scores, ids, pool, config)
+    table, threshold = _caption_table(train["image_id"].to_list(), scores, ids, pool.texts, config)
     return table, {**caption_stats(table, train.height, threshold), "pool_size": len(pool)}
