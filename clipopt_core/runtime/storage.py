@@ -104,16 +104,6 @@ class ArtifactStore:
         self._publish_atomically("upload", key, lambda temp: self.fs.put_file(str(local), temp))
         return sha256_file(local)
 
-    def get_file(self, key: str, local: Path) -> Path:
-        """Download ``key`` to the local file ``local`` (a temp file renamed onto it when complete)."""
-        staging = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            self._call("download", key, lambda: self.fs.get_file(self.path(key), str(staging)))
-            os.replace(staging, local)
-        finally:
-            staging.unlink(missing_ok=True)
-        return local
-
     def write_json(self, key: str, payload: Any) -> str:
         return self.write_bytes(key, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
