@@ -39,7 +39,7 @@ Scores = dict[str, np.ndarray]  # metric -> [Q] float64 per-query scores (AP or 
 
 def point_values(scores: Scores) -> dict[str, float]:
     """``{metric: value in [0, 1]}``: the mean of each metric's non-``nan`` per-query scores (``nan`` if none)."""
-    return {name: metrics.mean_of_scores(torch.from_numpy(np.asarray(values, dtype=np.float64)))
+    return {name: metrics.mean_of_scores(torch.from_numpy(np.array(values, dtype=np.float64)))
             for name, values in scores.items()}
 
 

@@ -139,6 +139,22 @@ def attach_scores(results: Iterable[ColumnResult], frame: pl.DataFrame) -> list[
     return out
 
 
+def merge_variants(first: ColumnResult, second: ColumnResult) -> ColumnResult:
+    """One column's results of two evaluations as one result with the variants of both (``second``'s values on a
+    name clash); ``second`` as it is when either was skipped. Both must have measured the same queries, or
+    their scores cannot be paired."""
+    if first.column != second.column:
+        raise ValueError(f"cannot merge results of {first.column} and {second.column}")
+    if first.skipped or second.skipped:
+        return second
+    if first.queries and second.queries and first.queries != second.queries:
+        raise ValueError(f"{first.column}: the two evaluations measured different queries (other roots or "
+                         "benchmark files); evaluate both with the same roots")
+    return ColumnResult(first.column, {**first.metrics, **second.metrics}, None, {**first.seconds, **second.seconds},
+                        {**first.model_keys, **second.model_keys}, second.queries or first.queries,
+                        {**first.per_query, **second.per_query})
+
+
 def table_values(results: Iterable[ColumnResult]) -> dict[str, dict[str, float]]:
     """``{variant: {column: headline value}}`` of the evaluated (not skipped) results."""
     values: dict[str, dict[str, float]] = {}
