@@ -169,7 +169,7 @@ def table1_report(context: dg.AssetExecutionContext, config: Table1Settings,
                          paper_source=paper.SOURCE, skipped={**skipped_reasons(results), **stale, **missing},
                          intervals=intervals)
     title = f"Table 1 — base model {spec.name} ({spec.pretrained or 'no tag'})" + (f", paper: {base}" if base else "")
-    notes = "".join(f"\n- {column}: {why}" for column, why in unscored.items())
+    notes = "".join(f"\n- {why}" for why in unscored.values())
     markdown = f"{title}\n\n{table.markdown()}" + (f"\n\nWithout intervals:{notes}" if notes else "")
     artifacts.write_bytes(TABLE1_MD, markdown.encode())
     artifacts.write_json(TABLE1_JSON, json_safe({"base_model": {"name": spec.name, "pretrained": spec.pretrained},
@@ -191,7 +191,7 @@ def _with_stored_scores(artifacts: ArtifactStore, result: ColumnResult, unscored
     if result.skipped:
         return result
     if not artifacts.exists(scores_key(result.column)):
-        unscored[result.column] = "no per-query scores stored; re-materialise the partition"
+        unscored[result.column] = f"{result.column}: no per-query scores stored; re-materialise the partition"
         return result
     try:
         return attach_scores([result], artifacts.read_parquet(scores_key(result.column)))[0]
