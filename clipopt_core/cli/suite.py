@@ -26,7 +26,10 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from clipopt_core.suite.run import ColumnResult
 
 
 def add_parser(commands: Any, default_cache: str) -> None:
@@ -111,7 +114,7 @@ def scores_path(report: Path) -> Path:
     return report.with_name(f"{report.stem}.scores.parquet")
 
 
-def read_report(path: Path) -> tuple[str, dict[str, Any]]:
+def read_report(path: Path) -> tuple[str, dict[str, "ColumnResult"]]:
     """``(variant, {column: ColumnResult with its per-query scores})`` of a ``--out`` JSON report."""
     import polars as pl
 

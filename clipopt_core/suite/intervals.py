@@ -33,19 +33,20 @@ def table_intervals(results: Iterable[ColumnResult], *, baseline: str = "baselin
     """
     evaluated = [r for r in results if not r.skipped and baseline in r.metrics]
     sets = query_sets(evaluated)
-    variants = dict.fromkeys(v for r in evaluated for v in r.metrics if v != baseline)
+    cohorts: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}  # variants on the same columns: one call
+    for variant in dict.fromkeys(v for r in evaluated for v in r.metrics if v != baseline):
+        both = tuple(r.column for r in evaluated if variant in r.metrics)
+        scored = tuple(r.column for r in evaluated if baseline in r.per_query and variant in r.per_query)
+        cohorts.setdefault((both, scored), []).append(variant)
     out: dict[str, dict[str, Interval]] = {}
-    for variant in variants:
-        both = [r.column for r in evaluated if variant in r.metrics]
-        scored = [r for r in evaluated if baseline in r.per_query and variant in r.per_query]
-        scores = {name: {r.column: r.per_query[name][get_column(r.column).metric] for r in scored}
-                  for name in (baseline, variant)}
-        groups = _complete_groups(both, {r.column for r in scored})
-        intervals = paired_bootstrap(scores, sets, baseline=baseline, groups=groups, config=config)[variant]
-        if groups != SUITE_GROUPS:  # AVG would cover fewer columns than the table's
-            intervals.pop("avg", None)
-            intervals.pop("delta_avg", None)
-        out[variant] = {key: bounds for key, bounds in intervals.items() if key.startswith("delta_")}
+    for (both, scored), variants in cohorts.items():
+        scores = {name: {r.column: r.per_query[name][get_column(r.column).metric] for r in evaluated
+                         if r.column in scored} for name in (baseline, *variants)}
+        groups = _complete_groups(both, set(scored))
+        intervals = paired_bootstrap(scores, sets, baseline=baseline, groups=groups, config=config)
+        for variant in variants:
+            out[variant] = {key: bounds for key, bounds in intervals[variant].items() if key.startswith("delta_")
+                            and (groups == SUITE_GROUPS or key != "delta_avg")}  # else AVG covers fewer columns
     return out
 
 

@@ -92,6 +92,13 @@ def test_intervals_are_the_evaluation_reports_bootstrap_and_follow_its_settings(
     direct = paired_bootstrap({v: {"i2i_cub200": s} for v, s in scores.items()}, {"i2i_cub200": "cub"})
     assert table_intervals(results)["mcip"]["delta_i2i_cub200"] == direct["mcip"]["delta_i2i_cub200"]
     assert table_intervals(results, config=BootstrapConfig(seed=1))["mcip"] != table_intervals(results)["mcip"]
+    # more variants, or a column evaluated for some variants only, leave each variant's intervals as they are
+    more = [result("i2i_cub200", {**scores, "stage1": BASE_AP * 0.5}, queries="cub"),
+            result("t2i_coco", {"baseline": [0, 1, 1, 0], "stage1": [1, 1, 1, 0]})]
+    intervals = table_intervals(more)
+    assert intervals["mcip"] == table_intervals(results)["mcip"]
+    assert intervals["stage1"]["delta_t2i_coco"] == table_intervals(more[1:])["stage1"]["delta_t2i_coco"]
+    assert "delta_t2i_mean" not in intervals["mcip"] and "delta_avg" in intervals["stage1"]
 
 
 def test_a_column_without_scores_has_no_interval_nor_do_the_means_covering_it():
