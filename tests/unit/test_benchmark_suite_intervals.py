@@ -15,8 +15,8 @@ from clipopt_core.evaluate.bootstrap import BootstrapConfig, paired_bootstrap
 from clipopt_core.suite import protocols
 from clipopt_core.suite.columns import get_column
 from clipopt_core.suite.intervals import table_intervals
-from clipopt_core.suite.run import (ColumnResult, attach_scores, evaluate_column, query_digest, scores_frame,
-                                   table_values)
+from clipopt_core.suite.run import (ColumnResult, attach_scores, evaluate_column, merge_variants, query_digest,
+                                   scores_frame, table_values)
 from clipopt_core.suite.table import build_table1
 from clipopt_core.suite.types import CaptionSet, ImageSet, RevisitedSet
 from tests.benchmark_suite_data import fake_loaders, write_caption_set, write_image_set
@@ -211,3 +211,15 @@ def test_benchmark_suite_cli_keeps_the_scores_and_compares_against_an_earlier_re
     (roots / "base.scores.parquet").unlink()
     assert run_cli(roots, "--variant", "mcip", "--against", str(roots / "base.json")) == 2
     assert "base.scores.parquet are missing" in capsys.readouterr().err
+
+
+def test_merging_two_evaluations_needs_the_same_queries():
+    base = result("i2i_instre", {"baseline": BASE_AP}, queries="q1")
+    ours = result("i2i_instre", {"mcip": BASE_AP + 0.1}, queries="q1")
+    merged = merge_variants(base, ours)
+    assert list(merged.metrics) == ["baseline", "mcip"] and set(merged.per_query) == {"baseline", "mcip"}
+    assert table_intervals([merged])["mcip"]["delta_i2i_instre"] == pytest.approx((0.1, 0.1))
+    with pytest.raises(ValueError, match="i2i_instre: the two evaluations measured different queries"):
+        merge_variants(base, result("i2i_instre", {"mcip": BASE_AP}, queries="q2"))
+    skipped = ColumnResult("i2i_instre", skipped="set roots.instre")
+    assert merge_variants(base, skipped) is skipped
