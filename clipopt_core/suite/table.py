@@ -52,8 +52,8 @@ class Table1:
     def markdown(self) -> str:
         """The table as markdown, then the skipped columns and the paper's source."""
         headers = self.headers()
-        lines = [markdown_table([{"variant": _row_label(row, self.baseline), **{headers[k]: _cell(row, k) for k in headers}}
-                                 for row in self.rows])]
+        lines = [markdown_table([{"variant": _row_label(row, self.baseline),
+                                  **{headers[k]: _cell(row, k) for k in headers}} for row in self.rows])]
         if any(row["source"] == "change" for row in self.rows):
             lines.append(f"\n`· vs {self.baseline}`: difference in points with its 95% paired-bootstrap interval over "
                          "the queries (* = the interval excludes 0).")
@@ -70,7 +70,8 @@ def build_table1(results: Mapping[str, Mapping[str, float]], *, paper: Mapping[s
     """Table 1 of ``results`` ``{variant: {column: value in [0, 1]}}``.
 
     ``baseline``: when it is one of ``results``, every other variant gets a ``change`` row, with ``intervals``
-    ``{variant: {"delta_<key>": (lo, hi)}}`` in [0, 1] units where given (:func:`~clipopt_core.suite.intervals.table_intervals`).
+    ``{variant: {"delta_<key>": (lo, hi)}}`` in [0, 1] units where given
+    (:func:`~clipopt_core.suite.intervals.table_intervals`).
     ``paper``: ``{variant: {column: percent}}`` of the same base model (:func:`clipopt_core.suite.paper.paper_rows`);
     a variant in both gets a paper row and a difference row over the columns present in ours.
     """

@@ -45,13 +45,15 @@ def test_a_variant_better_on_every_query_gets_an_interval_above_zero():
     table = build_table1(table_values(results), intervals=table_intervals(results))
     change = table.rows[2]
     assert (change["variant"], change["source"]) == ("mcip", "change")
-    assert change["i2i_instre"] == pytest.approx(100 * gains.mean()) and change["i2i_instre_lo"] == pytest.approx(100 * lo)
+    assert change["i2i_instre"] == pytest.approx(100 * gains.mean())
+    assert change["i2i_instre_lo"] == pytest.approx(100 * lo)
     md = table.markdown()
     assert f"| mcip · vs baseline | +{100 * gains.mean():.1f} [+{100 * lo:.1f}, +{100 * hi:.1f}]* |" in md
     # a variant worse on every query: the interval lies below 0
     worse = [result("i2i_instre", {"baseline": BASE_AP, "stage1": BASE_AP - gains})]
     lo, hi = table_intervals(worse)["stage1"]["delta_i2i_instre"]
-    assert -0.20 <= lo < hi < 0 and "]* |" in build_table1(table_values(worse), intervals=table_intervals(worse)).markdown()
+    assert -0.20 <= lo < hi < 0
+    assert "]* |" in build_table1(table_values(worse), intervals=table_intervals(worse)).markdown()
 
 
 def test_identical_variants_get_zero_intervals_everywhere():
