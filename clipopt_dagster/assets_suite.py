@@ -165,7 +165,8 @@ def table1_report(context: dg.AssetExecutionContext, config: Table1Settings,
     spec = base_spec(artifacts)
     base = paper.paper_base(spec.name, spec.pretrained)
     intervals = table_intervals(results, config=config.bootstrap())
-    table = build_table1(table_values(results), paper=paper.paper_rows(base) if base else None,
+    values = table_values(results)  # rows in pipeline order (the stored JSON has its keys sorted)
+    table = build_table1({v: values[v] for v in VARIANTS if v in values}, paper=paper.paper_rows(base) if base else None,
                          paper_source=paper.SOURCE, skipped={**skipped_reasons(results), **stale, **missing},
                          intervals=intervals)
     title = f"Table 1 — base model {spec.name} ({spec.pretrained or 'no tag'})" + (f", paper: {base}" if base else "")

@@ -318,6 +318,7 @@ def test_ui_shows_table1_for_the_benchmarks_present(dagster_dev, page, tmp_path)
         expect(table.get_by_text(cell).first).to_be_visible()
     # header + five variants + four differences to the baseline (the tiny base model is not one of the paper's)
     assert table.locator("tr").count() == 10
+    expect(table.locator("tr").nth(1).locator("td").first).to_have_text("baseline")  # pipeline order, not sorted
     expect(table.get_by_text(re.compile(r"^[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]\*?$")).first).to_be_visible()
     expect(dialog.get_by_text(re.compile(r"i2i_instre: .*roots\.instre")).first).to_be_visible()
     shot(page, "07_table1_report")
