@@ -9,7 +9,14 @@ gpr1200, instre, cub, roxford5k, imagenet, imagenet_sketch, imagenet_a, objectne
 coco. A column whose root is missing is skipped with the key to set; the others run. ``--checkpoint``: a
 weights file for ``--model`` (loaded without unpickling code) or a clipopt checkpoint folder. When the base
 model is one the paper used, its figures and the difference sit under ours. ``--out`` writes markdown
-(``.md``) or JSON (``.json``, every protocol output); the table is printed either way.
+(``.md``) or JSON (``.json``, every protocol output, with the per-query scores in ``<name>.scores.parquet``
+beside it); the table is printed either way. ``--against`` takes such a JSON of another model (the base
+model, say): its row is the reference, and each of our cells gets the difference with its 95% paired-bootstrap
+interval over the same queries (docs/method.md#benchmark-suite):
+
+  clipopt benchmark-suite --model ViT-L-14-336 --pretrained openai --roots roots.yaml --out base.json
+  clipopt benchmark-suite --model ViT-L-14-336 --checkpoint ckpt/ --variant mcip_realign --roots roots.yaml \\
+      --against base.json --out mcip.md
 """
 from __future__ import annotations
 
@@ -19,7 +26,10 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from clipopt_core.suite.run import ColumnResult
 
 
 def add_parser(commands: Any, default_cache: str) -> None:
@@ -40,7 +50,11 @@ def add_parser(commands: Any, default_cache: str) -> None:
                              "default baseline with --pretrained, checkpoint with --checkpoint")
     parser.add_argument("--paper-base", default=None, metavar="NAME:TAG",
                         help="the paper's base model to compare with (default: --model:--pretrained)")
-    parser.add_argument("--out", type=Path, default=None, help="report file, .md or .json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report file, .md or .json (per-query scores in <name>.scores.parquet beside a .json)")
+    parser.add_argument("--against", type=Path, default=None, metavar="REPORT.json",
+                        help="a --out .json of another model: its row is the reference of our differences, "
+                             "each with a 95%% paired-bootstrap interval")
     parser.add_argument("--device", default=os.environ.get("CLIPOPT_DEVICE", "cpu"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--cache", default=default_cache, help="model cache folder")
@@ -54,7 +68,9 @@ def run(args: argparse.Namespace) -> str:
     from clipopt_core.suite import paper
     from clipopt_core.suite.columns import SuiteOptions, read_roots, select_columns
     from clipopt_core.suite.embedding import SuiteEmbedder
-    from clipopt_core.suite.run import evaluate_column, json_safe, skipped_reasons, table_values
+    from clipopt_core.suite.intervals import table_intervals
+    from clipopt_core.suite.run import (evaluate_column, json_safe, merge_variants, scores_frame, skipped_reasons,
+                                        table_values)
     from clipopt_core.suite.table import build_table1
 
     if args.out is not None and args.out.suffix not in (".md", ".json"):
@@ -65,6 +81,9 @@ def run(args: argparse.Namespace) -> str:
     else:
         spec = ModelSpec(args.model, str(args.checkpoint) if args.checkpoint else args.pretrained)
     variant = args.variant or ("checkpoint" if args.checkpoint else "baseline")
+    reference, earlier = read_report(args.against) if args.against is not None else (variant, {})
+    if args.against is not None and reference == variant:
+        raise ValueError(f"--against {args.against} holds the rows of {variant!r} too; name ours with --variant")
     base_name, _, base_tag = (args.paper_base or f"{args.model}:{args.pretrained or ''}").partition(":")
     base = paper.paper_base(base_name, base_tag)
     if args.paper_base and base is None:
@@ -75,18 +94,45 @@ def run(args: argparse.Namespace) -> str:
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     results = [evaluate_column(column, roots, {variant: lambda: embedder}, SuiteOptions(), log=log)
                for column in columns]
+    results = [merge_variants(earlier[r.column], r) if r.column in earlier else r for r in results]
     table = build_table1(table_values(results), paper=paper.paper_rows(base) if base else None,
-                         paper_source=paper.SOURCE, skipped=skipped_reasons(results))
+                         paper_source=paper.SOURCE, skipped=skipped_reasons(results), baseline=reference,
+                         intervals=table_intervals(results, baseline=reference))
     markdown = f"Table 1 of {spec.name} ({spec.pretrained or 'no pretrained tag'}) as {variant}\n\n{table.markdown()}"
-    if args.out is not None:
+    if args.out is not None and args.out.suffix == ".json":
         payload = {"model": {"name": spec.name, "pretrained": spec.pretrained}, "variant": variant,
                    "paper_base": base, "columns": [r.to_json() for r in results], "table": list(table.rows)}
-        _write_atomically(args.out, markdown if args.out.suffix == ".md" else json.dumps(json_safe(payload), indent=2))
+        _write_atomically(scores_path(args.out), scores_frame(results).write_parquet)  # before the JSON naming it
+        _write_atomically(args.out, lambda path: path.write_text(json.dumps(json_safe(payload), indent=2)))
+    elif args.out is not None:
+        _write_atomically(args.out, lambda path: path.write_text(markdown))
     return markdown
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def scores_path(report: Path) -> Path:
+    """Where the per-query scores of a ``--out`` JSON report are: ``<name>.scores.parquet`` beside it."""
+    return report.with_name(f"{report.stem}.scores.parquet")
+
+
+def read_report(path: Path) -> tuple[str, dict[str, "ColumnResult"]]:
+    """``(variant, {column: ColumnResult with its per-query scores})`` of a ``--out`` JSON report."""
+    import polars as pl
+
+    from clipopt_core.suite.run import ColumnResult, attach_scores
+
+    if path.suffix != ".json" or not path.is_file():
+        raise ValueError(f"--against {path} must be a .json report written by --out")
+    if not scores_path(path).is_file():
+        raise ValueError(f"--against {path}: its per-query scores {scores_path(path)} are missing; "
+                         f"re-run that model with --out {path}")
+    payload = json.loads(path.read_text())
+    results = attach_scores([ColumnResult.from_json(c) for c in payload["columns"]], pl.read_parquet(scores_path(path)))
+    return str(payload["variant"]), {r.column: r for r in results if not r.skipped}
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(staging path)``, then rename the staging file to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    staging.write_text(text)
+    write(staging)
     os.replace(staging, path)

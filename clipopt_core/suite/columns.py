@@ -59,7 +59,8 @@ class Column:
         roots: the :data:`ROOTS` keys it reads.
         metric: which of the protocol's outputs is the column (``map``, ``medium``, ``top1``, ``r5``).
         load: roots mapping → the loaded benchmark (what ``evaluate`` takes).
-        evaluate: ``(embedder, benchmark, options)`` → ``{metric: value in [0, 1]}``.
+        evaluate: ``(embedder, benchmark, options)`` → per-query scores ``{metric: [Q] float64}``
+            (:data:`clipopt_core.suite.protocols.Scores`; the column's value is their mean).
     """
 
     name: str
@@ -68,7 +69,7 @@ class Column:
     roots: tuple[str, ...]
     metric: str
     load: Callable[[Mapping[str, str]], Any]
-    evaluate: Callable[[SuiteEmbedder, Any, SuiteOptions], dict[str, float]]
+    evaluate: Callable[[SuiteEmbedder, Any, SuiteOptions], protocols.Scores]
 
     def missing(self, roots: Mapping[str, str]) -> str | None:
         """Why this column cannot run with ``roots`` (``None`` when every root it needs is set)."""
@@ -96,30 +97,30 @@ def _knn(train: Callable[[Mapping[str, str]], Any],
 _IMAGENET_TRAIN = _i2i("imagenet", "load_imagenet", "train")
 
 
-def _eval_i2i(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> dict[str, float]:
+def _eval_i2i(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> protocols.Scores:
     return protocols.evaluate_i2i(embedder, images)
 
 
-def _eval_revisited(embedder: SuiteEmbedder, revisited: Any, options: SuiteOptions) -> dict[str, float]:
+def _eval_revisited(embedder: SuiteEmbedder, revisited: Any, options: SuiteOptions) -> protocols.Scores:
     return protocols.evaluate_revisited(embedder, revisited)
 
 
-def _eval_knn(embedder: SuiteEmbedder, sets: Any, options: SuiteOptions) -> dict[str, float]:
+def _eval_knn(embedder: SuiteEmbedder, sets: Any, options: SuiteOptions) -> protocols.Scores:
     database, queries = sets
     return protocols.evaluate_knn(embedder, database, queries, k=options.knn_k, temperature=options.knn_temperature)
 
 
-def _eval_zero_shot(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> dict[str, float]:
+def _eval_zero_shot(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> protocols.Scores:
     return protocols.evaluate_zero_shot(embedder, images, templates=options.templates)
 
 
-def _eval_zero_shot_imagenet_a(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> dict[str, float]:
+def _eval_zero_shot_imagenet_a(embedder: SuiteEmbedder, images: Any, options: SuiteOptions) -> protocols.Scores:
     """Zero-shot among ImageNet-A's 200 classes of the 1000 (``imagenet_a_class_ids``), as is standard."""
     return protocols.evaluate_zero_shot(embedder, images, templates=options.templates,
                                         classes=[int(c) for c in loader("imagenet_a_class_ids")()])
 
 
-def _eval_t2i(embedder: SuiteEmbedder, captions: Any, options: SuiteOptions) -> dict[str, float]:
+def _eval_t2i(embedder: SuiteEmbedder, captions: Any, options: SuiteOptions) -> protocols.Scores:
     return protocols.evaluate_t2i(embedder, captions)
 
 

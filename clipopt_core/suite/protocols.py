@@ -16,7 +16,8 @@ The protocols of docs/method.md#benchmark-suite:
 
 The ``*_correct``/``*_ap`` functions take tensors and return per-query ``[Q]`` float64 scores (``nan`` =
 skipped); the ``evaluate_*`` functions embed a loaded benchmark with a :class:`SuiteEmbedder` and return
-``{metric: value in [0, 1]}``.
+those per-query scores by metric (:data:`Scores`), so the paired bootstrap can resample them
+(docs/method.md#benchmark-suite); :func:`point_values` turns them into the column values (their means).
 """
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ from clipopt_core.suite.types import CaptionSet, ImageSet, RevisitedSet
 
 REVISITED_PROTOCOLS = ("easy", "medium", "hard")
 T2I_KS = (1, 5, 10)
+Scores = dict[str, np.ndarray]  # metric -> [Q] float64 per-query scores (AP or 1/0 hit), nan = query skipped
+
+
+def point_values(scores: Scores) -> dict[str, float]:
+    """``{metric: value in [0, 1]}``: the mean of each metric's non-``nan`` per-query scores (``nan`` if none)."""
+    return {name: metrics.mean_of_scores(torch.from_numpy(np.array(values, dtype=np.float64)))
+            for name, values in scores.items()}
+
+
+def _numpy(scores: Tensor) -> np.ndarray:
+    return scores.detach().cpu().double().numpy()
 
 
 def revisited_ground_truth(revisited: RevisitedSet, protocol: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -138,42 +150,42 @@ def zero_shot_correct(images: Tensor, classifier: Tensor, labels: Tensor, classe
     return metrics.zero_shot_correct_per_query(images, classifier[subset], position[labels])
 
 
-def evaluate_i2i(embedder: SuiteEmbedder, images: ImageSet) -> dict[str, float]:
-    """``{"map"}``: all-vs-all I2I mAP of ``images`` with the query counted as a hit (GPR1200 protocol)."""
+def evaluate_i2i(embedder: SuiteEmbedder, images: ImageSet) -> Scores:
+    """``{"map": [N] AP}``: every image a query against the whole set, the query counted as a hit (GPR1200)."""
     embeddings = embedder.images(images.uris, images.crops)
-    return {"map": metrics.image_to_image_map(embeddings, torch.from_numpy(images.labels), include_query=True)}
+    return {"map": _numpy(metrics.image_to_image_ap(embeddings, torch.from_numpy(images.labels), include_query=True))}
 
 
-def evaluate_revisited(embedder: SuiteEmbedder, revisited: RevisitedSet) -> dict[str, float]:
-    """``{"easy", "medium", "hard"}`` mAP of uncropped queries against the database (junk excluded)."""
+def evaluate_revisited(embedder: SuiteEmbedder, revisited: RevisitedSet) -> Scores:
+    """``{"easy", "medium", "hard": [Q] AP}`` of uncropped queries against the database (junk excluded;
+    ``nan`` for a query without positives in that protocol)."""
     database, queries = embedder.images(revisited.database), embedder.images(revisited.queries)
-    return {protocol: metrics.mean_of_scores(revisited_ap(queries, database, *revisited_ground_truth(revisited, protocol)))
+    return {protocol: _numpy(revisited_ap(queries, database, *revisited_ground_truth(revisited, protocol)))
             for protocol in REVISITED_PROTOCOLS}
 
 
 def evaluate_knn(embedder: SuiteEmbedder, database: ImageSet, queries: ImageSet, *, k: int = 21,
-                 temperature: float = 0.1) -> dict[str, float]:
-    """``{"top1"}``: kNN accuracy of ``queries`` against ``database`` (labels in one id space)."""
+                 temperature: float = 0.1) -> Scores:
+    """``{"top1": [Q] 1/0}``: kNN correctness of ``queries`` against ``database`` (labels in one id space)."""
     db = embedder.images(database.uris, database.crops)
     q = embedder.images(queries.uris, queries.crops)
     device = embedder.device
     correct = knn_correct(q.to(device), torch.from_numpy(queries.labels), db.to(device), torch.from_numpy(database.labels),
                           k=k, temperature=temperature)
-    return {"top1": metrics.mean_of_scores(correct)}
+    return {"top1": _numpy(correct)}
 
 
 def evaluate_zero_shot(embedder: SuiteEmbedder, images: ImageSet, *, templates: Sequence[str] = OPENAI_TEMPLATES,
-                       classes: Sequence[int] | None = None) -> dict[str, float]:
-    """``{"top1"}``: zero-shot accuracy over ``images.class_names`` (or the ``classes`` subset of them)."""
+                       classes: Sequence[int] | None = None) -> Scores:
+    """``{"top1": [N] 1/0}``: zero-shot correctness over ``images.class_names`` (or the ``classes`` subset)."""
     classifier = embedder.classifier(images.class_names, templates)
     embeddings = embedder.images(images.uris, images.crops)
-    return {"top1": metrics.mean_of_scores(zero_shot_correct(embeddings, classifier, torch.from_numpy(images.labels),
-                                                             classes))}
+    return {"top1": _numpy(zero_shot_correct(embeddings, classifier, torch.from_numpy(images.labels), classes))}
 
 
-def evaluate_t2i(embedder: SuiteEmbedder, captions: CaptionSet, ks: Sequence[int] = T2I_KS) -> dict[str, float]:
-    """``{"r1", "r5", "r10"}``: each caption retrieves its image among all test images."""
+def evaluate_t2i(embedder: SuiteEmbedder, captions: CaptionSet, ks: Sequence[int] = T2I_KS) -> Scores:
+    """``{"r1", "r5", "r10": [T] 1/0}``: whether each caption finds its image among all test images in the top K."""
     images, texts = embedder.images(captions.images), embedder.texts(captions.captions)
-    recall = metrics.text_to_image_recall(texts, images, torch.from_numpy(captions.caption_image),
-                                          torch.arange(len(captions.images)), ks=ks)
-    return {f"r{k}": value for k, value in recall.items()}
+    hits = metrics.text_to_image_hits(texts, images, torch.from_numpy(captions.caption_image),
+                                      torch.arange(len(captions.images)), ks=ks)
+    return {f"r{k}": _numpy(values) for k, values in hits.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 import pytest
 import torch
 
@@ -13,7 +14,8 @@ from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.suite import paper, protocols
 from clipopt_core.suite.embedding import SuiteEmbedder
 from clipopt_dagster.assets_data import base_model
-from clipopt_dagster.assets_suite import benchmark_suite, result_key, table1_report
+from clipopt_core.suite.run import ColumnResult, attach_scores
+from clipopt_dagster.assets_suite import benchmark_suite, result_key, scores_key, table1_report
 from clipopt_dagster.resources import ArtifactStoreResource, ComputeResource
 from tests.benchmark_suite_data import fake_loaders, write_caption_set, write_image_set
 
@@ -76,7 +78,7 @@ def test_partitions_evaluate_every_variant_skip_missing_roots_and_render_table1(
     assert set(gpr["metrics"]) == set(VARIANTS) and gpr["skipped"] is None
     # the asset's baseline value is the protocol on the base model; stage 1's weights give another value
     base = SuiteEmbedder(load_model(ModelSpec("clipopt-tiny"), cache_dir=tmp / "cache"))
-    assert gpr["metrics"]["baseline"]["map"] == pytest.approx(protocols.evaluate_i2i(base, images)["map"], abs=1e-6)
+    assert gpr["metrics"]["baseline"]["map"] == pytest.approx(protocols.point_values(protocols.evaluate_i2i(base, images))["map"], abs=1e-6)
     assert gpr["metrics"]["stage1"]["map"] != pytest.approx(gpr["metrics"]["baseline"]["map"], abs=1e-6)
     f30k = store.read_json(result_key("t2i_flickr30k"))
     assert set(f30k["metrics"]["baseline"]) == {"r1", "r5", "r10"} and f30k["metrics"]["baseline"]["r10"] == 1.0
@@ -84,9 +86,18 @@ def test_partitions_evaluate_every_variant_skip_missing_roots_and_render_table1(
     assert not list((tmp / "cache" / "suite-embeddings").glob("*.tmp-*")) and \
         len(list((tmp / "cache" / "suite-embeddings").glob("*.npy"))) >= 4  # persisted for the next runs
 
+    # the per-query scores beside each column's JSON average to its values, for every variant
+    stored = attach_scores([ColumnResult.from_json(gpr)], store.read_parquet(scores_key("i2i_gpr1200")))[0]
+    assert set(stored.per_query) == set(VARIANTS) and len(stored.per_query["stage1"]["map"]) == len(images.uris)
+    assert not store.exists(scores_key("zs_objectnet"))
+
     report = dg.materialize([table1_report], resources={"store": resources(tmp)["store"]})
     md = metadata(report, "table1_report")["table1"]
     assert "I2I GPR1200" in md and "T2I Flickr30k" in md and "AVG (2/14)" in md and "| stage1 |" in md
+    change = next(line for line in md.splitlines() if line.startswith("| stage1 · vs baseline |"))
+    delta = 100 * (gpr["metrics"]["stage1"]["map"] - gpr["metrics"]["baseline"]["map"])
+    assert change.startswith(f"| stage1 · vs baseline | {delta:+.1f} [") and "Without intervals" not in md
+    assert store.read_json("reports/table1.json")["bootstrap"]["resamples"] == 1000
     assert "zs_objectnet: set roots.objectnet" in md and "knn_imagenet: not materialised yet" in md
     assert "· paper" not in md  # clipopt-tiny is not a model of the paper
     assert store.read_json("reports/table1.json")["columns"] == ["i2i_gpr1200", "t2i_flickr30k"]
@@ -95,6 +106,14 @@ def test_partitions_evaluate_every_variant_skip_missing_roots_and_render_table1(
     monkeypatch.setitem(paper.BASE_MODELS, ("clipopt-tiny", ""), "OpenAI ViT-L/14@336")
     md = metadata(dg.materialize([table1_report], resources={"store": resources(tmp)["store"]}), "table1_report")["table1"]
     assert "| baseline · paper | 76.0 | 89.0 |" in md and "| stage1 · Δ |" in md
+
+    # scores that no longer average to the stored values: the values stay, without intervals
+    scores = store.read_parquet(scores_key("t2i_flickr30k"))
+    store.write_parquet(scores_key("t2i_flickr30k"), scores.with_columns((1.0 - pl.col("score")).alias("score")))
+    md = metadata(dg.materialize([table1_report], resources={"store": resources(tmp)["store"]}), "table1_report")["table1"]
+    assert "Without intervals:\n- t2i_flickr30k: the per-query scores of baseline do not average" in md
+    assert "T2I Flickr30k" in md and f"| stage1 · vs baseline | {delta:+.1f} [" in md
+    store.write_parquet(scores_key("t2i_flickr30k"), scores)
 
     # new stage-1 weights: its columns are stale until re-materialised
     publish_stage1(tmp, store, seed=1)

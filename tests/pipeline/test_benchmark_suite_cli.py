@@ -38,7 +38,7 @@ def test_benchmark_suite_cli_writes_json_and_skips_missing_roots(roots, capsys):
     assert columns["zs_objectnet"]["skipped"] and not columns["zs_objectnet"]["metrics"]
     base = SuiteEmbedder(load_model(ModelSpec("clipopt-tiny"), cache_dir=tmp / "cache"))
     assert columns["i2i_gpr1200"]["metrics"]["baseline"]["map"] == pytest.approx(
-        protocols.evaluate_i2i(base, images)["map"], abs=1e-6)
+        protocols.point_values(protocols.evaluate_i2i(base, images))["map"], abs=1e-6)
     assert report["paper_base"] is None and report["table"][0]["variant"] == "baseline"
 
 

@@ -310,12 +310,17 @@ def test_ui_shows_table1_for_the_benchmarks_present(dagster_dev, page, tmp_path)
 
     page.goto(f"{dagster_dev.base_url}/assets/table1_report")
     row = page.locator("tr").filter(has=page.get_by_text("table1", exact=True)).first
-    table = row.locator("table").first  # a short markdown value is rendered inline
+    row.get_by_text("[Show Markdown]").click()  # markdown of 1000 characters or more opens in a dialog
+    dialog = page.get_by_role("dialog")
+    table = dialog.locator("table").first
     expect(table).to_be_visible()
-    for cell in ("I2I GPR1200", "I2I CUB200", "AVG (2/14)", "baseline", "mcip_realign"):
+    for cell in ("I2I GPR1200", "I2I CUB200", "AVG (2/14)", "baseline", "mcip_realign", "mcip_realign · vs baseline"):
         expect(table.get_by_text(cell).first).to_be_visible()
-    assert table.locator("tr").count() == 6  # header + five variants (the tiny base model is not one of the paper's)
-    expect(row.get_by_text(re.compile(r"i2i_instre: .*roots\.instre")).first).to_be_visible()
+    # header + five variants + four differences to the baseline (the tiny base model is not one of the paper's)
+    assert table.locator("tr").count() == 10
+    expect(table.locator("tr").nth(1).locator("td").first).to_have_text("baseline")  # pipeline order, not sorted
+    expect(table.get_by_text(re.compile(r"^[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]\*?$")).first).to_be_visible()
+    expect(dialog.get_by_text(re.compile(r"i2i_instre: .*roots\.instre")).first).to_be_visible()
     shot(page, "07_table1_report")
 
 

@@ -60,7 +60,7 @@ def test_revisited_protocols_by_hand():
     easy: positives 0,3 with junk 1,2,5 → 0,1: AP 1; hard: positives 2,5 with junk 0,1,3 → 0,2: (1 + (1/2 + 2/3)/2) / 2."""
     gt = revisited([[0, 3]], [[2, 5]], [[1]])
     embedder = TableEmbedder({**{f"d{i}": RANKED_DB[i] for i in range(6)}, "q0": QUERY[0]})
-    result = protocols.evaluate_revisited(embedder, gt)
+    result = protocols.point_values(protocols.evaluate_revisited(embedder, gt))
     assert result["medium"] == pytest.approx((3 + (0.75 + 0.8) / 2) / 4)
     assert result["easy"] == pytest.approx(1.0)
     assert result["hard"] == pytest.approx((1 + (0.5 + 2 / 3) / 2) / 2)
@@ -83,7 +83,7 @@ def test_revisited_query_without_positives_is_left_out_of_the_mean():
     positives, junk = protocols.revisited_ground_truth(gt, "hard")
     ap = protocols.revisited_ap(torch.stack([QUERY[0], embedder._images["q1"]]), RANKED_DB, positives, junk)
     assert math.isnan(float(ap[1])) and float(ap[0]) == pytest.approx((1 + (0.5 + 2 / 3) / 2) / 2)
-    result = protocols.evaluate_revisited(embedder, gt)
+    result = protocols.point_values(protocols.evaluate_revisited(embedder, gt))
     assert result["hard"] == pytest.approx(float(ap[0]))
     # q1: d5 is the most similar (reversed order), its only positive → AP 1 for medium
     assert result["medium"] == pytest.approx(((3 + (0.75 + 0.8) / 2) / 4 + 1.0) / 2)
@@ -146,10 +146,10 @@ def test_knn_database_is_not_the_query_set():
                         "qa": torch.tensor([1.0, 0.0]), "qb": F.normalize(torch.tensor([0.9, 1.0]), dim=0)})
     database = ImageSet("train", ("a", "b"), np.array([0, 1]), ("x", "y"))
     queries = ImageSet("val", ("qa", "qb"), np.array([0, 1]), ("x", "y"))
-    assert protocols.evaluate_knn(db, database, queries, k=1) == {"top1": 1.0}
+    assert protocols.point_values(protocols.evaluate_knn(db, database, queries, k=1)) == {"top1": 1.0}
     # change the database labels: the same queries are now both wrong
     swapped = ImageSet("train", ("a", "b"), np.array([1, 0]), ("x", "y"))
-    assert protocols.evaluate_knn(db, swapped, queries, k=1) == {"top1": 0.0}
+    assert protocols.point_values(protocols.evaluate_knn(db, swapped, queries, k=1)) == {"top1": 0.0}
 
 
 # ---------------------------------------------------------------- zero-shot, I2I (GPR1200), T2I (Karpathy)
@@ -161,8 +161,9 @@ def test_zero_shot_class_subset_restricts_predictions():
     image = F.normalize(torch.tensor([0.9, 1.0]), dim=0)  # nearest: fox, then dog
     embedder = TableEmbedder({"i": image}, classes=classes)
     images = ImageSet("a", ("i",), np.array([1]), ("cat", "dog", "fox"))
-    assert protocols.evaluate_zero_shot(embedder, images, templates=("{}",)) == {"top1": 0.0}
-    assert protocols.evaluate_zero_shot(embedder, images, templates=("{}",), classes=[0, 1]) == {"top1": 1.0}
+    assert protocols.point_values(protocols.evaluate_zero_shot(embedder, images, templates=("{}",))) == {"top1": 0.0}
+    assert protocols.point_values(protocols.evaluate_zero_shot(embedder, images, templates=("{}",),
+                                                              classes=[0, 1])) == {"top1": 1.0}
     with pytest.raises(ValueError, match="subset"):
         protocols.zero_shot_correct(image[None], torch.stack(list(classes.values())), torch.tensor([2]), [0, 1])
 
@@ -172,7 +173,7 @@ def test_i2i_counts_the_query_as_a_hit():
     (it would be 1/2 with the query left out)."""
     vectors = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.6, 0.8]), "c": torch.tensor([0.8, 0.6])}
     images = ImageSet("gpr", ("a", "b", "c"), np.array([0, 0, 1]), ("x", "y"))
-    assert protocols.evaluate_i2i(TableEmbedder(vectors), images)["map"] == pytest.approx(8 / 9)
+    assert protocols.point_values(protocols.evaluate_i2i(TableEmbedder(vectors), images))["map"] == pytest.approx(8 / 9)
 
 
 def test_karpathy_t2i_five_captions_per_image():
@@ -193,7 +194,7 @@ def test_karpathy_t2i_five_captions_per_image():
             owner.append(image)
     caption_set = CaptionSet("f30k", ("i0", "i1", "i2"), tuple(captions), np.array(owner))
     embedder = TableEmbedder({f"i{k}": eye[k] for k in range(3)}, texts=vectors)
-    result = protocols.evaluate_t2i(embedder, caption_set, ks=(1, 2, 3))
+    result = protocols.point_values(protocols.evaluate_t2i(embedder, caption_set, ks=(1, 2, 3)))
     assert result == pytest.approx({"r1": 13 / 15, "r2": 14 / 15, "r3": 1.0})
 
 
@@ -285,7 +286,8 @@ def test_table1_paper_rows_and_differences():
     base = paper.paper_base("ViT-L-14-336", "openai")
     table = build_table1({"baseline": ours, "custom": ours}, paper=paper.paper_rows(base), paper_source=paper.SOURCE)
     labels = [(r["variant"], r["source"]) for r in table.rows]
-    assert labels == [("baseline", "ours"), ("baseline", "paper"), ("baseline", "delta"), ("custom", "ours")]
+    assert labels == [("baseline", "ours"), ("baseline", "paper"), ("baseline", "delta"), ("custom", "ours"),
+                      ("custom", "change")]  # custom is not a row of the paper; its difference to our baseline is
     reference, delta = table.rows[1], table.rows[2]
     assert reference["i2i_gpr1200"] == 76.0 and delta["i2i_gpr1200"] == pytest.approx(50.0 - 76.0)
     assert reference["avg"] == pytest.approx(67.2, abs=0.05) and delta["avg"] == pytest.approx(50.0 - reference["avg"])
