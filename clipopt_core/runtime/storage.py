@@ -136,6 +136,17 @@ class ArtifactStore:
         self.write_json(marker, {"files": hashes})
         return hashes
 
+    def get_file(self, key: str, local: Path) -> Path:
+        """Download one object to ``local`` (streamed to disk, never held in memory; temp name + rename)."""
+        staging = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex}")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._call("download", key, lambda: self.fs.get_file(self.path(key), str(staging)))
+            os.replace(staging, local)
+        finally:
+            staging.unlink(missing_ok=True)
+        return local
+
     def get_dir(self, key: str, local_dir: Path) -> Path:
         """Download a sealed folder to ``local_dir`` (skipped when already there, same hashes)."""
         marker = f"{key}/{COMPLETE_MARKER}"

@@ -266,10 +266,12 @@ def test_stat_cache_rehashes_changed_files_and_keeps_content_identity(tmp_path: 
 def test_a_damaged_facts_cache_costs_a_reread_not_a_failure(tmp_path: Path, shapes: Path):
     rows, cache = scan_source(str(shapes)), tmp_path / "cache"
     first = source_fingerprint(rows, str(shapes), cache_dir=cache)
-    table = file_facts.FactsCache(cache, str(shapes)).path
-    table.write_bytes(b"not parquet")
+    facts = file_facts.FactsCache(cache, str(shapes))
+    (part,) = facts.parts()
+    part.write_bytes(b"not parquet")
     assert source_fingerprint(rows, str(shapes), cache_dir=cache) == first
-    assert pl.read_parquet(table).height == 32  # rewritten whole
+    assert not part.exists()  # the damaged part is dropped; its facts were read again into a new one
+    assert [pl.read_parquet(new).height for new in facts.parts()] == [32]
 
 
 # ------------------------------------------------------------------ weighted per-source batches
