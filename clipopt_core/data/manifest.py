@@ -146,7 +146,7 @@ def assemble(frame: pl.DataFrame, *, captions_only: bool = False, where: str = "
     good = frame.filter(pl.col("reason").is_null()).with_columns(
         pl.col(c).first().over("sha256").alias(f"owner_{c}") for c in ("label", "path", "uri"))
     earlier = (owners.owner_labels(good["sha256"]) if owners is not None and not captions_only
-               else pl.Series("owner", [None] * good.height, dtype=pl.String))
+               else pl.repeat(None, good.height, dtype=pl.String, eager=True))
     good = good.with_columns(earlier.alias("earlier_owner")).with_columns(
         pl.coalesce("earlier_owner", "owner_label").alias("owner_label"))
     conflicts = (good.filter(pl.col("owner_label") != pl.col("label")) if not captions_only
