@@ -104,10 +104,10 @@ def old_manifest():
     return module
 
 
-def child(step: str, data: Path, s3_url: str | None = None) -> float:
+def child(step: str, data: Path, s3_url: str | None = None, batch_rows: int = 0) -> float:
     """Run ``step`` on ``data`` (or the folders at ``s3_url``) and return its seconds (set-up is not timed)."""
     if step in PREPARE or step.startswith("manifest_"):
-        return manifest_step(step, data)  # before any clipopt_core import: "before" imports the reference
+        return manifest_step(step, data, batch_rows)  # before any clipopt_core import: "before" imports the reference
     from clipopt_core.data import sources as src
     from clipopt_core.data.file_facts import DEFAULT_WORKERS
 
@@ -155,8 +155,9 @@ def reference_tree() -> Path:
     return target
 
 
-def manifest_step(step: str, data: Path) -> float:
-    """Prepare (listing + a warm facts cache, per code version) or run the ``image_manifest`` work alone."""
+def manifest_step(step: str, data: Path, batch_rows: int = 0) -> float:
+    """Prepare (listing + a warm facts cache, per code version) or run the ``image_manifest`` work alone
+    (``batch_rows`` > 0: rows per batch of ``manifest_after``, else the default)."""
     version = step.rsplit("_", 1)[1]
     if version == "before":
         sys.path.insert(0, str(reference_tree()))  # imports below resolve to the reference code
@@ -180,10 +181,10 @@ def manifest_step(step: str, data: Path) -> float:
         result.rejected.write_parquet(out / "rejected.parquet")
         mf.class_stats(result.accepted), src.source_counts(result.accepted), mf.frame_hash(result.accepted)
     else:
-        from clipopt_core.data.ingest_stream import ingest_to_files
+        from clipopt_core.data.ingest_stream import BATCH_ROWS, ingest_to_files
 
         ingest_to_files(listing, out / "accepted.parquet", out / "rejected.parquet", cache_dir=cache, workers=1,
-                        digest_leave_out={"uri", "path", "root"})
+                        digest_leave_out={"uri", "path", "root"}, batch_rows=batch_rows or BATCH_ROWS)
         mf.class_stats(pl.scan_parquet(out / "accepted.parquet")), src.source_counts(pl.scan_parquet(out / "accepted.parquet"))
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
@@ -197,12 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--s3", type=int, default=None, metavar="N", help="N images on a local S3 server instead")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--batch-rows", type=int, default=0, help="rows per batch of manifest_after (0: default)")
     parser.add_argument("--child", choices=STEPS + PREPARE)
     parser.add_argument("--n", type=int)
     parser.add_argument("--s3-url", default=None)
     args = parser.parse_args(argv)
     if args.child:
-        child_result(child(args.child, args.data / str(args.n), args.s3_url))
+        child_result(child(args.child, args.data / str(args.n), args.s3_url, args.batch_rows))
         return 0
     if args.s3:
         return run_on_s3(args.s3, args.data)
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             run_child(__file__, step, n, ["--data", str(args.data)])
     rows: dict[str, list[Measurement]] = {}
     for step in args.steps:
-        rows[step] = [run_child(__file__, step, n, ["--data", str(args.data)]) for n in sizes]
+        rows[step] = [run_child(__file__, step, n, ["--data", str(args.data), "--batch-rows", str(args.batch_rows)])
+                      for n in sizes]
         print(f"{step}: " + ", ".join(f"{m.n}: {m.seconds:.2f} s" for m in rows[step]), flush=True)
     print_growth(sizes, rows)
     print("RATIO " + " ".join(f"{name}={value:.4f}" for name, value in ratios(rows).items()), flush=True)

@@ -3,9 +3,13 @@
 The listing (:func:`clipopt_core.data.sources.scan_images` rows, a parquet file) is read
 ``batch_rows`` rows at a time. Each batch is checked (:func:`~clipopt_core.data.manifest.checked_with_facts`
 for file rows, the shard checks for shard rows), assembled (:func:`~clipopt_core.data.manifest.assemble`)
-and its accepted and rejected rows are appended to two parquet writers. The checks across rows see
-earlier batches through :mod:`clipopt_core.data.ingest_state` (16 bytes per row, 20 per accepted row),
-so the result is the one of a single batch: same rows, same order, same reasons, same data version.
+and its accepted and rejected rows are written as parquet parts, joined into one file each at the end
+by polars' streaming engine. The checks across rows see earlier batches through
+:mod:`clipopt_core.data.ingest_state` (16 bytes per row, 20 per accepted row), so the result is the one
+of a single batch: same rows, same order, same reasons, same data version. (One exception, ~n²/2⁸¹:
+two different contents sharing their 80-bit ``image_id`` and a label are both kept when they fall in
+different batches; one batch keeps the first.) Memory per batch: ~1.7 KB per listing row, plus the
+listing's row group (polars writes 262,144 rows per group by default), which a slice decodes whole.
 
 Rows are taken in the order a single pass takes them: the file rows of each root (roots in order of
 first appearance), then every shard row. A listing of one kind and one root is read as it is; otherwise
@@ -17,21 +21,18 @@ docs/scaling.md, "Ingest in batches".
 """
 from __future__ import annotations
 
-import os
 import tempfile
-import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from clipopt_core.data import manifest as mf
-from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress
+from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, write_atomically
 from clipopt_core.data.ingest_state import ContentOwners, SeenKeys, StreamDigest
 
-BATCH_ROWS = 65_536  # listing rows per batch: bounds the rows, facts and Python objects held at once
+BATCH_ROWS = 16_384  # listing rows per batch: bounds the rows, facts and Python objects held (~1.7 KB per row)
 ACCEPTED_SCHEMA = {"image_id": pl.String, "uri": pl.String, "path": pl.String, "label": pl.String,
                    "caption": pl.String, "category": pl.String, "source": pl.String, "sha256": pl.String,
                    "width": pl.Int64, "height": pl.Int64}
@@ -75,12 +76,13 @@ def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows
     where = scan.select(pl.col("root").first()).collect().item() if total else "the source"
     digest = StreamDigest(list(schema), digest_leave_out) if digest_leave_out is not None else None
     file_keys, shard_keys, owners = SeenKeys(), SeenKeys(), ContentOwners()
-    counts = [0, 0]
-    with tempfile.TemporaryDirectory(prefix="ingest-", dir=accepted.parent) as work, \
-            _Writer(accepted, schema) as good, _Writer(rejected, REJECTED_SCHEMA) as bad:
+    counts, read = [0, 0], 0
+    with tempfile.TemporaryDirectory(prefix="ingest-", dir=accepted.parent) as work:
+        good = _Writer(accepted, schema, Path(work), batch_rows)
+        bad = _Writer(rejected, REJECTED_SCHEMA, Path(work), batch_rows)
         for root, batch in _batches(listing, Path(work), batch_rows):
-            done = counts[0] + counts[1]
-            step = None if progress is None else (lambda n, _t, done=done: progress(done + n, total))
+            step = None if progress is None else (lambda n, _t, done=read: progress(done + n, total))
+            read += batch.height
             if root is None:
                 checked = _checked_shard_rows(batch.drop("root"), shard_keys)
             else:
@@ -96,8 +98,7 @@ def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows
             counts[0] += part_accepted.height
             counts[1] += part.rejected.height
         if counts[0] == 0:
-            bad.close()
-            raise mf.ManifestError(mf.no_usable_image(where, total, pl.scan_parquet(bad.temporary)))
+            raise mf.ManifestError(mf.no_usable_image(where, total, bad.rows()))
         good.publish()
         bad.publish()
     return IngestSummary(counts[0], counts[1], digest.hexdigest() if digest is not None else "")
@@ -121,14 +122,13 @@ def _batches(listing: Path, work: Path, batch_rows: int) -> Iterator[tuple[str |
     if scan.filter(in_shard).select(pl.len()).collect().item():
         groups.append((None, in_shard))
     for number, (root, selection) in enumerate(groups):
-        path = listing
+        part = scan
         if len(groups) > 1:  # one file per group, in the order a single pass takes them
-            path = work / f"group-{number}.parquet"
-            scan.filter(selection).sink_parquet(path, row_group_size=batch_rows)
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-            yield root, _with_fact_columns(pl.from_arrow(record_batch).lazy()).collect()  # type: ignore[union-attr]
-        if path != listing:
-            path.unlink()
+            (work / "groups").mkdir(exist_ok=True)
+            scan.filter(selection).sink_parquet(work / "groups" / f"{number}.parquet", row_group_size=batch_rows)
+            part = pl.scan_parquet(work / "groups" / f"{number}.parquet")
+        for start in range(0, part.select(pl.len()).collect().item(), batch_rows):
+            yield root, part.slice(start, batch_rows).collect()  # reads the row groups of the slice only
 
 
 def _checked_shard_rows(rows: pl.DataFrame, seen: SeenKeys) -> pl.DataFrame:
@@ -141,30 +141,23 @@ def _checked_shard_rows(rows: pl.DataFrame, seen: SeenKeys) -> pl.DataFrame:
 
 
 class _Writer:
-    """A parquet file written a frame at a time under a temporary name; :meth:`publish` renames it."""
+    """A parquet file written a frame at a time: each frame a part in ``work``; :meth:`publish` joins the
+    parts into one file (polars' streaming engine: bounded memory) under a temporary name, then renames it."""
 
-    def __init__(self, final: Path, schema: dict[str, pl.DataType]) -> None:
-        self.final, self.schema = final, schema
-        self.temporary = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex}")
-        self.writer: pq.ParquetWriter | None = None
-
-    def __enter__(self) -> _Writer:
-        self.writer = pq.ParquetWriter(self.temporary, pl.DataFrame(schema=self.schema).to_arrow().schema)
-        return self
+    def __init__(self, final: Path, schema: dict[str, pl.DataType], work: Path, row_group: int) -> None:
+        self.final, self.schema, self.row_group = final, schema, row_group
+        self.folder = work / final.name
+        self.folder.mkdir()
+        self.parts: list[Path] = []
 
     def write(self, frame: pl.DataFrame) -> None:
-        if frame.height and self.writer is not None:
-            self.writer.write_table(frame.cast(self.schema).to_arrow())  # type: ignore[arg-type]
+        if frame.height:
+            self.parts.append(self.folder / f"{len(self.parts):06d}.parquet")
+            frame.cast(self.schema).write_parquet(self.parts[-1])  # type: ignore[arg-type]
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+    def rows(self) -> pl.LazyFrame:
+        return pl.scan_parquet(self.parts) if self.parts else pl.LazyFrame(schema=self.schema)
 
     def publish(self) -> None:
-        self.close()
-        os.replace(self.temporary, self.final)
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-        self.temporary.unlink(missing_ok=True)
+        # row groups of a batch: the sink buffers one group (its default, 262,144 rows, would be ~75 MB)
+        write_atomically(self.final, lambda path: self.rows().sink_parquet(path, row_group_size=self.row_group))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 from clipopt_core.data import file_facts
 from clipopt_core.data import sources as src
-from clipopt_core.data.ingest_state import ContentOwners, SeenKeys
+from clipopt_core.data.ingest_state import ContentOwners, KeyRuns, SeenKeys
 from clipopt_core.data.ingest_stream import ingest_to_files
 from clipopt_core.data.manifest import ManifestError, ingest, scan_source
 from clipopt_core.train.identity import LOCATION_COLUMNS, frame_digest
@@ -150,8 +151,21 @@ def test_the_facts_cache_is_append_only_and_read_per_batch(tmp_path: Path, mixed
 def test_cross_batch_state_marks_repeats_and_owners():
     seen = SeenKeys()
     assert seen.mark(["a", None, "b", "a"]).to_list() == [False, False, False, True]
-    assert seen.mark(["b", None, "c", "c"]).to_list() == [True, False, False, True] and seen.keys.height == 3
+    assert seen.mark(["b", None, "c", "c"]).to_list() == [True, False, False, True] and len(seen.keys) == 3
     owners = ContentOwners()
     first, second = "ab" * 32, "cd" * 32
     owners.add(pl.DataFrame({"sha256": [first, second], "label": ["x", "y"]}))
     assert owners.owner_labels(pl.Series([second, "ef" * 32, first])).to_list() == ["y", None, "x"]
+
+
+def test_key_runs_find_keys_sharing_their_high_half_and_merge_runs():
+    runs = KeyRuns(values=True)
+    hi, lo = np.array([5, 5, 7, 9], dtype=np.uint64), np.array([1, 2, 3, 4], dtype=np.uint64)
+    runs.add(hi[:2], lo[:2], np.array([10, 11]))
+    assert len(runs.runs) == 1
+    runs.add(hi[2:], lo[2:], np.array([12, 13]))
+    assert [len(run[0]) for run in runs.runs] == [4]  # two runs of one size merge into one
+    found = runs.find(np.array([5, 5, 5, 9, 7], dtype=np.uint64), np.array([2, 1, 3, 4, 4], dtype=np.uint64))
+    assert found.tolist() == [11, 10, -1, 13, -1]
+    runs.add(np.arange(100, 120, dtype=np.uint64), np.zeros(20, dtype=np.uint64), np.arange(20))
+    assert len(runs) == 24 and runs.find(np.array([105], dtype=np.uint64), np.array([0], dtype=np.uint64)).tolist() == [5]
