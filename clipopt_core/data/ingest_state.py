@@ -50,7 +50,7 @@ class KeyRuns:
     A batch of new keys becomes a run of its own; runs of similar sizes are merged as in a binary
     counter, so there are O(log n) runs, a lookup is a binary search per run (O(B log² n) per batch of
     B, whatever n), and each key is moved O(log n) times. Memory: 16 bytes per key (20 with values);
-    a merge briefly holds its two runs twice.
+    a merge holds its two runs and the merged one for a moment (the peak: twice the keys).
     """
 
     def __init__(self, values: bool = False) -> None:
@@ -79,17 +79,13 @@ class KeyRuns:
         """Add keys that are absent and distinct, with their ``values`` when the runs keep values."""
         if not len(hi):
             return
-        self.runs.append(self._sorted(hi, lo, values.astype(np.uint32) if self.values else None))
+        order = np.argsort(hi, kind="stable")
+        self.runs.append((hi[order], lo[order], values.astype(np.uint32)[order] if self.values else None))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
             newer, older = self.runs.pop(), self.runs.pop()
-            self.runs.append(self._sorted(*(np.concatenate([a, b]) if a is not None else None
-                                            for a, b in zip(older, newer))))
-
-    @staticmethod
-    def _sorted(hi: np.ndarray, lo: np.ndarray,
-                values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        order = np.argsort(hi, kind="stable")
-        return hi[order], lo[order], values[order] if values is not None else None
+            at = np.searchsorted(older[0], newer[0], "right")  # a linear merge of two sorted runs
+            self.runs.append(tuple(np.insert(a, at, b) if a is not None else None  # type: ignore[arg-type]
+                                   for a, b in zip(older, newer)))
 
 
 class SeenKeys:
