@@ -8,7 +8,7 @@ by polars' streaming engine. The checks across rows see earlier batches through
 :mod:`clipopt_core.data.ingest_state` (16 bytes per row, 20 per accepted row), so the result is the one
 of a single batch: same rows, same order, same reasons, same data version. (One exception, ~n²/2⁸¹:
 two different contents sharing their 80-bit ``image_id`` and a label are both kept when they fall in
-different batches; one batch keeps the first.) Memory per batch: ~1.7 KB per listing row, plus the
+different batches; one batch keeps the first.) Memory per batch: ~3 KB per listing row, plus the
 listing's row group (polars writes 262,144 rows per group by default), which a slice decodes whole.
 
 Rows are taken in the order a single pass takes them: the file rows of each root (roots in order of
@@ -32,7 +32,7 @@ from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, write_atomically
 from clipopt_core.data.ingest_state import ContentOwners, SeenKeys, StreamDigest
 
-BATCH_ROWS = 16_384  # listing rows per batch: bounds the rows, facts and Python objects held (~1.7 KB per row)
+BATCH_ROWS = 16_384  # listing rows per batch: bounds the rows, facts and Python objects held (~3 KB per row)
 ACCEPTED_SCHEMA = {"image_id": pl.String, "uri": pl.String, "path": pl.String, "label": pl.String,
                    "caption": pl.String, "category": pl.String, "source": pl.String, "sha256": pl.String,
                    "width": pl.Int64, "height": pl.Int64}
