@@ -53,7 +53,6 @@ def image_manifest(context: dg.AssetExecutionContext, sources: DataSourceResourc
     a time into local files, published only when complete; memory does not grow with the rows
     (docs/scaling.md, "Ingest in batches")."""
     artifacts = store.store()
-    compute.cache.mkdir(parents=True, exist_ok=True)
 
     def _progress(done: int, total: int) -> None:
         if done % 500 == 0:
