@@ -10,11 +10,12 @@ import polars as pl
 from clipopt_core.data import manifest as mf
 from clipopt_core.data import sources as src
 from clipopt_core.data.ingest_stream import ingest_to_files
+from clipopt_core.train.identity import LOCATION_COLUMNS
 from clipopt_core.models.loading import load_model
 from clipopt_core.data.caption_shards import PAIR_SCHEMA, is_shard_source, read_caption_shards
 from clipopt_core.data.captions import caption_pool, split_caption_pairs
 from clipopt_core.train.mining import mine_captions, mining_spec
-from clipopt_core.train.identity import LOCATION_COLUMNS, frame_digest, weights_digest
+from clipopt_core.train.identity import frame_digest, weights_digest
 from clipopt_core.train.mining import similarity_histogram
 from clipopt_core.layout import Keys, base_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table
