@@ -169,3 +169,15 @@ def test_key_runs_find_keys_sharing_their_high_half_and_merge_runs():
     assert found.tolist() == [11, 10, -1, 13, -1]
     runs.add(np.arange(100, 120, dtype=np.uint64), np.zeros(20, dtype=np.uint64), np.arange(20))
     assert len(runs) == 24 and runs.find(np.array([105], dtype=np.uint64), np.array([0], dtype=np.uint64)).tolist() == [5]
+
+
+def test_a_facts_table_of_the_previous_release_is_still_used(tmp_path: Path, mixed: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    reads, cache = ReadCounter(monkeypatch), tmp_path / "cache"
+    first = src.fingerprint(str(mixed), cache_dir=cache)
+    facts = file_facts.FactsCache(cache, str(mixed))
+    (part,) = facts.parts()
+    part.rename(facts.legacy)  # the whole table the previous release kept beside the parts folder
+    reads.take()
+    assert facts.parts() == [facts.legacy] and src.fingerprint(str(mixed), cache_dir=cache) == first
+    assert reads.take() == []
