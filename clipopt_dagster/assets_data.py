@@ -1,12 +1,16 @@
 """Data assets: raw images → validated manifest → class-disjoint splits; caption corpus; base model; pseudo-captions."""
 
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from clipopt_core.data import manifest as mf
 from clipopt_core.data import sources as src
+from clipopt_core.data.ingest_stream import ingest_to_files
+from clipopt_core.train.identity import LOCATION_COLUMNS
 from clipopt_core.models.loading import load_model
 from clipopt_core.data.caption_shards import PAIR_SCHEMA, is_shard_source, read_caption_shards
 from clipopt_core.data.captions import caption_pool, split_caption_pairs
@@ -45,23 +49,31 @@ def raw_images(context: dg.AssetExecutionContext, sources: DataSourceResource, c
 @dg.asset(group_name=GROUP, deps=[raw_images], code_version="2", kinds={"polars"})
 def image_manifest(context: dg.AssetExecutionContext, sources: DataSourceResource, compute: ComputeResource,
                    store: ArtifactStoreResource) -> dg.MaterializeResult:
-    """Every image decoded and validated; bad rows go to ``data/rejected.parquet`` with their reason."""
+    """Every image decoded and validated; bad rows go to ``data/rejected.parquet`` with their reason.
+
+    Streamed (:func:`clipopt_core.data.ingest_stream.ingest_to_files`): the listing is validated a batch at
+    a time into local files, published only when complete; memory does not grow with the rows
+    (docs/scaling.md, "Ingest in batches")."""
     artifacts = store.store()
-    rows = artifacts.read_parquet(Keys.listing)
 
     def _progress(done: int, total: int) -> None:
         if done % 500 == 0:
             context.log.info(f"validated {done}/{total} images")
 
-    result = src.ingest_listing(rows, cache_dir=compute.cache, workers=sources.ingest_workers, progress=_progress)
-    artifacts.write_parquet(Keys.manifest, result.accepted)
-    artifacts.write_parquet(Keys.rejected, result.rejected)
-    reasons = result.rejected.group_by("reason").len().sort("len", descending=True) if result.rejected.height else []
+    with tempfile.TemporaryDirectory(prefix="image-manifest-", dir=compute.cache) as work:
+        folder = Path(work)
+        listing = artifacts.get_file(Keys.listing, folder / "listing.parquet")
+        accepted, rejected = folder / "manifest.parquet", folder / "rejected.parquet"
+        summary = ingest_to_files(listing, accepted, rejected, cache_dir=compute.cache, workers=sources.ingest_workers,
+                                  progress=_progress, digest_leave_out=LOCATION_COLUMNS)
+        stats, per_source = mf.class_stats(pl.scan_parquet(accepted)), src.source_counts(pl.scan_parquet(accepted))
+        reasons = pl.scan_parquet(rejected).group_by("reason").len().sort("len", descending=True).collect()
+        artifacts.put_file(rejected, Keys.rejected)
+        artifacts.put_file(accepted, Keys.manifest)
     return dg.MaterializeResult(
-        metadata={**mf.class_stats(result.accepted), "rejected": result.rejected.height,
-                  "rejected_by_reason": md_table(reasons), "uri": artifacts.url(Keys.manifest),
-                  "per_source": md_table(src.source_counts(result.accepted))},
-        data_version=dg.DataVersion(frame_digest(result.accepted)),
+        metadata={**stats, "rejected": summary.rejected_rows, "rejected_by_reason": md_table(reasons),
+                  "uri": artifacts.url(Keys.manifest), "per_source": md_table(per_source)},
+        data_version=dg.DataVersion(summary.digest),
     )
 
 

@@ -6,13 +6,15 @@ once; reads, hashes and decodes run in a thread pool (``workers``; file reads, h
 decoders release the GIL), a bounded batch at a time so the bytes in flight do not grow with the
 source; objects in a store are fetched a batch at a time with concurrent requests.
 
-Facts are kept per source root in a small parquet table under the cache folder, keyed by the file's
-*signature*: ``size:mtime_ns:ctime_ns:inode`` for a local file (what ``git`` trusts for its index), the
-size and ETag (or modification time) from one listing for an object store. A file whose signature is
-unchanged is never opened again, so the sensor's tick costs one ``stat`` per file; a file written
-again (same size, new mtime) is re-hashed, and a ``touch`` without a change re-hashes to the same
-content. Nothing downstream trusts a signature for identity: the manifest carries the content hash
-(``sha256``), which is what :mod:`clipopt_core.train.identity` hashes.
+Facts are kept per source root under the cache folder, keyed by the file's *signature*:
+``size:mtime_ns:ctime_ns:inode`` for a local file (what ``git`` trusts for its index), the size and ETag
+(or modification time) from one listing for an object store. A file whose signature is unchanged is
+never opened again, so the sensor's tick costs one ``stat`` per file; a file written again (same size,
+new mtime) is re-hashed, and a ``touch`` without a change re-hashes to the same content. Nothing
+downstream trusts a signature for identity: the manifest carries the content hash (``sha256``), which
+is what :mod:`clipopt_core.train.identity` hashes. The cache is append-only (:class:`FactsCache`): a
+call adds one part with the facts it computed and never loads or rewrites the others, so a batched
+ingest holds the facts of one batch, not of the source.
 
 Callers pass only paths already checked to stay inside the root (:mod:`clipopt_core.data.manifest`).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +41,7 @@ REMOTE_BATCH_FILES = 256  # objects fetched per request batch from an object sto
 FACT_SCHEMA = {"path": pl.String, "signature": pl.String, "sha256": pl.String, "width": pl.Int64,
                "height": pl.Int64, "reason": pl.String, "detail": pl.String}
 FACTS_FOLDER = "source_facts"
+PART_ROW_GROUP = 8192  # rows per row group of a facts part: what a path-range lookup reads at least
 Progress = Callable[[int, int], None]
 
 
@@ -64,29 +68,67 @@ def parallel_map(function: Callable, items: Iterable, workers: int) -> Iterable:
 
 
 class FactsCache:
-    """The facts table of one source root, ``<cache_dir>/source_facts/<sha256(root)[:24]>.parquet``.
+    """The facts of one source root: ``<cache_dir>/source_facts/<sha256(root)[:24]>/part-*.parquet``.
 
-    ``cache_dir`` ``None``: nothing is kept (every call reads every file). Written whole with temp +
-    rename, so a reader never sees a partial table; two writers at once lose at most the other's
-    new facts (those files are hashed again next time).
+    ``cache_dir`` ``None``: nothing is kept (every call reads every file). Append-only: :meth:`add`
+    writes the facts of one call as a new part (sorted by path, temp + rename), so a reader never
+    sees a partial part and two writers at once never lose each other's facts. :meth:`lookup` scans
+    the parts for the wanted ``(path, signature)`` pairs only, filtered to the wanted paths' range:
+    a path-sorted listing (class folders) read in batches reads only the row groups of each batch's
+    range (parquet statistics). Parts accumulate, one per call that read files (a changed file adds
+    its new fact; the old one is never matched again); deleting the folder compacts it at the cost
+    of one re-read. A damaged part is deleted (its files are hashed again), never a failed run.
     """
 
     def __init__(self, cache_dir: Path | str | None, root: str) -> None:
         key = hashlib.sha256(root.encode()).hexdigest()[:24]
-        self.path = Path(cache_dir) / FACTS_FOLDER / f"{key}.parquet" if cache_dir is not None else None
+        self.folder = Path(cache_dir) / FACTS_FOLDER / key if cache_dir is not None else None
+        self.legacy = Path(cache_dir) / FACTS_FOLDER / f"{key}.parquet" if cache_dir is not None else None
 
-    def load(self) -> pl.DataFrame:
-        if self.path is None or not self.path.exists():
+    def parts(self) -> list[Path]:
+        """The parts, oldest first (a whole table written by an earlier release counts as the oldest)."""
+        if self.folder is None:
+            return []
+        found = sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
+        return ([self.legacy] if self.legacy is not None and self.legacy.exists() else []) + found
+
+    def lookup(self, wanted: pl.DataFrame) -> pl.DataFrame:
+        """The cached facts (``FACT_SCHEMA``, one row per path) of ``wanted`` (``path``, ``signature``)."""
+        parts = self.parts()
+        wanted = wanted.filter(pl.col("signature").is_not_null())
+        if not parts or wanted.is_empty():
             return pl.DataFrame(schema=FACT_SCHEMA)
         try:
-            return pl.read_parquet(self.path).cast(FACT_SCHEMA)  # type: ignore[arg-type]
-        except Exception:  # a damaged cache costs a re-hash, never a failed run
-            return pl.DataFrame(schema=FACT_SCHEMA)
+            return self._scan(parts, wanted)
+        except Exception:  # a damaged part: delete it (its files are read again) and use the others
+            healthy = [part for part in parts if self._readable(part)]
+            return self._scan(healthy, wanted) if healthy else pl.DataFrame(schema=FACT_SCHEMA)
 
-    def save(self, facts: pl.DataFrame) -> None:
-        if self.path is None:
+    @staticmethod
+    def _readable(part: Path) -> bool:
+        try:
+            pl.read_parquet(part, columns=["path", "signature"])
+            return True
+        except Exception:
+            part.unlink(missing_ok=True)
+            return False
+
+    @staticmethod
+    def _scan(parts: list[Path], wanted: pl.DataFrame) -> pl.DataFrame:
+        low, high = wanted["path"].min(), wanted["path"].max()
+        return (pl.scan_parquet(parts).select(list(FACT_SCHEMA)).cast(FACT_SCHEMA)  # type: ignore[arg-type]
+                .filter(pl.col("path").is_between(pl.lit(low), pl.lit(high)))
+                .join(wanted.lazy().select("path", "signature"), on=["path", "signature"], how="semi")
+                .unique("path", keep="any").collect())  # one path in two parts: the same signature, the same fact
+
+    def add(self, facts: pl.DataFrame) -> None:
+        """Keep ``facts`` (rows without a signature are never looked up, so they are left out)."""
+        facts = facts.filter(pl.col("signature").is_not_null())
+        if self.folder is None or facts.is_empty():
             return
-        write_atomically(self.path, facts.write_parquet)
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        write_atomically(self.folder / name,
+                         lambda path: facts.sort("path").write_parquet(path, row_group_size=PART_ROW_GROUP))
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -130,21 +172,18 @@ def file_facts(root: str, paths: Sequence[str], *, cache_dir: Path | str | None 
 
     A file that cannot be read has a null ``sha256`` and reason ``unreadable`` (``missing_file`` when it
     has no signature: not listed, or gone). ``progress(done, total)``
-    is called in order for each file that is read. The cache is updated with every fact computed.
+    is called in order for each file that is read. The cache gains every fact computed (one new part).
     """
     fs, base = fsspec.core.url_to_fs(root)
     distinct = list(dict.fromkeys(paths))
     wanted = pl.DataFrame({"path": distinct, "signature": signatures(fs, base, distinct)},
                           schema={"path": pl.String, "signature": pl.String})
     cache = FactsCache(cache_dir, root)
-    known = cache.load()
-    hits = wanted.join(known, on=["path", "signature"], how="inner")
+    hits = cache.lookup(wanted)
     missing = wanted.join(hits.select("path"), on="path", how="anti")["path"].to_list()
     fresh = read_facts(fs, base, missing, dict(zip(wanted["path"], wanted["signature"])), workers, progress)
-    facts = pl.concat([hits.select(list(FACT_SCHEMA)), fresh])
-    if fresh.height:
-        cache.save(pl.concat([known.join(fresh.select("path"), on="path", how="anti"), fresh]))
-    return facts
+    cache.add(fresh)
+    return pl.concat([hits, fresh])
 
 
 def read_facts(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str], signature_of: dict[str, str | None],

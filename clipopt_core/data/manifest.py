@@ -26,6 +26,7 @@ import fsspec
 import polars as pl
 
 from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, file_facts, is_local, protocol
+from clipopt_core.data.ingest_state import ContentOwners, SeenKeys
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg")
 REQUIRED_COLUMNS = ("path", "label")
@@ -91,23 +92,29 @@ def ingest(root: str, rows: pl.DataFrame, *, captions_only: bool = False, progre
 
 def checked_with_facts(root: str, rows: pl.DataFrame, *, captions_only: bool = False,
                        progress: Progress | None = None, workers: int = DEFAULT_WORKERS,
-                       cache_dir: Path | str | None = None) -> pl.DataFrame:
+                       cache_dir: Path | str | None = None, seen: SeenKeys | None = None) -> pl.DataFrame:
     """``rows`` with their ``uri`` and the facts of their files (:data:`FACT_COLUMNS`) for :func:`assemble`.
 
     ``reason``/``detail`` hold the first problem of a row: its path or label (never read), else its image's.
+    ``seen``: the keys of earlier batches of the same stream (:mod:`clipopt_core.data.ingest_stream`), so
+    a path listed again in a later batch is a ``duplicate_path`` too; ``None``: ``rows`` are the whole source.
     """
     fs, base = fsspec.core.url_to_fs(root)
     guard = RootGuard(base)
-    seen: set[tuple[str, str]] = set()
     columns: dict[str, list[str | None]] = {"path": [], "label": [], "problem": [], "problem_detail": []}
+    keys: list[str | None] = []
     for path, label in rows.select(pl.col("path").fill_null(""), "label").iter_rows():
         label_text = str(label or "").strip()
-        key = (path, label_text if captions_only else "")
-        problem = _row_problem(fs, base, path, label, key in seen, captions_only, guard)
-        if problem is None:
-            seen.add(key)
+        problem = _row_problem(fs, base, path, label, captions_only, guard)
+        keys.append(f"{root}\x00{path}\x00{label_text if captions_only else ''}" if problem is None else None)
         for name, value in zip(columns, (path, label_text or None, *(problem or (None, None)))):
             columns[name].append(value)
+    # a usable path (pair) listed again: its file checks gave the same answer as the first time's
+    for number in (seen or SeenKeys()).mark(keys).arg_true().to_list():
+        path, label_text = columns["path"][number], columns["label"][number]
+        columns["problem"][number], columns["problem_detail"][number] = (
+            ("duplicate_pair", f"{path!r} with caption {label_text!r} listed more than once") if captions_only
+            else ("duplicate_path", f"{path!r} listed more than once"))
     prefix = f"{base}/" if is_local(fs) else f"{protocol(fs)}://{base}/"
     checked = rows.with_columns(pl.Series(name, values, pl.String) for name, values in columns.items())
     readable = checked.filter(pl.col("problem").is_null())["path"].unique(maintain_order=True).to_list()
@@ -119,11 +126,17 @@ def checked_with_facts(root: str, rows: pl.DataFrame, *, captions_only: bool = F
             .drop("problem", "problem_detail"))
 
 
-def assemble(frame: pl.DataFrame, *, captions_only: bool = False, where: str = "the source") -> IngestResult:
+def assemble(frame: pl.DataFrame, *, captions_only: bool = False, where: str = "the source",
+             owners: ContentOwners | None = None, weights: bool | None = None) -> IngestResult:
     """Accepted and rejected rows from rows with facts (``path``, ``label``, ``uri``, :data:`FACT_COLUMNS`, …).
 
     Row order is kept; the first row with some bytes owns them (its label, its path and ``uri``).
     Columnar throughout: no per-row Python objects, whatever the size of the source.
+    ``owners`` (image sources): the images accepted from earlier batches of a stream; a row with the
+    bytes of one of them is rejected under another label and left out under the same one, and the
+    images accepted here are added to it. ``None``: ``frame`` is the whole source (raises
+    :class:`ManifestError` when nothing is usable). ``weights``: whether ``source_weight`` is a column
+    of the accepted rows (``None``: when any row has a weight).
     """
     frame = frame.with_row_index("row")
     for column in (*OPTIONAL_COLUMNS, "source_weight"):
@@ -132,6 +145,10 @@ def assemble(frame: pl.DataFrame, *, captions_only: bool = False, where: str = "
                                        .alias(column))
     good = frame.filter(pl.col("reason").is_null()).with_columns(
         pl.col(c).first().over("sha256").alias(f"owner_{c}") for c in ("label", "path", "uri"))
+    earlier = (owners.owner_labels(good["sha256"]) if owners is not None and not captions_only
+               else pl.repeat(None, good.height, dtype=pl.String, eager=True))
+    good = good.with_columns(earlier.alias("earlier_owner")).with_columns(
+        pl.coalesce("earlier_owner", "owner_label").alias("owner_label"))
     conflicts = (good.filter(pl.col("owner_label") != pl.col("label")) if not captions_only
                  else good.clear())
     conflicts = conflicts.with_columns(
@@ -143,16 +160,25 @@ def assemble(frame: pl.DataFrame, *, captions_only: bool = False, where: str = "
     rejected = (pl.concat([frame.filter(pl.col("reason").is_not_null()).select("row", "path", "reason", "detail"),
                            conflicts.select("row", "path", "reason", "detail")])
                 .sort("row").drop("row"))
-    if good.height == 0:
-        reasons = rejected["reason"].value_counts(sort=True).rows()
-        raise ManifestError(f"no usable image in {where!r} ({frame.height} rows; rejections: {reasons})")
+    if good.height == 0 and owners is None:
+        raise ManifestError(no_usable_image(where, frame.height, rejected))
     clean = [pl.col(c).str.strip_chars().replace("", None) for c in OPTIONAL_COLUMNS]
-    accepted = good.with_columns(*clean).select(
+    weighted = good["source_weight"].is_not_null().any() if weights is None else weights
+    accepted = good.filter(pl.col("earlier_owner").is_null()).with_columns(*clean).select(
         pl.col("sha256").str.slice(0, 20).alias("image_id"), "uri", "path", "label", "caption",
         pl.coalesce("category", "label").alias("category"), pl.col("source").fill_null("default"),
-        "sha256", "width", "height", *(["source_weight"] if good["source_weight"].is_not_null().any() else []))
+        "sha256", "width", "height", *(["source_weight"] if weighted else []))
     accepted = accepted.unique(subset=["image_id", "label"], keep="first", maintain_order=True)
+    if owners is not None and not captions_only:
+        owners.add(accepted)
     return IngestResult(accepted, rejected.cast({c: pl.String for c in rejected.columns}))
+
+
+def no_usable_image(where: str, rows: int, rejected: pl.DataFrame | pl.LazyFrame) -> str:
+    """The message of an ingest that accepted nothing: the rows and the rejections by reason."""
+    reasons = (rejected.lazy().group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+               .collect().rows())
+    return f"no usable image in {where!r} ({rows} rows; rejections: {reasons})"
 
 
 def split_by_class(manifest: pl.DataFrame, *, val_fraction: float, test_fraction: float, seed: int = 0) -> pl.DataFrame:
@@ -202,20 +228,24 @@ def frame_hash(frame: pl.DataFrame, chunk_rows: int = 100_000) -> str:
     return digest.hexdigest()
 
 
-def class_stats(manifest: pl.DataFrame) -> dict[str, int]:
-    """Counts shown to users: images, classes, singleton classes (unusable as retrieval queries)."""
-    sizes = manifest.group_by("label").len()
+def class_stats(manifest: pl.DataFrame | pl.LazyFrame) -> dict[str, int]:
+    """Counts shown to users: images, classes, singleton classes (unusable as retrieval queries).
+
+    A lazy ``manifest`` (a scanned file) is counted by polars' streaming engine: memory grows with
+    the classes, not the images.
+    """
+    sizes = manifest.lazy().group_by("label").len().collect(engine="streaming")
     return {
-        "images": manifest.height,
+        "images": int(sizes["len"].sum()),
         "classes": sizes.height,
         "singleton_classes": int((sizes["len"] == 1).sum()),
-        "sources": manifest["source"].n_unique(),
+        "sources": manifest.lazy().select(pl.col("source").n_unique()).collect(engine="streaming").item(),
     }
 
 
-def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: object, repeated: bool,
-                 captions_only: bool, guard: RootGuard) -> tuple[str, str] | None:
-    """First reason a row is unusable before its bytes are read, or ``None`` (``repeated``: its key was seen)."""
+def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: object, captions_only: bool,
+                 guard: RootGuard) -> tuple[str, str] | None:
+    """First reason a row is unusable before its bytes are read, or ``None`` (a repeated path is checked after)."""
     if not path:
         return "missing_path", "empty path"
     if "\x00" in path:  # os.path raises ValueError on it; no real file has one
@@ -224,10 +254,6 @@ def _row_problem(fs: fsspec.AbstractFileSystem, base: str, path: str, label: obj
         return "path_escapes_root", f"{path!r} must be relative to the source root without '..'"
     if label is None or not str(label).strip():
         return ("empty_caption", "caption is empty") if captions_only else ("empty_label", "label is empty")
-    if repeated and captions_only:
-        return "duplicate_pair", f"{path!r} with caption {str(label).strip()!r} listed more than once"
-    if repeated:
-        return "duplicate_path", f"{path!r} listed more than once"
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         return "not_an_image", f"extension not one of {IMAGE_EXTENSIONS}"
     full = f"{base}/{path}"

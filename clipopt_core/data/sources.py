@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ import yaml
 from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import (DEFAULT_WORKERS, Progress, parallel_map, read_fact, signatures,
                                          write_atomically)
+from clipopt_core.data.ingest_stream import BATCH_ROWS, ingest_to_files
 from clipopt_core.data.tar_shards import BRACE_RANGE, ShardError, expand_shards, iter_samples, member_uri
 
 SOURCES_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -170,36 +172,32 @@ def fingerprint(location: str, layout: str = "auto", *, cache_dir: Path | str | 
 
 
 def ingest_listing(listing: pl.DataFrame, *, cache_dir: Path | str | None = None, workers: int = DEFAULT_WORKERS,
-                   progress: Progress | None = None) -> mf.IngestResult:
-    """Validate the rows of :func:`scan_images`: file rows are read once (per root), shard rows are checked."""
-    if "uri" not in listing.columns:
-        listing = listing.with_columns(pl.lit(None, dtype=pl.String).alias("uri"))
-    if "reason" not in listing.columns:
-        listing = listing.with_columns(pl.lit(None, dtype=pl.String).alias("reason"))
-    in_shard = pl.col("uri").is_not_null() | pl.col("reason").is_not_null()  # file rows get both in ingest
-    files, shards = listing.filter(~in_shard), listing.filter(in_shard)
-    parts = []
-    for root in files["root"].unique(maintain_order=True).to_list():
-        rows = files.filter(pl.col("root") == root).drop("root", *(c for c in mf.FACT_COLUMNS if c in files.columns),
-                                                           "uri")
-        parts.append(mf.checked_with_facts(root, rows, progress=progress, workers=workers, cache_dir=cache_dir))
-    if shards.height:
-        repeated = ~pl.col("path").is_first_distinct() & pl.col("reason").is_null()
-        parts.append(shards.drop("root").with_columns(
-            pl.when(repeated).then(pl.lit("duplicate_path")).otherwise("reason").alias("reason"),
-            pl.when(repeated).then(pl.format("{} appears more than once in the shards", "path"))
-            .otherwise("detail").alias("detail")))
-    where = listing["root"][0] if listing.height else "the source"
-    return mf.assemble(pl.concat(parts, how="diagonal_relaxed"), where=where)
+                   progress: Progress | None = None, batch_rows: int = BATCH_ROWS) -> mf.IngestResult:
+    """Validate the rows of :func:`scan_images`: file rows are read once (per root), shard rows are checked.
+
+    In memory, for tests and small sources: the same batched pass as the ``image_manifest`` asset
+    (:func:`~clipopt_core.data.ingest_stream.ingest_to_files`, ``batch_rows`` rows at a time), on
+    temporary files read back whole.
+    """
+    with tempfile.TemporaryDirectory(prefix="ingest-listing-") as work:
+        folder = Path(work)
+        listing.write_parquet(folder / "listing.parquet")
+        ingest_to_files(folder / "listing.parquet", folder / "accepted.parquet", folder / "rejected.parquet",
+                        batch_rows=batch_rows, cache_dir=cache_dir, workers=workers, progress=progress)
+        return mf.IngestResult(pl.read_parquet(folder / "accepted.parquet"), pl.read_parquet(folder / "rejected.parquet"))
 
 
-def source_counts(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per source: ``images``, ``classes``, ``weight`` (null without weights) and ``share`` of training draws."""
-    weights = frame["source_weight"] if "source_weight" in frame.columns else pl.Series([None] * frame.height,
-                                                                                         dtype=pl.Float64)
-    counts = (frame.with_columns(weights.alias("weight")).group_by("source")
-              .agg(pl.len().alias("images"), pl.col("label").n_unique().alias("classes"), pl.col("weight").first())
-              .sort("source"))
+def source_counts(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    """Per source: ``images``, ``classes``, ``weight`` (null without weights) and ``share`` of training draws.
+
+    A lazy ``frame`` (a scanned manifest) is counted by polars' streaming engine: memory grows with the
+    classes, not the images.
+    """
+    rows = frame.lazy()
+    weight = pl.col("source_weight") if "source_weight" in rows.collect_schema().names() else pl.lit(None, pl.Float64)
+    counts = (rows.group_by("source")
+              .agg(pl.len().alias("images"), pl.col("label").n_unique().alias("classes"), weight.first().alias("weight"))
+              .sort("source").collect(engine="streaming"))
     share = pl.col("weight") / pl.col("weight").sum() if counts["weight"].is_not_null().all() \
         else pl.col("images") / pl.col("images").sum()
     return counts.with_columns(share.round(4).alias("share"))

@@ -84,3 +84,32 @@ def test_sensor_ignores_a_touch_and_retrains_on_new_bytes(tmp_path):
         target.write_bytes(bytes(data))
         changed = _tick(instance, first.cursor, resources)
         assert len(changed.run_requests) == 1 and changed.cursor != first.cursor
+
+
+def test_image_manifest_failing_midway_publishes_nothing_and_new_bytes_change_its_version(tmp_path, monkeypatch):
+    from clipopt_core.data import manifest as mf
+
+    source = write_shapes_source(tmp_path / "shapes", per_class=2)
+    resources, store = tiny_resources(tmp_path, source, None), ArtifactStore(f"file://{tmp_path / 'artifacts'}")
+
+    def version_of(result: dg.ExecuteInProcessResult) -> str:
+        return result.asset_materializations_for_node("image_manifest")[0].tags["dagster/data_version"]
+
+    first = dg.materialize(assets_named("raw_images", "image_manifest"), resources=resources)
+    published = store.read_bytes(Keys.manifest)
+    assert pl.read_parquet(published).height == 32
+    original = mf.assemble
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(mf, "assemble", failing)
+    failed = dg.materialize(assets_named("image_manifest"), resources=resources, raise_on_error=False)
+    assert not failed.success and store.read_bytes(Keys.manifest) == published
+    assert "killed mid-way" in failed.get_step_failure_events()[0].step_failure_data.error.to_string()
+    assert store.list_temp_objects() == [] and not list((tmp_path / "cache").glob("image-manifest-*"))
+    monkeypatch.setattr(mf, "assemble", original)
+    (source / "red_circle/1.png").write_bytes((source / "blue_cross/0.png").read_bytes())  # other bytes
+    again = dg.materialize(assets_named("raw_images", "image_manifest"), resources=resources)
+    assert version_of(again) != version_of(first) and store.read_bytes(Keys.manifest) != published
+    assert _metadata(again, "image_manifest")["rejected"] == 1  # the same bytes under another label
