@@ -184,7 +184,7 @@ def manifest_step(step: str, data: Path, batch_rows: int = 0) -> float:
         from clipopt_core.data.ingest_stream import BATCH_ROWS, ingest_to_files
 
         ingest_to_files(listing, out / "accepted.parquet", out / "rejected.parquet", cache_dir=cache, workers=1,
-                        digest_leave_out={"uri", "path", "root"}, batch_rows=batch_rows or BATCH_ROWS)
+                        batch_rows=batch_rows or BATCH_ROWS)
         mf.class_stats(pl.scan_parquet(out / "accepted.parquet")), src.source_counts(pl.scan_parquet(out / "accepted.parquet"))
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)

@@ -133,7 +133,7 @@ def _realign(pairs_file: Path, folder: Path, args: argparse.Namespace) -> float:
     (:func:`clipopt_core.train.job.load_inputs`), from an empty cache (a fresh work and cache folder)."""
     from clipopt_core.models.loading import ModelSpec
     from clipopt_core.train.config import REALIGN_TRAIN_DEFAULTS, RealignConfig
-    from clipopt_core.train.identity import frame_rows
+    from clipopt_core.runtime.digest import frame_rows
     from clipopt_core.train.runner import train_realign
 
     train = replace(REALIGN_TRAIN_DEFAULTS, epochs=1, batch_size=args.batch, precision="fp32",

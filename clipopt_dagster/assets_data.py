@@ -10,13 +10,13 @@ import polars as pl
 from clipopt_core.data import manifest as mf
 from clipopt_core.data import sources as src
 from clipopt_core.data.ingest_stream import ingest_to_files
-from clipopt_core.train.identity import LOCATION_COLUMNS
 from clipopt_core.models.loading import load_model
 from clipopt_core.data.caption_shards import PAIR_SCHEMA, is_shard_source, read_caption_shards
 from clipopt_core.data.captions import caption_pool, split_caption_pairs
 from clipopt_core.train.mining import mine_captions, mining_spec
 from clipopt_core.train.text_pool import open_stored_pool
-from clipopt_core.train.identity import frame_digest, weights_digest
+from clipopt_core.runtime.digest import frame_digest
+from clipopt_core.train.identity import weights_digest
 from clipopt_core.train.mining import similarity_histogram
 from clipopt_core.layout import Keys, base_spec
 from clipopt_dagster._helpers import GPU_POOL, md_table
@@ -65,7 +65,7 @@ def image_manifest(context: dg.AssetExecutionContext, sources: DataSourceResourc
         listing = artifacts.get_file(Keys.listing, folder / "listing.parquet")
         accepted, rejected = folder / "manifest.parquet", folder / "rejected.parquet"
         summary = ingest_to_files(listing, accepted, rejected, cache_dir=compute.cache, workers=sources.ingest_workers,
-                                  progress=_progress, digest_leave_out=LOCATION_COLUMNS)
+                                  progress=_progress)
         stats, per_source = mf.class_stats(pl.scan_parquet(accepted)), src.source_counts(pl.scan_parquet(accepted))
         reasons = pl.scan_parquet(rejected).group_by("reason").len().sort("len", descending=True).collect()
         artifacts.put_file(rejected, Keys.rejected)

@@ -14,7 +14,7 @@ from clipopt_core.layout import Keys, served_model_key
 from clipopt_core.models.loading import load_model
 from clipopt_core.runtime.catalog import SERVED_HISTORY
 from clipopt_core.serve import champion as release
-from clipopt_core.train.identity import frame_digest
+from clipopt_core.runtime.digest import frame_digest
 from clipopt_dagster._helpers import GPU_POOL
 
 BOOTSTRAP_FIELDS = ("resamples", "confidence", "seed")

@@ -19,7 +19,7 @@ from clipopt_core.serve.champion import current as current_champion
 from clipopt_core.serve.promotion import build_and_promote
 from clipopt_core.serve.search import lazy_image_embedder
 from clipopt_core.layout import Keys
-from clipopt_core.train.identity import frame_digest
+from clipopt_core.runtime.digest import frame_digest
 from clipopt_core.registry import VARIANTS
 from clipopt_dagster._helpers import GPU_POOL, md_table, png_markdown
 from clipopt_dagster.assets_data import caption_corpus

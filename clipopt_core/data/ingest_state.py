@@ -8,8 +8,8 @@
 * :class:`ContentOwners`: per accepted image, the first 128 bits of its SHA-256 and a code for its
   owner's label: **20 bytes per accepted row**, plus each distinct label once (:class:`LabelCodes`:
   its text, a 16-byte key and a 4-byte code);
-* :class:`StreamDigest`: :func:`clipopt_core.train.identity.frame_digest` of the accepted rows, fed
-  a batch at a time (32 bytes).
+* the data version: :class:`clipopt_core.runtime.digest.FrameDigest` of the accepted rows, fed a
+  batch at a time (32 bytes).
 
 Keys are kept in sorted runs (:class:`KeyRuns`): a batch of B rows is checked with binary searches,
 O(B log² n), never a pass over all n keys (~0.06 s per batch of 16,384 against 10⁷ keys here).
@@ -20,13 +20,12 @@ is already an 80-bit prefix of the content hash. docs/scaling.md, "Ingest in bat
 from __future__ import annotations
 
 import hashlib
-from typing import Collection, Sequence
+from typing import Sequence
 
 import numpy as np
 import polars as pl
 
 KEY_SCHEMA = {"hi": pl.UInt64, "lo": pl.UInt64}
-DIGEST_SLICE_ROWS = 100_000  # the slices frame_digest serialises; any slicing gives the same bytes
 
 
 def string_keys(values: Sequence[str]) -> pl.DataFrame:
@@ -150,24 +149,3 @@ class ContentOwners:
         """Remember the owners among ``accepted`` (``sha256``, ``label``; contents not yet owned)."""
         keys = content_keys(accepted["sha256"])
         self.owners.add(keys["hi"].to_numpy(), keys["lo"].to_numpy(), self.label_codes.codes(accepted["label"]))
-
-
-class StreamDigest:
-    """:func:`clipopt_core.train.identity.frame_digest` of the rows of every :meth:`update`, in order.
-
-    Rows serialise as CSV lines one by one, so the digest of batches equals that of their
-    concatenation (tests/unit/test_ingest_stream.py). ``leave_out``: the columns ``frame_digest``
-    leaves out (its ``LOCATION_COLUMNS``; passed in, so that ingest does not import torch).
-    """
-
-    def __init__(self, columns: Sequence[str], leave_out: Collection[str]) -> None:
-        self.columns = sorted(c for c in columns if c not in leave_out)
-        self._digest = hashlib.sha256(",".join(self.columns).encode())
-
-    def update(self, frame: pl.DataFrame) -> None:
-        for start in range(0, frame.height, DIGEST_SLICE_ROWS):
-            self._digest.update(frame.select(self.columns).slice(start, DIGEST_SLICE_ROWS)
-                                .write_csv(include_header=False).encode())
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()

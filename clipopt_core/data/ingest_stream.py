@@ -22,7 +22,7 @@ docs/scaling.md, "Ingest in batches".
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,8 @@ import polars as pl
 
 from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, write_atomically
-from clipopt_core.data.ingest_state import ContentOwners, SeenKeys, StreamDigest
+from clipopt_core.data.ingest_state import ContentOwners, SeenKeys
+from clipopt_core.runtime.digest import FrameDigest
 
 BATCH_ROWS = 16_384  # listing rows per batch: bounds the rows, facts and Python objects held (~3 KB per row)
 ACCEPTED_SCHEMA = {"image_id": pl.String, "uri": pl.String, "path": pl.String, "label": pl.String,
@@ -42,8 +43,7 @@ REJECTED_SCHEMA = {"path": pl.String, "reason": pl.String, "detail": pl.String}
 
 @dataclass(frozen=True)
 class IngestSummary:
-    """What a streamed ingest wrote: row counts and the accepted rows' ``frame_digest`` (``""`` without
-    ``digest_leave_out``)."""
+    """What a streamed ingest wrote: row counts and the accepted rows' ``frame_digest``."""
 
     accepted_rows: int
     rejected_rows: int
@@ -52,8 +52,7 @@ class IngestSummary:
 
 def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows: int = BATCH_ROWS,
                     cache_dir: Path | str | None = None, workers: int = DEFAULT_WORKERS,
-                    progress: Progress | None = None,
-                    digest_leave_out: Collection[str] | None = None) -> IngestSummary:
+                    progress: Progress | None = None) -> IngestSummary:
     """Validate the rows of the parquet file ``listing`` into the parquet files ``accepted`` and ``rejected``.
 
     Args:
@@ -61,8 +60,6 @@ def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows
         accepted, rejected: local files, replaced only when the whole listing is done.
         batch_rows: listing rows validated together (files read per batch: at most that many).
         progress: ``progress(done, total)`` in listing rows, once per file read.
-        digest_leave_out: compute ``frame_digest`` of the accepted rows leaving out these columns
-            (pass :data:`clipopt_core.train.identity.LOCATION_COLUMNS`).
 
     Raises :class:`~clipopt_core.data.manifest.ManifestError` when no row is usable (nothing is written).
     """
@@ -74,7 +71,7 @@ def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows
     schema = {**ACCEPTED_SCHEMA, **(WEIGHT_SCHEMA if weighted else {})}
     total = scan.select(pl.len()).collect().item()
     where = scan.select(pl.col("root").first()).collect().item() if total else "the source"
-    digest = StreamDigest(list(schema), digest_leave_out) if digest_leave_out is not None else None
+    digest = FrameDigest(list(schema))  # the data version: frame_digest of the accepted rows, batch by batch
     file_keys, shard_keys, owners = SeenKeys(), SeenKeys(), ContentOwners()
     counts, read = [0, 0], 0
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=accepted.parent) as work:
@@ -93,15 +90,14 @@ def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows
             part_accepted = part.accepted.select(list(schema)).cast(schema)  # type: ignore[arg-type]
             good.write(part_accepted)
             bad.write(part.rejected.select(list(REJECTED_SCHEMA)))
-            if digest is not None:
-                digest.update(part_accepted)
+            digest.update(part_accepted)
             counts[0] += part_accepted.height
             counts[1] += part.rejected.height
         if counts[0] == 0:
             raise mf.ManifestError(mf.no_usable_image(where, total, bad.rows()))
         good.publish()
         bad.publish()
-    return IngestSummary(counts[0], counts[1], digest.hexdigest() if digest is not None else "")
+    return IngestSummary(counts[0], counts[1], digest.hexdigest())
 
 
 def _with_fact_columns(scan: pl.LazyFrame) -> pl.LazyFrame:

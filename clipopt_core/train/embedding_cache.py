@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from clipopt_core.models.encode import embed_images
 from clipopt_core.models.loading import ClipBundle
 from clipopt_core.runtime import distributed
-from clipopt_core.train.identity import frame_digest, frame_rows, weights_digest
+from clipopt_core.runtime.digest import frame_digest, frame_rows
+from clipopt_core.train.identity import weights_digest
 
 CACHE_VERSION = 2  # v2: large_string captions, meta holds the pair count
 SHARD_ROWS = 65536

@@ -15,32 +15,10 @@ from typing import Any, Mapping
 import polars as pl
 import torch
 
+from clipopt_core.runtime.digest import frame_digest
 from clipopt_core.train.config import NOT_IN_IDENTITY
 
 IDENTITY_VERSION = 2  # bump when training semantics change: v2 = the authors' MC loss, fp32 margins, square eval crop
-LOCATION_COLUMNS = frozenset({"uri", "path", "root"})
-
-
-def frame_digest(frame: pl.DataFrame | pl.LazyFrame | None) -> str:
-    """sha256 of a frame's content (row order kept, location columns left out); ``"none"`` for ``None``.
-
-    Rows are serialised as CSV with sorted column names, so the digest is stable across
-    processes and polars versions (unlike ``hash_rows``). A lazy frame (e.g. a parquet scan) is read
-    100,000 rows at a time and gives the same digest as the collected frame, so memory stays bounded.
-    """
-    if frame is None:
-        return "none"
-    lazy = frame.lazy()
-    columns = sorted(c for c in lazy.collect_schema().names() if c not in LOCATION_COLUMNS)
-    digest = hashlib.sha256(",".join(columns).encode())
-    for start in range(0, frame_rows(frame), 100_000):
-        digest.update(lazy.slice(start, 100_000).select(columns).collect().write_csv(include_header=False).encode())
-    return digest.hexdigest()
-
-
-def frame_rows(frame: pl.DataFrame | pl.LazyFrame) -> int:
-    """Row count of a frame; for a lazy parquet scan, from the files' metadata (nothing is read whole)."""
-    return frame.height if isinstance(frame, pl.DataFrame) else int(frame.select(pl.len()).collect().item())
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -18,7 +18,7 @@ from clipopt_core.runtime.catalog import SERVED_HISTORY, Catalog
 from clipopt_core.runtime.storage import ArtifactStore
 from clipopt_core.serve.champion import current
 from clipopt_core.serve.search import SearchService
-from clipopt_core.train.identity import frame_digest
+from clipopt_core.runtime.digest import frame_digest
 from clipopt_dagster.partitions import ALL_SHARDS_TAGS
 from tests.pipeline.conftest import TINY_TRAIN, tiny_resources, tiny_run_config
 

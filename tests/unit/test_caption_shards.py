@@ -15,7 +15,7 @@ from clipopt_core.data.datasets import load_image
 from clipopt_core.data.images import decode_image
 from clipopt_core.data.manifest import ManifestError
 from clipopt_core.data.tar_shards import ShardError, read_member
-from clipopt_core.train.identity import frame_digest
+from clipopt_core.runtime.digest import frame_digest
 from tests.conftest import COLOURS, draw_shape
 from tests.unit.test_tar_shards import write_shard
 

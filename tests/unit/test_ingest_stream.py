@@ -14,7 +14,7 @@ from clipopt_core.data import sources as src
 from clipopt_core.data.ingest_state import ContentOwners, KeyRuns, SeenKeys
 from clipopt_core.data.ingest_stream import ingest_to_files
 from clipopt_core.data.manifest import ManifestError, ingest, scan_source
-from clipopt_core.train.identity import LOCATION_COLUMNS, frame_digest
+from clipopt_core.runtime.digest import frame_digest
 
 from tests.conftest import write_shapes_source
 from tests.unit.test_sources import ReadCounter, write_label_shards, write_noise_shards, write_sources_file
@@ -43,7 +43,7 @@ def _to_files(listing: pl.DataFrame, folder: Path, **options) -> tuple[pl.DataFr
     folder.mkdir(parents=True, exist_ok=True)
     listing.write_parquet(folder / "listing.parquet")
     summary = ingest_to_files(folder / "listing.parquet", folder / "accepted.parquet", folder / "rejected.parquet",
-                              digest_leave_out=LOCATION_COLUMNS, **options)
+                              **options)
     accepted, rejected = pl.read_parquet(folder / "accepted.parquet"), pl.read_parquet(folder / "rejected.parquet")
     assert (summary.accepted_rows, summary.rejected_rows) == (accepted.height, rejected.height)
     return accepted, rejected, summary.digest

@@ -21,7 +21,7 @@ from clipopt_core.data.images import decode_image
 from clipopt_core.data.manifest import ManifestError, ingest, scan_source, source_fingerprint, split_by_class
 from clipopt_core.data.tar_shards import ShardError
 from clipopt_core.runtime.distributed import ShardedBatches
-from clipopt_core.train.identity import frame_digest
+from clipopt_core.runtime.digest import frame_digest
 
 from tests.conftest import write_shapes_source
 

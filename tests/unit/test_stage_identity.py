@@ -7,7 +7,8 @@ import torch
 
 from clipopt_core.registry import BASELINE, STAGES, VARIANTS, Stage, get_stage
 from clipopt_core.train.config import MiningConfig, RealignConfig, RetrievalConfig, TrainConfig
-from clipopt_core.train.identity import frame_digest, stage_identity, weights_digest
+from clipopt_core.runtime.digest import frame_digest
+from clipopt_core.train.identity import stage_identity, weights_digest
 from clipopt_core.train.schema import default_config, flat_defaults, from_dict, mining_config, stage_config
 
 SPLITS = pl.DataFrame({"image_id": ["a", "b"], "uri": ["/x/a.png", "/x/b.png"], "label": ["cat", "dog"],
