@@ -42,8 +42,8 @@ GRAPH = {
     "faiss_index": (["gallery_embeddings"], "serving", ["index_recall"], None, "2"),
     "baseline_index": (["base_model", "image_manifest"], "serving", [], GPU, "1"),
     "benchmark_suite": (["base_model", "mcip_encoder", "realigned_2sft", "realigned_mcip", "retrieval_encoder"],
-                        "benchmark_suite", [], GPU, "1"),
-    "table1_report": (["benchmark_suite"], "benchmark_suite", [], None, "1"),
+                        "benchmark_suite", [], GPU, "2"),
+    "table1_report": (["benchmark_suite"], "benchmark_suite", [], None, "2"),
 }
 BLOCKING_CHECKS = {"manifest_valid": True, "alignment_preserved": True, "retrieval_improved": True,
                    "index_recall": True}
