@@ -417,5 +417,6 @@ def _entries(fs: fsspec.AbstractFileSystem, path: str, folders: bool) -> list[st
     if is_local(fs):
         with os.scandir(path) as entries:
             return [entry.name for entry in entries if entry.is_dir() == folders]
+    fs.invalidate_cache(path)  # a long-lived process (the sensor) must not see an earlier listing
     return [info["name"].rstrip("/").rsplit("/", 1)[-1] for info in fs.ls(path, detail=True)
             if (info["type"] == "directory") == folders and info["name"].rstrip("/") != path.rstrip("/")]

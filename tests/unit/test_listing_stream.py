@@ -188,6 +188,10 @@ def test_class_folders_in_an_object_store_are_listed_per_folder(tmp_path: Path, 
                           and p.lower().endswith(mf.IMAGE_EXTENSIONS))
         assert pl.read_parquet(tmp_path / "listing.parquet")["path"].to_list() == expected
         assert summary.fingerprint == _whole(str(tricky_folders), tmp_path / "local")[1]  # the root is not hashed
+        fs.pipe_file("/listing15/a-b/x.png", (tricky_folders / "blue_cross/0.png").read_bytes())  # new bytes
+        shutil.copy(tricky_folders / "blue_cross/0.png", tricky_folders / "a-b/x.png")
+        changed = src.fingerprint(url, cache_dir=tmp_path / "cache")  # warm cache: the listing tells what moved
+        assert changed != summary.fingerprint and changed == _whole(str(tricky_folders), tmp_path / "local")[1]
     finally:
         fs.rm("/listing15", recursive=True)
 
