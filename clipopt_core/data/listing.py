@@ -29,7 +29,7 @@ LISTING_COLUMNS = (*mf.LISTING_COLUMNS, "root")  # the columns written: scan_ima
 
 @dataclass(frozen=True)
 class ListingSummary:
-    """What :func:`write_listing` wrote: its ``rows`` and the source's ``fingerprint``."""
+    """What a listing pass found: its ``rows`` and the source's ``fingerprint`` (24 hex digits)."""
 
     rows: int
     fingerprint: str
@@ -75,7 +75,7 @@ class SourceHash:
         return mf.frame_hash(whole)[:24]
 
 
-def file_source_fingerprint(location: str, layout: str = "auto", *, cache_dir: Path | str | None = None,
+def file_source_fingerprint(location: str, layout: str, *, cache_dir: Path | str | None = None,
                             workers: int = DEFAULT_WORKERS, batch_rows: int = mf.LISTING_BATCH_ROWS) -> str:
     """:func:`~clipopt_core.data.manifest.source_fingerprint` of a folder or manifest source, listed in batches.
 
