@@ -7,8 +7,9 @@ is bounded by a batch (and, for class folders, the names of one folder), not by 
 listing rows and the fingerprint are those of :func:`clipopt_core.data.sources.scan_images` and
 :func:`clipopt_core.data.manifest.source_fingerprint` on the whole source: the fingerprint hashes the
 rows sorted by path, which class folders are by construction and a manifest usually is; a manifest
-that is not sorted by path has its fingerprint rows (path, label, caption, category, sha256) kept in a
-temporary parquet file and sorted whole at the end (polars columns, ~0.1 KB per row).
+that is not sorted by path is hashed in a second pass that keeps its fingerprint rows (path, label,
+caption, category, sha256) in a temporary parquet file and sorts them whole (polars columns, ~0.1 KB
+per row; its files' facts are cached by then when there is a cache folder).
 
 :func:`clipopt_core.data.sources.write_listing` writes the file under a temporary name and renames it
 onto its target only when complete. docs/scaling.md, "Source listing in batches".
@@ -38,9 +39,9 @@ class ListingSummary:
 class SourceHash:
     """The fingerprint of a source's rows fed batch by batch: :func:`~clipopt_core.data.manifest.source_fingerprint`.
 
-    Batches whose paths keep ascending are hashed as they come. ``spool`` (a folder): every batch's
-    fingerprint rows are also written there, so a source found unsorted is sorted whole at the end;
-    without it, rows out of path order raise (class folders are listed in path order).
+    Batches whose paths keep ascending are hashed as they come; after rows out of path order,
+    :attr:`in_order` is false and only a ``spool`` (a folder where every batch's fingerprint rows are
+    also written) gives the fingerprint, from those rows sorted whole.
     """
 
     def __init__(self, root: str, *, cache_dir: Path | str | None, workers: int, spool: Path | None) -> None:
@@ -61,16 +62,16 @@ class SourceHash:
         if self.spool is not None:
             self.parts.append(self.spool / f"fingerprint-{len(self.parts):06d}.parquet")
             table.write_parquet(self.parts[-1])
-        elif not ordered:
-            raise RuntimeError(f"rows of {self.root!r} came out of path order at {paths[0]!r}")
         self.in_order = self.in_order and ordered
         if self.in_order:
             self.hasher.update(table)
 
     def hexdigest(self) -> str:
-        """The fingerprint (24 hex digits) of every row fed."""
+        """The fingerprint (24 hex digits) of every row fed; rows out of path order need a ``spool``."""
         if self.in_order:
             return self.hasher.hexdigest()[:24]
+        if self.spool is None:
+            raise RuntimeError(f"rows of {self.root!r} came out of path order; hash them with a spool folder")
         whole = pl.scan_parquet(self.parts).sort("path", maintain_order=True).collect()
         return mf.frame_hash(whole)[:24]
 
@@ -92,9 +93,9 @@ def list_file_source(location: str, layout: str, target: Path | None, work: Path
     """One pass over a folder or manifest source (``layout`` resolved): its batches written to the parquet
     file ``target`` (columns :data:`LISTING_COLUMNS`, row groups of ``batch_rows``; ``None``: not written)
     and fingerprinted. ``work``: an empty folder for the batches (one part each, joined into ``target``
-    at the end) and the fingerprint rows of a manifest (see :class:`SourceHash`)."""
+    at the end) and the fingerprint rows of a manifest out of path order (see :class:`SourceHash`)."""
     root = mf.source_root(location)
-    digest = SourceHash(root, cache_dir=cache_dir, workers=workers, spool=None if layout == "folders" else work)
+    digest = SourceHash(root, cache_dir=cache_dir, workers=workers, spool=None)
     parts: list[Path] = []
     rows = 0
     for batch in mf.source_batches(location, layout, batch_rows=batch_rows):
@@ -106,4 +107,8 @@ def list_file_source(location: str, layout: str, target: Path | None, work: Path
     if target is not None:  # the parts joined by polars' streaming engine: one batch in memory
         scan = pl.scan_parquet(parts) if parts else pl.LazyFrame(schema=dict.fromkeys(LISTING_COLUMNS, pl.String))
         scan.sink_parquet(target, row_group_size=batch_rows)
+    if not digest.in_order:  # a manifest out of path order: a second pass, its fingerprint rows sorted whole
+        digest = SourceHash(root, cache_dir=cache_dir, workers=workers, spool=work)
+        for batch in mf.source_batches(location, layout, batch_rows=batch_rows):
+            digest.add(batch)
     return ListingSummary(rows, digest.hexdigest())

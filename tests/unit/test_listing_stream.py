@@ -166,10 +166,16 @@ def test_unsorted_source_hash_is_sorted_whole(tmp_path: Path, unsorted_manifest:
     for start in range(0, rows.height, 7):
         spooled.add(rows.slice(start, 7))
     assert not spooled.in_order and spooled.hexdigest() == mf.source_fingerprint(rows, str(unsorted_manifest))
-    strict = listing.SourceHash(str(unsorted_manifest), cache_dir=None, workers=1, spool=None)
+    unspooled = listing.SourceHash(str(unsorted_manifest), cache_dir=None, workers=1, spool=None)
+    for start in range(0, rows.height, 7):
+        unspooled.add(rows.slice(start, 7))
     with pytest.raises(RuntimeError, match="out of path order"):
-        for start in range(0, rows.height, 7):
-            strict.add(rows.slice(start, 7))
+        unspooled.hexdigest()
+    ordered = listing.SourceHash(str(unsorted_manifest), cache_dir=None, workers=1, spool=None)
+    in_path_order = rows.sort("path", maintain_order=True, nulls_last=False)
+    for start in range(0, rows.height, 7):
+        ordered.add(in_path_order.slice(start, 7))
+    assert ordered.in_order and ordered.hexdigest() == spooled.hexdigest()  # nothing spooled, the same value
 
 
 def test_class_folders_in_an_object_store_are_listed_per_folder(tmp_path: Path, tricky_folders: Path):
