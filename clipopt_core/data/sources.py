@@ -41,6 +41,7 @@ from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import (DEFAULT_WORKERS, Progress, parallel_map, read_fact, signatures,
                                          write_atomically)
 from clipopt_core.data.ingest_stream import BATCH_ROWS, ingest_to_files
+from clipopt_core.data.listing import ListingSummary, file_source_fingerprint, list_file_source
 from clipopt_core.data.tar_shards import BRACE_RANGE, ShardError, expand_shards, iter_samples, member_uri
 
 SOURCES_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -154,7 +155,8 @@ def fingerprint(location: str, layout: str = "auto", *, cache_dir: Path | str | 
                 workers: int = DEFAULT_WORKERS) -> str:
     """Content fingerprint of any image source (:func:`scan_images`), cheap when the cache is warm.
 
-    Folders and manifests: :func:`clipopt_core.data.manifest.source_fingerprint` (one ``stat`` per
+    Folders and manifests: :func:`clipopt_core.data.manifest.source_fingerprint`, computed a batch of
+    rows at a time (:func:`clipopt_core.data.listing.file_source_fingerprint`; one ``stat`` per
     unchanged file). Shards: each shard's content digest, kept by its signature (one ``stat``, or one
     listing per folder on S3). Sources files: the names, weights and each source's fingerprint.
     """
@@ -167,8 +169,29 @@ def fingerprint(location: str, layout: str = "auto", *, cache_dir: Path | str | 
         digests = [_shard_digest(url, signature, cache_dir, workers)
                    for url, signature in zip(urls, _shard_signatures(urls))]
         return hashlib.sha256(repr(list(zip(urls, digests))).encode()).hexdigest()[:24]
-    rows = mf.scan_source(location, layout)
-    return mf.source_fingerprint(rows, location, cache_dir=cache_dir, workers=workers)
+    return file_source_fingerprint(location, resolve_layout(location, layout), cache_dir=cache_dir, workers=workers)
+
+
+def write_listing(location: str, layout: str, target: Path, *, cache_dir: Path | str | None = None,
+                  workers: int = DEFAULT_WORKERS, batch_rows: int = mf.LISTING_BATCH_ROWS) -> ListingSummary:
+    """Write the rows of :func:`scan_images` to the parquet file ``target``; their count and :func:`fingerprint`.
+
+    Folders and manifests: listed once, ``batch_rows`` rows at a time, the fingerprint computed from the
+    same pass (:func:`clipopt_core.data.listing.list_file_source`; memory bounded by a batch). Shards
+    and sources files: their listing, whole. ``target`` is replaced only when complete: a failure leaves
+    what was there. Raises :class:`~clipopt_core.data.manifest.ManifestError` as :func:`scan_images`.
+    """
+    resolved = "sources" if is_sources_file(location) else resolve_layout(location, layout)
+    if resolved in ("sources", "shards"):
+        rows = scan_images(location, layout, cache_dir=cache_dir, workers=workers)
+        digest = fingerprint(location, layout, cache_dir=cache_dir, workers=workers)
+        write_atomically(target, lambda path: rows.write_parquet(path, row_group_size=batch_rows))
+        return ListingSummary(rows.height, digest)
+    found: list[ListingSummary] = []
+    with tempfile.TemporaryDirectory(prefix="listing-", dir=target.parent) as work:
+        write_atomically(target, lambda path: found.append(list_file_source(
+            location, resolved, path, Path(work), cache_dir=cache_dir, workers=workers, batch_rows=batch_rows)))
+    return found[0]
 
 
 def ingest_listing(listing: pl.DataFrame, *, cache_dir: Path | str | None = None, workers: int = DEFAULT_WORKERS,

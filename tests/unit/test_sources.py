@@ -358,5 +358,8 @@ def test_scale_ingest_benchmark_smoke(tmp_path: Path):
     ratios = dict(pair.split("=") for pair in done.stdout.strip().splitlines()[-1].removeprefix("RATIO ").split())
     assert set(ratios) == {"ingest_vs_old", "ingest_w1_vs_old", "shards_vs_old", "parallel_vs_serial",
                            "tick_warm_vs_full_hash", "manifest_time_after_vs_before", "manifest_rss_after_vs_before",
-                           "manifest_bytes_per_row_before", "manifest_bytes_per_row_after"}
+                           "manifest_bytes_per_row_before", "manifest_bytes_per_row_after",
+                           *(f"{kind}_{figure}" for kind in ("listing", "listing_csv")
+                             for figure in ("time_after_vs_before", "rss_after_vs_before", "bytes_per_row_before",
+                                            "bytes_per_row_after"))}
     assert all(float(ratios[name]) > 0 for name in ratios if "bytes_per_row" not in name)  # ΔRSS may be ≤ 0
