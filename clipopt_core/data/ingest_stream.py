@@ -31,7 +31,7 @@ import polars as pl
 from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, write_atomically
 from clipopt_core.data.ingest_state import ContentOwners, SeenKeys
-from clipopt_core.runtime.digest import FrameDigest
+from clipopt_core.runtime.digest import FrameDigest, content_columns
 
 BATCH_ROWS = 16_384  # listing rows per batch: bounds the rows, facts and Python objects held (~3 KB per row)
 ACCEPTED_SCHEMA = {"image_id": pl.String, "uri": pl.String, "path": pl.String, "label": pl.String,
@@ -71,7 +71,7 @@ def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows
     schema = {**ACCEPTED_SCHEMA, **(WEIGHT_SCHEMA if weighted else {})}
     total = scan.select(pl.len()).collect().item()
     where = scan.select(pl.col("root").first()).collect().item() if total else "the source"
-    digest = FrameDigest(list(schema))  # the data version: frame_digest of the accepted rows, batch by batch
+    digest = FrameDigest(content_columns(schema))  # the data version: frame_digest of the accepted rows
     file_keys, shard_keys, owners = SeenKeys(), SeenKeys(), ContentOwners()
     counts, read = [0, 0], 0
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=accepted.parent) as work:

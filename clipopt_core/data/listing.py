@@ -24,6 +24,7 @@ import polars as pl
 
 from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import DEFAULT_WORKERS
+from clipopt_core.runtime.digest import FrameDigest
 
 LISTING_COLUMNS = (*mf.LISTING_COLUMNS, "root")  # the columns written: scan_images' for folders and manifests
 
@@ -46,7 +47,7 @@ class SourceHash:
 
     def __init__(self, root: str, *, cache_dir: Path | str | None, workers: int, spool: Path | None) -> None:
         self.root, self.cache_dir, self.workers, self.spool = root, cache_dir, workers, spool
-        self.hasher = mf.FrameHasher(mf.FINGERPRINT_COLUMNS)
+        self.hasher = FrameDigest(mf.FINGERPRINT_COLUMNS)
         self.parts: list[Path] = []
         self.last: str | None = None
         self.in_order = True

@@ -20,7 +20,7 @@ import hashlib
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import polars as pl
 
 from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, file_facts, is_local, protocol
 from clipopt_core.data.ingest_state import ContentOwners, SeenKeys
+from clipopt_core.runtime.digest import FrameDigest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg")
 REQUIRED_COLUMNS = ("path", "label")
@@ -246,28 +247,11 @@ def fingerprint_rows(rows: pl.DataFrame, root: str, *, cache_dir: Path | str | N
             .join(facts, on="path", how="left", maintain_order="left").with_columns(pl.col("sha256").fill_null("")))
 
 
-class FrameHasher:
-    """:func:`frame_hash` of every frame passed to :meth:`update`, in order, as if they were one frame."""
-
-    def __init__(self, columns: Sequence[str]) -> None:
-        self.columns = list(columns)
-        self._digest = hashlib.sha256(",".join(self.columns).encode())
-
-    def update(self, frame: pl.DataFrame, chunk_rows: int = 100_000) -> None:
-        """Feed ``frame``'s rows (columns :attr:`columns`) as CSV lines, ``chunk_rows`` at a time."""
-        for start in range(0, frame.height, chunk_rows):
-            chunk = frame.slice(start, chunk_rows).select(self.columns)
-            self._digest.update(chunk.write_csv(include_header=False).encode())
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
-
-
-def frame_hash(frame: pl.DataFrame, chunk_rows: int = 100_000) -> str:
-    """sha256 (hex) of a frame's column names and values as CSV, in row order, ``chunk_rows`` at a time."""
-    hasher = FrameHasher(frame.columns)
-    hasher.update(frame, chunk_rows)
-    return hasher.hexdigest()
+def frame_hash(frame: pl.DataFrame) -> str:
+    """sha256 (hex) of a frame's column names and values as CSV, in row order (every column, in its order)."""
+    digest = FrameDigest(frame.columns)
+    digest.update(frame)
+    return digest.hexdigest()
 
 
 def class_stats(manifest: pl.DataFrame | pl.LazyFrame) -> dict[str, int]:

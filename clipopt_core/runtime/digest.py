@@ -18,11 +18,17 @@ LOCATION_COLUMNS = frozenset({"uri", "path", "root"})
 SLICE_ROWS = 100_000
 
 
+def content_columns(columns: Sequence[str]) -> list[str]:
+    """The columns a content digest hashes: sorted, :data:`LOCATION_COLUMNS` left out."""
+    return sorted(c for c in columns if c not in LOCATION_COLUMNS)
+
+
 class FrameDigest:
-    """The digest of every frame passed to :meth:`update`, in order, as if they were one frame."""
+    """sha256 of ``columns`` (in the order given) and the rows of every frame passed to :meth:`update`,
+    in order, as if they were one frame: :func:`frame_digest` with :func:`content_columns`, or any columns."""
 
     def __init__(self, columns: Sequence[str]) -> None:
-        self.columns = sorted(c for c in columns if c not in LOCATION_COLUMNS)
+        self.columns = list(columns)
         self._digest = hashlib.sha256(",".join(self.columns).encode())
 
     def update(self, frame: pl.DataFrame | pl.LazyFrame) -> None:
@@ -42,7 +48,7 @@ def frame_digest(frame: pl.DataFrame | pl.LazyFrame | None) -> str:
     """
     if frame is None:
         return "none"
-    digest = FrameDigest(frame.lazy().collect_schema().names())
+    digest = FrameDigest(content_columns(frame.lazy().collect_schema().names()))
     digest.update(frame)
     return digest.hexdigest()
 
