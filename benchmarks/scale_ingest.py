@@ -105,11 +105,12 @@ def old_manifest():
     """The reference module, ``clipopt_core/data/manifest.py`` at :data:`REFERENCE`, loaded from git."""
     text = subprocess.run(["git", "show", f"{REFERENCE}:clipopt_core/data/manifest.py"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "old_manifest.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("old_manifest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="clipopt-reference-") as folder:  # loaded, then not needed
+        path = Path(folder) / "old_manifest.py"
+        path.write_text(text)
+        spec = importlib.util.spec_from_file_location("old_manifest", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
@@ -119,9 +120,6 @@ def child(step: str, data: Path, s3_url: str | None = None, batch_rows: int = 0)
         return listing_step(step, data, batch_rows)  # before any clipopt_core import, as below
     if step in PREPARE or step.startswith("manifest_"):
         return manifest_step(step, data, batch_rows)  # before any clipopt_core import: "before" imports the reference
-    from clipopt_core.data import sources as src
-    from clipopt_core.data.file_facts import DEFAULT_WORKERS
-
     folders, shards = s3_url or str(data / "folders"), str(data / "shards")
     if s3_url:
         from clipopt_core.runtime.storage import configure_s3_defaults
@@ -129,6 +127,17 @@ def child(step: str, data: Path, s3_url: str | None = None, batch_rows: int = 0)
         configure_s3_defaults(os.environ["CLIPOPT_S3_ENDPOINT"], os.environ["AWS_ACCESS_KEY_ID"],
                               os.environ["AWS_SECRET_ACCESS_KEY"])
     cache = Path(tempfile.mkdtemp(prefix="facts-"))
+    try:
+        return _files_step(step, folders, shards, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _files_step(step: str, folders: str, shards: str, cache: Path) -> float:
+    """The timed part of the folder/shard steps of :func:`child`, with a fresh facts ``cache``."""
+    from clipopt_core.data import sources as src
+    from clipopt_core.data.file_facts import DEFAULT_WORKERS
+
     if step in ("old_folder", "tick_full_hash"):
         old = old_manifest()
         start = time.perf_counter()
@@ -149,9 +158,7 @@ def child(step: str, data: Path, s3_url: str | None = None, batch_rows: int = 0)
     src.fingerprint(location, cache_dir=cache, workers=workers)
     result = src.ingest_listing(listing, cache_dir=cache, workers=workers)
     assert result.rejected.height == 0, result.rejected.head()
-    seconds = time.perf_counter() - start
-    shutil.rmtree(cache, ignore_errors=True)
-    return seconds
+    return time.perf_counter() - start
 
 
 def reference_tree(commit: str = REFERENCE_MANIFEST) -> Path:
@@ -179,12 +186,13 @@ def manifest_step(step: str, data: Path, batch_rows: int = 0) -> float:
 
     assert Path(mf.__file__).is_relative_to(reference_tree() if version == "before" else ROOT), mf.__file__
     prepared, cache = data / "prepared", data / "prepared" / f"cache-{version}"
-    listing, out = prepared / "listing.parquet", Path(tempfile.mkdtemp(prefix="manifest-"))
+    listing = prepared / "listing.parquet"
     if step in PREPARE:
         prepared.mkdir(exist_ok=True)
         src.scan_images(str(data / "folders")).write_parquet(listing)
         src.fingerprint(str(data / "folders"), cache_dir=cache, workers=1)
         return 0.0
+    out = Path(tempfile.mkdtemp(prefix="manifest-"))
     start = time.perf_counter()
     if version == "before":
         result = src.ingest_listing(pl.read_parquet(listing), cache_dir=cache, workers=1)
@@ -217,7 +225,7 @@ def listing_step(step: str, data: Path, batch_rows: int = 0) -> float:
 
     assert Path(src.__file__).is_relative_to(reference_tree(REFERENCE_LISTING) if before else ROOT), src.__file__
     location = str(data / ("manifest.csv" if "_csv_" in step else "folders"))
-    cache, out = data / "prepared" / "cache-listing", Path(tempfile.mkdtemp(prefix="listing-"))
+    cache = data / "prepared" / "cache-listing"
     if step == "prepare_listing":
         if not (data / "manifest.csv").exists():
             paths = [f"folders/{p}" for p in src.scan_images(str(data / "folders"))["path"].to_list()]
@@ -225,6 +233,7 @@ def listing_step(step: str, data: Path, batch_rows: int = 0) -> float:
         for where in (str(data / "folders"), str(data / "manifest.csv")):
             src.fingerprint(where, cache_dir=cache, workers=1)
         return 0.0
+    out = Path(tempfile.mkdtemp(prefix="listing-"))
     start = time.perf_counter()
     if before:  # as the asset did: the rows whole, fingerprinted, serialised to bytes, then written
         rows = src.scan_images(location, cache_dir=cache, workers=1)
