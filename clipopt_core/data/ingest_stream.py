@@ -29,8 +29,9 @@ from pathlib import Path
 import polars as pl
 
 from clipopt_core.data import manifest as mf
-from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress, write_atomically
+from clipopt_core.data.file_facts import DEFAULT_WORKERS, Progress
 from clipopt_core.data.ingest_state import ContentOwners, SeenKeys
+from clipopt_core.data.parquet_parts import PartsWriter
 from clipopt_core.runtime.digest import FrameDigest, content_columns
 
 BATCH_ROWS = 16_384  # listing rows per batch: bounds the rows, facts and Python objects held (~3 KB per row)
@@ -75,8 +76,8 @@ def ingest_to_files(listing: Path, accepted: Path, rejected: Path, *, batch_rows
     file_keys, shard_keys, owners = SeenKeys(), SeenKeys(), ContentOwners()
     counts, read = [0, 0], 0
     with tempfile.TemporaryDirectory(prefix="ingest-", dir=accepted.parent) as work:
-        good = _Writer(accepted, schema, Path(work), batch_rows)
-        bad = _Writer(rejected, REJECTED_SCHEMA, Path(work), batch_rows)
+        good = PartsWriter(accepted, schema, Path(work), batch_rows)
+        bad = PartsWriter(rejected, REJECTED_SCHEMA, Path(work), batch_rows)
         for root, batch in _batches(listing, Path(work), batch_rows):
             step = None if progress is None else (lambda n, _t, done=read: progress(done + n, total))
             read += batch.height
@@ -134,26 +135,3 @@ def _checked_shard_rows(rows: pl.DataFrame, seen: SeenKeys) -> pl.DataFrame:
         pl.when(repeated).then(pl.lit("duplicate_path")).otherwise("reason").alias("reason"),
         pl.when(repeated).then(pl.format("{} appears more than once in the shards", "path"))
         .otherwise("detail").alias("detail"))
-
-
-class _Writer:
-    """A parquet file written a frame at a time: each frame a part in ``work``; :meth:`publish` joins the
-    parts into one file (polars' streaming engine: bounded memory) under a temporary name, then renames it."""
-
-    def __init__(self, final: Path, schema: dict[str, pl.DataType], work: Path, row_group: int) -> None:
-        self.final, self.schema, self.row_group = final, schema, row_group
-        self.folder = work / final.name
-        self.folder.mkdir()
-        self.parts: list[Path] = []
-
-    def write(self, frame: pl.DataFrame) -> None:
-        if frame.height:
-            self.parts.append(self.folder / f"{len(self.parts):06d}.parquet")
-            frame.cast(self.schema).write_parquet(self.parts[-1])  # type: ignore[arg-type]
-
-    def rows(self) -> pl.LazyFrame:
-        return pl.scan_parquet(self.parts) if self.parts else pl.LazyFrame(schema=self.schema)
-
-    def publish(self) -> None:
-        # row groups of a batch: the sink buffers one group (its default, 262,144 rows, would be ~75 MB)
-        write_atomically(self.final, lambda path: self.rows().sink_parquet(path, row_group_size=self.row_group))

@@ -24,6 +24,7 @@ import polars as pl
 
 from clipopt_core.data import manifest as mf
 from clipopt_core.data.file_facts import DEFAULT_WORKERS
+from clipopt_core.data.parquet_parts import PartsWriter
 from clipopt_core.runtime.digest import FrameDigest
 
 LISTING_COLUMNS = (*mf.LISTING_COLUMNS, "root")  # the columns written: scan_images' for folders and manifests
@@ -92,22 +93,22 @@ def list_file_source(location: str, layout: str, target: Path | None, work: Path
                      cache_dir: Path | str | None = None, workers: int = DEFAULT_WORKERS,
                      batch_rows: int = mf.LISTING_BATCH_ROWS) -> ListingSummary:
     """One pass over a folder or manifest source (``layout`` resolved): its batches written to the parquet
-    file ``target`` (columns :data:`LISTING_COLUMNS`, row groups of ``batch_rows``; ``None``: not written)
-    and fingerprinted. ``work``: an empty folder for the batches (one part each, joined into ``target``
-    at the end) and the fingerprint rows of a manifest out of path order (see :class:`SourceHash`)."""
+    file ``target`` (columns :data:`LISTING_COLUMNS`, row groups of ``batch_rows``; ``None``: not written;
+    :class:`~clipopt_core.data.parquet_parts.PartsWriter`) and fingerprinted. ``work``: an empty folder
+    for the batches (one part each, joined into ``target`` at the end) and the fingerprint rows of a
+    manifest out of path order (see :class:`SourceHash`)."""
     root = mf.source_root(location)
     digest = SourceHash(root, cache_dir=cache_dir, workers=workers, spool=None)
-    parts: list[Path] = []
+    writer = None if target is None else PartsWriter(target, dict.fromkeys(LISTING_COLUMNS, pl.String), work,
+                                                      batch_rows)
     rows = 0
     for batch in mf.source_batches(location, layout, batch_rows=batch_rows):
         digest.add(batch)
         rows += batch.height
-        if target is not None:
-            parts.append(work / f"listing-{len(parts):06d}.parquet")
-            batch.with_columns(pl.lit(root, dtype=pl.String).alias("root")).select(LISTING_COLUMNS).write_parquet(parts[-1])
-    if target is not None:  # the parts joined by polars' streaming engine: one batch in memory
-        scan = pl.scan_parquet(parts) if parts else pl.LazyFrame(schema=dict.fromkeys(LISTING_COLUMNS, pl.String))
-        scan.sink_parquet(target, row_group_size=batch_rows)
+        if writer is not None:
+            writer.write(batch.with_columns(pl.lit(root, dtype=pl.String).alias("root")).select(LISTING_COLUMNS))
+    if writer is not None:
+        writer.publish()
     if not digest.in_order:  # a manifest out of path order: a second pass, its fingerprint rows sorted whole
         digest = SourceHash(root, cache_dir=cache_dir, workers=workers, spool=work)
         for batch in mf.source_batches(location, layout, batch_rows=batch_rows):
